@@ -1,0 +1,185 @@
+"""The ``rcx`` command line: validate, presets, keys, train.
+
+Kept light on purpose: ``rcx --help``, ``rcx validate`` and ``rcx presets`` never import torch.
+Commands that train import their machinery lazily.
+"""
+
+from __future__ import annotations
+
+import os
+
+# libgomp's active spin stalls 2-thread torch calls for seconds on small machines; this must be
+# set before torch is first imported (users may override it in their environment).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import json  # noqa: E402
+from enum import Enum  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Annotated, Any  # noqa: E402
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from rcx.config import ValidationReport, validate_sources  # noqa: E402
+from rcx.config.explain import explain, explain_lines  # noqa: E402
+from rcx.config.findings import Finding  # noqa: E402
+from rcx.config.loading import (  # noqa: E402
+    field_descriptions,
+    list_presets,
+    preset_description,
+    presets_dir,
+)
+from rcx.config.yamlio import dump_commented_yaml  # noqa: E402
+
+app = typer.Typer(
+    name="rcx",
+    help="Rollout correction (importance and rejection sampling) for LLM RL: validate, train, sweep.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+presets_app = typer.Typer(help="List the built-in presets or show one resolved.", no_args_is_help=True)
+app.add_typer(presets_app, name="presets")
+
+console = Console(highlight=False, soft_wrap=True)
+
+
+class OutputFormat(str, Enum):
+    text = "text"
+    json = "json"
+
+
+ArgsArg = Annotated[
+    list[str] | None,
+    typer.Argument(
+        help="An optional config FILE, then KEY=VALUE overrides (dotted verl keys, YAML values; "
+        "threshold strings taken as typed). See `rcx keys`.",
+        show_default=False,
+    ),
+]
+PresetOpt = Annotated[
+    str | None, typer.Option("--preset", "-p", help="Start from a built-in preset (`rcx presets list`).")
+]
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="A YAML config file (same as a positional FILE).")
+]
+
+
+def split_args(args: list[str] | None, config: Path | None) -> tuple[Path | None, list[str]]:
+    """Positional arguments: those with '=' are overrides; one without is the config FILE."""
+    overrides = [a for a in args or [] if "=" in a]
+    files = [a for a in args or [] if "=" not in a]
+    if len(files) + (config is not None) > 1:
+        given = [*([str(config)] if config else []), *files]
+        raise typer.BadParameter(
+            f"one config file at most, got {', '.join(given)}; overrides need KEY=VALUE"
+        )
+    return (config or (Path(files[0]) if files else None)), overrides
+
+
+def gather(preset: str | None, config: Path | None, args: list[str] | None) -> ValidationReport:
+    config_file, overrides = split_args(args, config)
+    return validate_sources(preset, config_file, overrides)
+
+
+def print_findings(findings: list[Finding]) -> None:
+    for f in findings:
+        style = "bold red" if f.level == "error" else "yellow"
+        console.print(f"[{style}]{f.level:<7}[/] [bold]{f.code}[/] {f.path}: {f.message}", markup=True)
+
+
+def summary_line(report: ValidationReport) -> str:
+    e, w = len(report.errors), len(report.warnings)
+    counts = f"{e} error{'s' * (e != 1)}, {w} warning{'s' * (w != 1)}"
+    return f"{'valid' if report.valid else 'invalid'} ({counts})"
+
+
+@app.command()
+def validate(
+    args: ArgsArg = None,
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    explain_: Annotated[bool, typer.Option("--explain", help="Say in words what the config really does.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 on warnings too.")] = False,
+    output: Annotated[OutputFormat, typer.Option("--format", help="text or json (one object).")] = OutputFormat.text,
+) -> None:
+    """Check a correction config: exit 0 when valid (warnings shown), 1 when invalid."""
+    report = gather(preset, config, args)
+    failed = not report.valid or (strict and bool(report.warnings))
+    if output is OutputFormat.json:
+        print(json.dumps(report_json(report), indent=2))
+        raise typer.Exit(1 if failed else 0)
+    print_findings(report.findings)
+    if explain_ and report.config is not None and report.valid:
+        for line in explain_lines(report.config):
+            console.print(line, markup=False)
+    style = "green" if not failed else "bold red"
+    console.print(f"[{style}]{summary_line(report)}[/]")
+    raise typer.Exit(1 if failed else 0)
+
+
+def report_json(report: ValidationReport) -> dict[str, Any]:
+    cfg = report.config
+    return {
+        "valid": report.valid,
+        "config": cfg.model_dump(mode="json") if cfg is not None else None,
+        "findings": [f.as_dict() for f in report.findings],
+        "explain": explain(cfg) if cfg is not None and report.valid else None,
+    }
+
+
+@presets_app.command("list")
+def presets_list() -> None:
+    """The built-in presets, one line each."""
+    table = Table(title=f"presets ({presets_dir()})")
+    table.add_column("name", style="bold")
+    table.add_column("what it is for")
+    for name in list_presets():
+        table.add_row(name, preset_description(name))
+    console.print(table)
+
+
+@presets_app.command("show")
+def presets_show(name: Annotated[str, typer.Argument(help="Preset name (`rcx presets list`).")]) -> None:
+    """The preset's header and its fully resolved config, each key with its description."""
+    report = validate_sources(preset=name)
+    if report.config is None:
+        print_findings(report.findings)
+        raise typer.Exit(1)
+    header = [ln for ln in (presets_dir() / f"{name}.yaml").read_text().splitlines() if ln.startswith("#")]
+    print("\n".join(header))
+    print(dump_commented_yaml(report.config.model_dump(mode="json"), field_descriptions()), end="")
+
+
+@app.command()
+def keys(prefix: Annotated[str, typer.Argument(help="Only keys starting with this, e.g. algorithm.")] = "") -> None:
+    """Every config key with its default and description."""
+    from rcx.config.models import RcxConfig
+
+    defaults = _flatten(RcxConfig().model_dump(mode="json"))
+    table = Table(show_lines=False)
+    for col in ("key", "default", "description"):
+        table.add_column(col)
+    for key, desc in field_descriptions().items():
+        if key.startswith(prefix) and key in defaults:
+            table.add_row(key, json.dumps(defaults[key]), desc)
+    console.print(table)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

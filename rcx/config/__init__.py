@@ -1,0 +1,49 @@
+"""Configuration: the typed tree, its loading and precedence, the threshold grammar, findings.
+
+Nothing in this package imports torch, so ``rcx validate`` starts fast.
+"""
+
+from rcx.config.findings import CODES, Finding, check_config, check_is_threshold, parse_rs_findings
+from rcx.config.loading import (
+    ConfigError,
+    ValidationReport,
+    list_presets,
+    load_config,
+    merge_sources,
+    validate_raw,
+    validate_sources,
+)
+from rcx.config.models import RcxConfig, RolloutCorrectionConfig
+from rcx.config.thresholds import (
+    CRITERIA,
+    LEGACY_ALIASES,
+    ConfigValueError,
+    LegacyAliasWarning,
+    RSCriterion,
+    parse_rs_thresholds,
+    token_ratio_interval,
+)
+
+__all__ = [
+    "CODES",
+    "CRITERIA",
+    "LEGACY_ALIASES",
+    "ConfigError",
+    "ConfigValueError",
+    "Finding",
+    "LegacyAliasWarning",
+    "RSCriterion",
+    "RcxConfig",
+    "RolloutCorrectionConfig",
+    "ValidationReport",
+    "check_config",
+    "check_is_threshold",
+    "list_presets",
+    "load_config",
+    "merge_sources",
+    "parse_rs_findings",
+    "parse_rs_thresholds",
+    "token_ratio_interval",
+    "validate_raw",
+    "validate_sources",
+]

@@ -1,0 +1,131 @@
+"""What a config really does, in words and as data (``rcx validate --explain``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rcx.config.findings import parse_rs_findings
+from rcx.config.models import RcxConfig
+from rcx.config.thresholds import RSCriterion, token_ratio_interval
+
+
+def explain(cfg: RcxConfig) -> dict[str, Any]:
+    """The mode, the loss, where IS weights go, and each RS criterion with its ratio interval."""
+    rc = cfg.algorithm.rollout_correction
+    if rc.bypass_mode:
+        loss = rc.loss_type
+        if rc.rollout_is is None:
+            applied = "off"
+        else:
+            applied = "loss" if loss == "reinforce" else "metrics_only"
+    else:
+        loss = "ppo_clip"
+        applied = "off" if rc.rollout_is is None else "loss"
+    criteria, _ = parse_rs_findings(rc.rollout_rs, rc.rollout_rs_threshold)
+    return {
+        "mode": "bypass" if rc.bypass_mode else "decoupled",
+        "policies": 2 if rc.bypass_mode else 3,
+        "loss": loss,
+        "is": {
+            "level": rc.rollout_is,
+            "threshold": rc.rollout_is_threshold if rc.rollout_is else None,
+            "batch_normalize": bool(rc.rollout_is and rc.rollout_is_batch_normalize),
+            "applied": applied,
+        },
+        "rs": [_criterion_dict(c) for c in criteria],
+    }
+
+
+def _criterion_dict(c: RSCriterion) -> dict[str, Any]:
+    interval = token_ratio_interval(c)
+    return {
+        "criterion": c.criterion,
+        "level": c.level,
+        "statistic": c.statistic,
+        "lower": c.lower,
+        "upper": c.upper,
+        "ratio_lower": interval[0] if interval else None,
+        "ratio_upper": interval[1] if interval else None,
+    }
+
+
+def explain_lines(cfg: RcxConfig) -> list[str]:
+    """The explanation as sentences, one per line."""
+    rc = cfg.algorithm.rollout_correction
+    info = explain(cfg)
+    lines = [_mode_line(cfg), _loss_line(cfg), _is_line(cfg, info["is"]["applied"])]
+    criteria, _ = parse_rs_findings(rc.rollout_rs, rc.rollout_rs_threshold)
+    if not criteria:
+        lines.append("RS: off (no token or sequence is rejected).")
+    else:
+        how = "the criterion keeps" if len(criteria) == 1 else "every criterion (AND) keeps"
+        lines.append(f"RS: a token is trained on only if {how} it; rejection masks, never reweights.")
+        lines += ["  " + _criterion_line(c) for c in criteria]
+    lines.append(f"Advantages: {_adv_line(cfg)}.")
+    return lines
+
+
+def _mode_line(cfg: RcxConfig) -> str:
+    if cfg.algorithm.rollout_correction.bypass_mode:
+        return (
+            "Mode: bypass (two policies). pi_old := pi_rollout, no extra forward pass; IS weights "
+            "and the RS mask are recomputed for every mini-batch from pi_theta / pi_rollout."
+        )
+    return (
+        "Mode: decoupled (three policies). pi_old is recomputed by one extra forward pass; IS "
+        "weights and the RS mask come from pi_old / pi_rollout, once per batch."
+    )
+
+
+def _loss_line(cfg: RcxConfig) -> str:
+    rc = cfg.algorithm.rollout_correction
+    a = cfg.actor_rollout_ref.actor
+    lo = a.clip_ratio_low if a.clip_ratio_low is not None else a.clip_ratio
+    hi = a.clip_ratio_high if a.clip_ratio_high is not None else a.clip_ratio
+    clip = f"ratio clipped to [{1 - lo:g}, {1 + hi:g}], dual clip c={a.clip_ratio_c:g}"
+    if rc.bypass_mode and rc.loss_type == "reinforce":
+        return f"Loss: REINFORCE, L = -{a.loss_agg_mode}(w * A * log pi_theta), no clipping."
+    anchor = "pi_rollout" if rc.bypass_mode else "pi_old"
+    extra = " (loss_type reinforce is ignored in decoupled mode)" if rc.loss_type == "reinforce" and not rc.bypass_mode else ""
+    return f"Loss: PPO-clip on pi_theta / {anchor}, {clip}, aggregated by {a.loss_agg_mode}{extra}."
+
+
+def _is_line(cfg: RcxConfig, applied: str) -> str:
+    rc = cfg.algorithm.rollout_correction
+    if rc.rollout_is is None:
+        return "IS: off (no importance weights)."
+    formula = (
+        f"w = min(r, {rc.rollout_is_threshold:g}) per token"
+        if rc.rollout_is == "token"
+        else f"w = min(prod_t r_t, {rc.rollout_is_threshold:g}) per sequence, broadcast to its tokens"
+    )
+    norm = ", then divided by its batch mean" if rc.rollout_is_batch_normalize else ""
+    where = {
+        "loss": "multiplies the per-token loss",
+        "metrics_only": "is computed for metrics only: the PPO ratio pi_theta/pi_rollout already corrects",
+    }[applied]
+    return f"IS: {rc.rollout_is}-level truncated IS, {formula}{norm}; {where}."
+
+
+def _criterion_line(c: RSCriterion) -> str:
+    interval = token_ratio_interval(c)
+    bound = f"{c.criterion} keeps {c.keeps()}"
+    if interval is None:
+        scope = {"sum": "the sequence ratio", "mean": "the geometric-mean ratio"}.get(c.aggregation, "an average")
+        if c.statistic == "k1":
+            return f"{bound} -> bounds {scope} only; single tokens are not bounded"
+        return f"{bound} -> bounds the mean over tokens only; single tokens are not bounded"
+    lo, hi = interval
+    who = "token" if c.level == "token" else "token of a kept sequence"
+    return f"{bound} -> every {who} has r in [{lo:.3g}, {hi:.3g}]"
+
+
+def _adv_line(cfg: RcxConfig) -> str:
+    alg = cfg.algorithm
+    n = cfg.actor_rollout_ref.rollout.n
+    return {
+        "grpo": f"GRPO, group of {n}, mean baseline" + (", divided by std" if alg.norm_adv_by_std_in_grpo else ""),
+        "rloo": f"RLOO, leave-one-out baseline over the other {n - 1} samples",
+        "gae": f"GAE with a critic, gamma={alg.gamma:g}, lambda={alg.lam:g}",
+        "reinforce_plus_plus": f"REINFORCE++, discounted returns (gamma={alg.gamma:g}), batch-whitened",
+    }[alg.adv_estimator]

@@ -1,0 +1,303 @@
+"""Findings: what ``rcx validate`` reports, each with a stable code (documented in the README).
+
+Codes are stable: dashboards, CI scripts and sweeps match on them. Errors make a config invalid;
+warnings flag a config that runs but probably does not do what its author meant.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+from rcx.config.models import RcxConfig
+from rcx.config.thresholds import (
+    ConfigValueError,
+    RSCriterion,
+    parse_threshold_entry,
+    resolve_rs_criteria,
+    split_threshold_entries,
+    token_ratio_interval,
+)
+
+Level = Literal["error", "warning"]
+
+#: Every code, with a one-line title (the README lists them with an example each).
+CODES: dict[str, str] = {
+    "RCX-W001": "bypass mode with ppo_epochs > 1 (the anchor stays at pi_rollout while the policy moves)",
+    "RCX-W002": "rollout_is set under bypass + ppo_clip (weights are metrics-only)",
+    "RCX-W003": "rollout_is_batch_normalize without rollout_is (nothing to normalise)",
+    "RCX-W004": "loss_type reinforce with bypass off (ignored: decoupled mode uses PPO-clip)",
+    "RCX-W005": "legacy rollout_rs alias (token, sequence, geometric)",
+    "RCX-W006": "a k1 interval that excludes r = 1 (every on-policy token rejected)",
+    "RCX-W007": "RS bounds so tight they reject almost every token at typical mismatch",
+    "RCX-W008": "RS bounds so loose they reject nothing at typical mismatch",
+    "RCX-W009": "a data file or model directory that does not exist here (checked again at train time)",
+    "RCX-W010": "ppo_mini_batch_size does not divide train_batch_size (last mini-batch is smaller)",
+    "RCX-E001": "unknown key",
+    "RCX-E002": "unknown rejection criterion",
+    "RCX-E003": "threshold count matches neither 1 nor the number of criteria",
+    "RCX-E004": "malformed or missing threshold entry",
+    "RCX-E005": "rollout_is_threshold <= 1",
+    "RCX-E006": "correction or bypass mode with calculate_log_probs: false",
+    "RCX-E007": "group estimator (grpo, rloo) with rollout.n < 2",
+    "RCX-E008": "gae with the critic disabled",
+    "RCX-E009": "invalid type or value",
+    "RCX-E010": "removed legacy key",
+    "RCX-E011": "unreadable input: config file, preset name or KEY=VALUE override",
+}
+
+RC = "algorithm.rollout_correction"
+
+#: Per-token |log r| below which an RS bound rejects almost everything (bf16 rollouts see a mean
+#: |log r| of ~0.006 and a max of 0.2-0.4), and above which it rejects nothing at typical mismatch.
+TIGHT_LOG_RATIO = 0.02
+LOOSE_LOG_RATIO = 10.0
+
+
+@dataclass(frozen=True)
+class Finding:
+    code: str
+    level: Level
+    path: str
+    message: str
+
+    def as_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def error(code: str, path: str, message: str) -> Finding:
+    return Finding(code, "error", path, message)
+
+
+def warning(code: str, path: str, message: str) -> Finding:
+    return Finding(code, "warning", path, message)
+
+
+def check_is_threshold(threshold: float) -> None:
+    """Raise ConfigValueError RCX-E005 unless the IS cap C is finite and > 1."""
+    if not (math.isfinite(threshold) and threshold > 1.0):
+        raise ConfigValueError(
+            "RCX-E005",
+            f"rollout_is_threshold must be > 1 (a cap at or below 1 makes every weight a "
+            f"constant), got {threshold}",
+        )
+
+
+def parse_rs_findings(rollout_rs: object, rollout_rs_threshold: object) -> tuple[list[RSCriterion], list[Finding]]:
+    """Parse the RS settings into criteria, reporting every problem as a finding.
+
+    Unlike :func:`rcx.config.parse_rs_thresholds`, which stops at the first problem, this lists
+    one finding per malformed entry so that ``rcx validate`` shows everything at once.
+    """
+    findings: list[Finding] = []
+    try:
+        names, aliases = resolve_rs_criteria(rollout_rs)
+    except ConfigValueError as e:
+        return [], [error(e.code, f"{RC}.rollout_rs", e.message)]
+    for alias, canonical in aliases:
+        findings.append(
+            warning(
+                "RCX-W005",
+                f"{RC}.rollout_rs",
+                f"{alias!r} is a legacy alias; write {canonical!r} (same behaviour)",
+            )
+        )
+    if not names:
+        return [], findings
+    path = f"{RC}.rollout_rs_threshold"
+    if rollout_rs_threshold is None:
+        findings.append(
+            error(
+                "RCX-E004",
+                path,
+                f"rollout_rs is set ({', '.join(names)}) but rollout_rs_threshold is missing; give "
+                f"one entry per criterion, e.g. '0.5_2.0' for token_k1 or '2.5' for seq_max_k2",
+            )
+        )
+        return [], findings
+    try:
+        entries = split_threshold_entries(rollout_rs_threshold)
+    except ConfigValueError as e:
+        return [], [*findings, error(e.code, path, e.message)]
+    if len(entries) == 1:
+        entries = entries * len(names)
+    elif len(entries) != len(names):
+        findings.append(
+            error(
+                "RCX-E003",
+                path,
+                f"{len(entries)} threshold entries for {len(names)} criteria ({', '.join(names)}); "
+                f"give one entry per criterion, in order, or a single shared entry",
+            )
+        )
+        return [], findings
+    criteria: list[RSCriterion] = []
+    for name, entry in zip(names, entries):
+        try:
+            criteria.append(parse_threshold_entry(name, entry))
+        except ConfigValueError as e:
+            findings.append(error(e.code, path, e.message))
+    if len(criteria) != len(names):
+        return [], findings
+    return criteria, findings
+
+
+def _rs_bound_findings(criteria: list[RSCriterion]) -> list[Finding]:
+    path = f"{RC}.rollout_rs_threshold"
+    out: list[Finding] = []
+    for c in criteria:
+        if c.statistic == "k1" and c.lower is not None and not (c.lower <= 1.0 <= c.upper):
+            out.append(
+                warning(
+                    "RCX-W006",
+                    path,
+                    f"{c.criterion} keeps {c.keeps()}, which excludes r = 1: every on-policy "
+                    f"token or sequence is rejected",
+                )
+            )
+            continue
+        interval = token_ratio_interval(c)
+        if interval is None:
+            continue
+        half_width = min(-math.log(interval[0]), math.log(interval[1]))
+        if half_width < TIGHT_LOG_RATIO:
+            out.append(
+                warning(
+                    "RCX-W007",
+                    path,
+                    f"{c.criterion} keeps only tokens with r in [{interval[0]:.4g}, {interval[1]:.4g}] "
+                    f"(|log r| < {half_width:.3g}); typical rollout mismatch (bf16: mean |log r| "
+                    f"~0.006, max 0.2-0.4) would reject almost every sequence",
+                )
+            )
+        elif min(-math.log(interval[0]), math.log(interval[1])) >= LOOSE_LOG_RATIO:
+            out.append(
+                warning(
+                    "RCX-W008",
+                    path,
+                    f"{c.criterion} keeps every token with r in [{interval[0]:.3g}, {interval[1]:.3g}] "
+                    f"(|log r| up to {half_width:.3g}); it rejects nothing at typical mismatch",
+                )
+            )
+    return out
+
+
+def _exists_locally(path: str) -> bool:
+    return path.startswith("builtin:") or os.path.exists(os.path.expanduser(path))
+
+
+def _file_findings(cfg: RcxConfig) -> list[Finding]:
+    out: list[Finding] = []
+    for key in ("train_files", "val_files"):
+        value = getattr(cfg.data, key)
+        for f in [value] if isinstance(value, str) else value:
+            if not _exists_locally(f):
+                out.append(
+                    warning("RCX-W009", f"data.{key}", f"{f!r} does not exist here; training will stop on it")
+                )
+    model_path = cfg.actor_rollout_ref.model.path
+    if not _exists_locally(model_path):
+        out.append(
+            warning(
+                "RCX-W009",
+                "actor_rollout_ref.model.path",
+                f"{model_path!r} is not a local directory (rcx never downloads from a hub); "
+                f"training needs builtin:tiny or a local Hugging Face model directory",
+            )
+        )
+    return out
+
+
+def check_config(cfg: RcxConfig) -> list[Finding]:
+    """Cross-field checks of a config whose individual fields are already valid."""
+    rc = cfg.algorithm.rollout_correction
+    actor = cfg.actor_rollout_ref.actor
+    rollout = cfg.actor_rollout_ref.rollout
+    out: list[Finding] = []
+
+    try:
+        check_is_threshold(rc.rollout_is_threshold)
+    except ConfigValueError as e:
+        out.append(error(e.code, f"{RC}.rollout_is_threshold", e.message))
+    criteria, rs_findings = parse_rs_findings(rc.rollout_rs, rc.rollout_rs_threshold)
+    out += rs_findings + _rs_bound_findings(criteria)
+
+    if (rc.enabled or rc.bypass_mode) and not rollout.calculate_log_probs:
+        what = "bypass_mode" if rc.bypass_mode and not rc.enabled else "rollout correction"
+        out.append(
+            error(
+                "RCX-E006",
+                "actor_rollout_ref.rollout.calculate_log_probs",
+                f"{what} needs the rollout log-probs; set actor_rollout_ref.rollout.calculate_log_probs=true",
+            )
+        )
+    if cfg.algorithm.adv_estimator in ("grpo", "rloo") and rollout.n < 2:
+        out.append(
+            error(
+                "RCX-E007",
+                "actor_rollout_ref.rollout.n",
+                f"{cfg.algorithm.adv_estimator} compares responses within a group and needs "
+                f"rollout.n >= 2, got {rollout.n}",
+            )
+        )
+    if cfg.algorithm.adv_estimator == "gae" and not cfg.critic.enable:
+        out.append(
+            error("RCX-E008", "critic.enable", "adv_estimator gae needs a critic; set critic.enable=true (or null)")
+        )
+    if actor.ppo_mini_batch_size > cfg.data.train_batch_size:
+        out.append(
+            error(
+                "RCX-E009",
+                "actor_rollout_ref.actor.ppo_mini_batch_size",
+                f"ppo_mini_batch_size ({actor.ppo_mini_batch_size}) exceeds data.train_batch_size "
+                f"({cfg.data.train_batch_size}); both count prompts",
+            )
+        )
+    elif cfg.data.train_batch_size % actor.ppo_mini_batch_size:
+        out.append(
+            warning(
+                "RCX-W010",
+                "actor_rollout_ref.actor.ppo_mini_batch_size",
+                f"{actor.ppo_mini_batch_size} does not divide data.train_batch_size "
+                f"({cfg.data.train_batch_size}); the last mini-batch of each epoch is smaller",
+            )
+        )
+
+    if rc.bypass_mode and actor.ppo_epochs > 1:
+        out.append(
+            warning(
+                "RCX-W001",
+                "actor_rollout_ref.actor.ppo_epochs",
+                f"bypass mode anchors PPO at pi_rollout, but with ppo_epochs={actor.ppo_epochs} the "
+                f"policy moves between epochs; use ppo_epochs=1 or bypass_mode=false",
+            )
+        )
+    if rc.rollout_is is not None and rc.bypass_mode and rc.loss_type == "ppo_clip":
+        out.append(
+            warning(
+                "RCX-W002",
+                f"{RC}.rollout_is",
+                "under bypass + ppo_clip the PPO ratio pi_theta/pi_rollout already is the IS "
+                "correction: IS weights are computed for metrics only, never applied",
+            )
+        )
+    if rc.rollout_is_batch_normalize and rc.rollout_is is None:
+        out.append(
+            warning(
+                "RCX-W003",
+                f"{RC}.rollout_is_batch_normalize",
+                "batch normalisation is on but rollout_is is null: there are no weights to normalise",
+            )
+        )
+    if rc.loss_type == "reinforce" and not rc.bypass_mode:
+        out.append(
+            warning(
+                "RCX-W004",
+                f"{RC}.loss_type",
+                "loss_type reinforce applies in bypass mode only; decoupled mode (bypass_mode=false) "
+                "uses PPO-clip, so this setting is ignored",
+            )
+        )
+    return out + _file_findings(cfg)

@@ -1,0 +1,280 @@
+"""The configuration tree (SPEC §6), with verl's key names.
+
+Each field is documented once, here; the description feeds ``rcx keys``, ``rcx presets show``
+and the JSON schema. Models forbid unknown keys; the loader reports them first with a
+"did you mean" hint (see :mod:`rcx.config.loading`). Cross-field rules live in
+:mod:`rcx.config.findings`, so that every problem of a config is listed at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from rcx.config.thresholds import is_off
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors; assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _none_if_off(value: Any) -> Any:
+    return None if is_off(value) else value
+
+
+# ------------------------------------------------------------------------------------- data ---
+
+
+class BuiltinTaskConfig(Section):
+    digits: int = Field(2, ge=1, le=6, description="builtin:arith: digits per operand (2 = up to 99+99).")
+    length: int = Field(5, ge=1, le=32, description="builtin:reverse: length of the string to reverse.")
+    num_train: int = Field(20000, ge=1, description="Number of training prompts generated for a built-in task.")
+    num_val: int = Field(256, ge=1, description="Number of validation prompts (disjoint from training).")
+    seed: int = Field(0, description="Seed of the built-in task's train/validation split.")
+
+
+class DataConfig(Section):
+    train_files: str | list[str] = Field(
+        "builtin:arith",
+        description="Training data: builtin:arith, builtin:reverse, or verl-format parquet file(s).",
+    )
+    val_files: str | list[str] = Field(
+        "builtin:arith", description="Validation data, same forms as data.train_files."
+    )
+    prompt_key: str = Field("prompt", description="Parquet column holding the prompt (chat messages).")
+    max_prompt_length: int = Field(16, ge=1, description="Longest prompt in tokens; longer prompts are skipped and counted.")
+    max_response_length: int = Field(8, ge=1, description="Most tokens generated per response.")
+    train_batch_size: int = Field(32, ge=1, description="Prompts per training step (each gets rollout.n responses).")
+    val_batch_size: int | None = Field(None, ge=1, description="Prompts per validation batch (null: the whole validation set at once).")
+    shuffle: bool = Field(True, description="Shuffle training prompts every epoch.")
+    builtin: BuiltinTaskConfig = Field(default_factory=BuiltinTaskConfig, description="Options of the built-in synthetic tasks.")
+
+
+# -------------------------------------------------------------------------------- algorithm ---
+
+
+class RolloutCorrectionConfig(Section):
+    rollout_is: Literal["token", "sequence"] | None = Field(
+        None, description="IS weights: token, sequence, or null (off)."
+    )
+    rollout_is_threshold: float = Field(
+        2.0, description="Upper cap C of the IS weights (truncated IS); must be > 1."
+    )
+    rollout_is_batch_normalize: bool = Field(
+        False, description="Divide the truncated IS weights by their batch mean (mean weight 1)."
+    )
+    rollout_rs: str | list[str] | None = Field(
+        None,
+        description="Rejection criteria, comma-separated (e.g. token_k1,seq_max_k2), or null (off).",
+    )
+    rollout_rs_threshold: str | float | None = Field(
+        None,
+        description="RS bounds, one entry per criterion: 'L_U' or U for k1, U for k2/k3 (e.g. '0.6_1.6,2.5').",
+    )
+    bypass_mode: bool = Field(
+        False,
+        description="true: reuse rollout log-probs as pi_old (two policies); false: recompute pi_old (three).",
+    )
+    loss_type: Literal["ppo_clip", "reinforce"] = Field(
+        "ppo_clip", description="Policy loss in bypass mode: ppo_clip or reinforce (decoupled always uses ppo_clip)."
+    )
+
+    @field_validator("rollout_is", "rollout_rs", "rollout_rs_threshold", mode="before")
+    @classmethod
+    def _off_is_none(cls, v: Any) -> Any:
+        return _none_if_off(v)
+
+    @property
+    def enabled(self) -> bool:
+        """True when IS or RS is on."""
+        return self.rollout_is is not None or self.rollout_rs is not None
+
+
+class AlgorithmConfig(Section):
+    adv_estimator: Literal["grpo", "rloo", "gae", "reinforce_plus_plus"] = Field(
+        "grpo", description="Advantage estimator: grpo, rloo, gae (needs the critic) or reinforce_plus_plus."
+    )
+    gamma: float = Field(1.0, ge=0.0, le=1.0, description="Discount factor (gae, reinforce_plus_plus).")
+    lam: float = Field(1.0, ge=0.0, le=1.0, description="GAE lambda.")
+    norm_adv_by_std_in_grpo: bool = Field(True, description="GRPO: divide by the group's reward std.")
+    rollout_correction: RolloutCorrectionConfig = Field(
+        default_factory=RolloutCorrectionConfig,
+        description="Rollout correction: importance sampling, rejection sampling, mode and loss.",
+    )
+
+
+# ----------------------------------------------------------------------- actor_rollout_ref ---
+
+
+class OptimConfig(Section):
+    lr: float = Field(3e-4, gt=0.0, description="Learning rate (AdamW).")
+    lr_warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps, then constant.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"betas must lie in [0, 1), got {list(v)}")
+        return v
+
+
+class ModelConfig(Section):
+    path: str = Field(
+        "builtin:tiny", description="builtin:tiny or a local Hugging Face model directory (never downloaded)."
+    )
+    tokenizer_path: str | None = Field(None, description="Tokenizer directory (null: same as model.path).")
+    warm_start_steps: int = Field(
+        300, ge=0, description="builtin:tiny: supervised warm-start steps before RL (0: none); cached."
+    )
+
+
+class ActorConfig(Section):
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="Actor optimiser.")
+    ppo_mini_batch_size: int = Field(
+        32, ge=1, description="Prompts per optimiser step (x rollout.n responses), as in verl."
+    )
+    ppo_micro_batch_size_per_gpu: int | None = Field(
+        None, ge=1, description="Responses per forward/backward (gradient accumulation); null: whole mini-batch."
+    )
+    ppo_epochs: int = Field(1, ge=1, description="Passes over each batch.")
+    shuffle: bool = Field(False, description="Shuffle responses between mini-batches.")
+    clip_ratio: float = Field(0.2, gt=0.0, lt=1.0, description="PPO clip epsilon.")
+    clip_ratio_low: float | None = Field(None, gt=0.0, lt=1.0, description="Lower clip epsilon (null: clip_ratio).")
+    clip_ratio_high: float | None = Field(None, gt=0.0, description="Upper clip epsilon (null: clip_ratio).")
+    clip_ratio_c: float = Field(3.0, gt=1.0, description="Dual-clip bound for negative advantages; > 1.")
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(
+        "token-mean", description="How per-token losses are aggregated."
+    )
+    entropy_coeff: float = Field(0.0, ge=0.0, description="Entropy bonus coefficient.")
+    use_kl_loss: bool = Field(False, description="Add a KL loss to a frozen reference model.")
+    kl_loss_coef: float = Field(0.001, ge=0.0, description="Weight of the KL loss.")
+    kl_loss_type: Literal["kl", "abs", "mse", "low_var_kl"] = Field(
+        "low_var_kl", description="KL estimator of the KL loss."
+    )
+    grad_clip: float = Field(1.0, gt=0.0, description="Max gradient norm.")
+
+
+class ValKwargsConfig(Section):
+    do_sample: bool = Field(False, description="Validation: sample (true) or greedy (false).")
+    temperature: float = Field(1.0, gt=0.0, description="Validation sampling temperature.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Validation nucleus sampling p.")
+    top_k: int = Field(-1, ge=-1, description="Validation top-k (-1: off).")
+    n: int = Field(1, ge=1, description="Validation samples per prompt.")
+
+
+class RolloutConfig(Section):
+    name: Literal["hf", "vllm"] = Field("hf", description="Rollout engine: hf (any device) or vllm (GPU).")
+    n: int = Field(8, ge=1, description="Responses sampled per prompt.")
+    temperature: float = Field(1.0, gt=0.0, description="Sampling temperature (the rollout log-probs include it).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling p (1.0: off).")
+    top_k: int = Field(-1, ge=-1, description="Top-k sampling (-1: off).")
+    do_sample: bool = Field(True, description="Sample (true) or decode greedily (false).")
+    calculate_log_probs: bool = Field(True, description="Return rollout log-probs (needed by any correction).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Precision of the rollout copy of the weights (a mismatch source)."
+    )
+    quantization: Literal["none", "int8", "fp8"] = Field(
+        "none", description="Fake-quantise the rollout copy's weights: none, int8 or fp8 (a mismatch source)."
+    )
+    weight_sync_interval: int = Field(
+        1, ge=1, description="Refresh the rollout weights every k steps (k > 1: data up to k-1 updates stale)."
+    )
+    gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0, description="vllm: share of GPU memory it may use.")
+    val_kwargs: ValKwargsConfig = Field(default_factory=ValKwargsConfig, description="Sampling for validation.")
+
+    @field_validator("quantization", mode="before")
+    @classmethod
+    def _null_is_none(cls, v: Any) -> Any:
+        return "none" if v is None else v
+
+
+class ActorRolloutRefConfig(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Policy model.")
+    actor: ActorConfig = Field(default_factory=ActorConfig, description="Actor training.")
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Rollout engine and sampling.")
+
+
+# ----------------------------------------------------------------------------------- critic ---
+
+
+class CriticConfig(Section):
+    enable: bool | None = Field(None, description="Train a critic (null: exactly when adv_estimator is gae).")
+    optim: OptimConfig = Field(
+        default_factory=lambda: OptimConfig(lr=1e-3), description="Critic optimiser."
+    )
+    cliprange_value: float = Field(0.5, gt=0.0, description="Value clipping range.")
+    ppo_micro_batch_size_per_gpu: int | None = Field(None, ge=1, description="Responses per critic forward/backward.")
+    grad_clip: float = Field(1.0, gt=0.0, description="Critic max gradient norm.")
+
+
+# ---------------------------------------------------------------------------------- trainer ---
+
+
+class TrainerConfig(Section):
+    project_name: str = Field("rcx", description="MLflow experiment name.")
+    experiment_name: str = Field("default", description="MLflow run name; also names the checkpoint folder.")
+    logger: list[Literal["console", "mlflow"]] = Field(
+        default_factory=lambda: ["console", "mlflow"], description="Where metrics go: console and/or mlflow."
+    )
+    total_epochs: int = Field(1, ge=1, description="Passes over the training prompts (if total_training_steps is null).")
+    total_training_steps: int | None = Field(None, ge=1, description="Training steps (overrides total_epochs).")
+    test_freq: int = Field(10, description="Validate every k steps (<= 0: only before and after).")
+    save_freq: int = Field(50, description="Checkpoint every k steps (<= 0: only at the end and on interrupt).")
+    val_before_train: bool = Field(True, description="Validate before the first step.")
+    default_local_dir: str | None = Field(None, description="Checkpoint folder (null: checkpoints/<project_name>/<experiment_name>).")
+    resume_mode: Literal["auto", "disable", "resume_path"] = Field(
+        "auto", description="auto: continue from the latest checkpoint; disable: start fresh; resume_path: use resume_from_path."
+    )
+    resume_from_path: str | None = Field(None, description="Checkpoint to resume from (resume_mode: resume_path).")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI (null: local sqlite:///mlflow.db).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA (bf16 autocast) when present, else CPU.")
+    seed: int = Field(1, description="Seed of sampling, shuffling and initialisation.")
+    num_threads: int | None = Field(None, ge=1, description="Torch CPU threads (null: 1 on <= 2 cores, else cores // 2).")
+    dump_log_probs: bool = Field(False, description="Dump rollout and training log-probs per step (for rcx whatif/calibrate).")
+
+    @field_validator("logger", mode="before")
+    @classmethod
+    def _single_logger(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
+class CustomRewardConfig(Section):
+    path: str | None = Field(None, description="Python file defining a custom reward function.")
+    name: str = Field("compute_score", description="Name of the reward function in that file.")
+
+
+# ------------------------------------------------------------------------------------- root ---
+
+
+class RcxConfig(Section):
+    data: DataConfig = Field(default_factory=DataConfig, description="Prompts and lengths.")
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig, description="Advantages and rollout correction.")
+    actor_rollout_ref: ActorRolloutRefConfig = Field(
+        default_factory=ActorRolloutRefConfig, description="Model, actor and rollout."
+    )
+    critic: CriticConfig = Field(default_factory=CriticConfig, description="Value model (gae).")
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="Run length, logging, checkpoints.")
+    custom_reward_function: CustomRewardConfig = Field(
+        default_factory=CustomRewardConfig, description="Optional user reward function."
+    )
+
+    @model_validator(mode="after")
+    def _resolve_critic_enable(self) -> RcxConfig:
+        if self.critic.enable is None:
+            # object.__setattr__: resolving a default is not a user assignment to re-validate.
+            object.__setattr__(self.critic, "enable", self.algorithm.adv_estimator == "gae")
+        return self
+
+    @property
+    def rollout_correction(self) -> RolloutCorrectionConfig:
+        return self.algorithm.rollout_correction
+
+    def checkpoint_dir(self) -> str:
+        """``trainer.default_local_dir`` or ``checkpoints/<project_name>/<experiment_name>``."""
+        t = self.trainer
+        return t.default_local_dir or f"checkpoints/{t.project_name}/{t.experiment_name}"
