@@ -39,7 +39,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-presets_app = typer.Typer(help="List the built-in presets or show one resolved.", no_args_is_help=True)
+presets_app = typer.Typer(
+    help="List the built-in presets or show one resolved.", no_args_is_help=True
+)
 app.add_typer(presets_app, name="presets")
 
 console = Console(highlight=False, soft_wrap=True)
@@ -59,10 +61,12 @@ ArgsArg = Annotated[
     ),
 ]
 PresetOpt = Annotated[
-    str | None, typer.Option("--preset", "-p", help="Start from a built-in preset (`rcx presets list`).")
+    str | None,
+    typer.Option("--preset", "-p", help="Start from a built-in preset (`rcx presets list`)."),
 ]
 ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", "-c", help="A YAML config file (same as a positional FILE).")
+    Path | None,
+    typer.Option("--config", "-c", help="A YAML config file (same as a positional FILE)."),
 ]
 
 
@@ -86,7 +90,9 @@ def gather(preset: str | None, config: Path | None, args: list[str] | None) -> V
 def print_findings(findings: list[Finding]) -> None:
     for f in findings:
         style = "bold red" if f.level == "error" else "yellow"
-        console.print(f"[{style}]{f.level:<7}[/] [bold]{f.code}[/] {f.path}: {f.message}", markup=True)
+        console.print(
+            f"[{style}]{f.level:<7}[/] [bold]{f.code}[/] {f.path}: {f.message}", markup=True
+        )
 
 
 def summary_line(report: ValidationReport) -> str:
@@ -100,9 +106,13 @@ def validate(
     args: ArgsArg = None,
     preset: PresetOpt = None,
     config: ConfigOpt = None,
-    explain_: Annotated[bool, typer.Option("--explain", help="Say in words what the config really does.")] = False,
+    explain_: Annotated[
+        bool, typer.Option("--explain", help="Say in words what the config really does.")
+    ] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 1 on warnings too.")] = False,
-    output: Annotated[OutputFormat, typer.Option("--format", help="text or json (one object).")] = OutputFormat.text,
+    output: Annotated[
+        OutputFormat, typer.Option("--format", help="text or json (one object).")
+    ] = OutputFormat.text,
 ) -> None:
     """Check a correction config: exit 0 when valid (warnings shown), 1 when invalid."""
     report = gather(preset, config, args)
@@ -141,19 +151,27 @@ def presets_list() -> None:
 
 
 @presets_app.command("show")
-def presets_show(name: Annotated[str, typer.Argument(help="Preset name (`rcx presets list`).")]) -> None:
+def presets_show(
+    name: Annotated[str, typer.Argument(help="Preset name (`rcx presets list`).")],
+) -> None:
     """The preset's header and its fully resolved config, each key with its description."""
     report = validate_sources(preset=name)
     if report.config is None:
         print_findings(report.findings)
         raise typer.Exit(1)
-    header = [ln for ln in (presets_dir() / f"{name}.yaml").read_text().splitlines() if ln.startswith("#")]
+    header = [
+        ln for ln in (presets_dir() / f"{name}.yaml").read_text().splitlines() if ln.startswith("#")
+    ]
     print("\n".join(header))
     print(dump_commented_yaml(report.config.model_dump(mode="json"), field_descriptions()), end="")
 
 
 @app.command()
-def keys(prefix: Annotated[str, typer.Argument(help="Only keys starting with this, e.g. algorithm.")] = "") -> None:
+def keys(
+    prefix: Annotated[
+        str, typer.Argument(help="Only keys starting with this, e.g. algorithm.")
+    ] = "",
+) -> None:
     """Every config key with its default and description."""
     from rcx.config.models import RcxConfig
 

@@ -59,7 +59,9 @@ def explain_lines(cfg: RcxConfig) -> list[str]:
         lines.append("RS: off (no token or sequence is rejected).")
     else:
         how = "the criterion keeps" if len(criteria) == 1 else "every criterion (AND) keeps"
-        lines.append(f"RS: a token is trained on only if {how} it; rejection masks, never reweights.")
+        lines.append(
+            f"RS: a token is trained on only if {how} it; rejection masks, never reweights."
+        )
         lines += ["  " + _criterion_line(c) for c in criteria]
     lines.append(f"Advantages: {_adv_line(cfg)}.")
     return lines
@@ -86,7 +88,11 @@ def _loss_line(cfg: RcxConfig) -> str:
     if rc.bypass_mode and rc.loss_type == "reinforce":
         return f"Loss: REINFORCE, L = -{a.loss_agg_mode}(w * A * log pi_theta), no clipping."
     anchor = "pi_rollout" if rc.bypass_mode else "pi_old"
-    extra = " (loss_type reinforce is ignored in decoupled mode)" if rc.loss_type == "reinforce" and not rc.bypass_mode else ""
+    extra = (
+        " (loss_type reinforce is ignored in decoupled mode)"
+        if rc.loss_type == "reinforce" and not rc.bypass_mode
+        else ""
+    )
     return f"Loss: PPO-clip on pi_theta / {anchor}, {clip}, aggregated by {a.loss_agg_mode}{extra}."
 
 
@@ -111,7 +117,9 @@ def _criterion_line(c: RSCriterion) -> str:
     interval = token_ratio_interval(c)
     bound = f"{c.criterion} keeps {c.keeps()}"
     if interval is None:
-        scope = {"sum": "the sequence ratio", "mean": "the geometric-mean ratio"}.get(c.aggregation, "an average")
+        scope = {"sum": "the sequence ratio", "mean": "the geometric-mean ratio"}.get(
+            c.aggregation, "an average"
+        )
         if c.statistic == "k1":
             return f"{bound} -> bounds {scope} only; single tokens are not bounded"
         return f"{bound} -> bounds the mean over tokens only; single tokens are not bounded"
@@ -124,7 +132,8 @@ def _adv_line(cfg: RcxConfig) -> str:
     alg = cfg.algorithm
     n = cfg.actor_rollout_ref.rollout.n
     return {
-        "grpo": f"GRPO, group of {n}, mean baseline" + (", divided by std" if alg.norm_adv_by_std_in_grpo else ""),
+        "grpo": f"GRPO, group of {n}, mean baseline"
+        + (", divided by std" if alg.norm_adv_by_std_in_grpo else ""),
         "rloo": f"RLOO, leave-one-out baseline over the other {n - 1} samples",
         "gae": f"GAE with a critic, gamma={alg.gamma:g}, lambda={alg.lam:g}",
         "reinforce_plus_plus": f"REINFORCE++, discounted returns (gamma={alg.gamma:g}), batch-whitened",

@@ -85,7 +85,9 @@ def check_is_threshold(threshold: float) -> None:
         )
 
 
-def parse_rs_findings(rollout_rs: object, rollout_rs_threshold: object) -> tuple[list[RSCriterion], list[Finding]]:
+def parse_rs_findings(
+    rollout_rs: object, rollout_rs_threshold: object
+) -> tuple[list[RSCriterion], list[Finding]]:
     """Parse the RS settings into criteria, reporting every problem as a finding.
 
     Unlike :func:`rcx.config.parse_rs_thresholds`, which stops at the first problem, this lists
@@ -134,7 +136,7 @@ def parse_rs_findings(rollout_rs: object, rollout_rs_threshold: object) -> tuple
         )
         return [], findings
     criteria: list[RSCriterion] = []
-    for name, entry in zip(names, entries):
+    for name, entry in zip(names, entries, strict=True):
         try:
             criteria.append(parse_threshold_entry(name, entry))
         except ConfigValueError as e:
@@ -195,7 +197,11 @@ def _file_findings(cfg: RcxConfig) -> list[Finding]:
         for f in [value] if isinstance(value, str) else value:
             if not _exists_locally(f):
                 out.append(
-                    warning("RCX-W009", f"data.{key}", f"{f!r} does not exist here; training will stop on it")
+                    warning(
+                        "RCX-W009",
+                        f"data.{key}",
+                        f"{f!r} does not exist here; training will stop on it",
+                    )
                 )
     model_path = cfg.actor_rollout_ref.model.path
     if not _exists_locally(model_path):
@@ -244,7 +250,11 @@ def check_config(cfg: RcxConfig) -> list[Finding]:
         )
     if cfg.algorithm.adv_estimator == "gae" and not cfg.critic.enable:
         out.append(
-            error("RCX-E008", "critic.enable", "adv_estimator gae needs a critic; set critic.enable=true (or null)")
+            error(
+                "RCX-E008",
+                "critic.enable",
+                "adv_estimator gae needs a critic; set critic.enable=true (or null)",
+            )
         )
     if actor.ppo_mini_batch_size > cfg.data.train_batch_size:
         out.append(

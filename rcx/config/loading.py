@@ -101,7 +101,13 @@ def read_preset(name: str) -> dict[str, Any]:
         close = difflib.get_close_matches(name, list_presets(), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(
-            [error("RCX-E011", "--preset", f"no preset {name!r}{hint}; available: {', '.join(list_presets())}")]
+            [
+                error(
+                    "RCX-E011",
+                    "--preset",
+                    f"no preset {name!r}{hint}; available: {', '.join(list_presets())}",
+                )
+            ]
         )
     return read_config_file(path, source=f"preset {name}")
 
@@ -112,7 +118,9 @@ def read_config_file(path: str | Path, source: str | None = None) -> dict[str, A
     try:
         text = Path(path).read_text()
     except OSError as e:
-        raise ConfigError([error("RCX-E011", str(path), f"cannot read config file: {e.strerror}")]) from None
+        raise ConfigError(
+            [error("RCX-E011", str(path), f"cannot read config file: {e.strerror}")]
+        ) from None
     try:
         data = load_yaml(text)
     except yaml.YAMLError as e:
@@ -120,7 +128,9 @@ def read_config_file(path: str | Path, source: str | None = None) -> dict[str, A
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError([error("RCX-E011", where, f"must be a mapping of keys, got {type(data).__name__}")])
+        raise ConfigError(
+            [error("RCX-E011", where, f"must be a mapping of keys, got {type(data).__name__}")]
+        )
     return data
 
 
@@ -133,7 +143,13 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip().lstrip("+")
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(
-            [error("RCX-E011", text, "an override must look like KEY=VALUE with a dotted key, e.g. trainer.seed=3")]
+            [
+                error(
+                    "RCX-E011",
+                    text,
+                    "an override must look like KEY=VALUE with a dotted key, e.g. trainer.seed=3",
+                )
+            ]
         )
     if key in VERBATIM_KEYS or key.rsplit(".", 1)[-1] in ("rollout_rs", "rollout_rs_threshold"):
         value = value.strip()
@@ -197,7 +213,9 @@ def field_descriptions(model: type[BaseModel] = RcxConfig, prefix: str = "") -> 
 
 
 def _section_type(annotation: Any) -> type[BaseModel] | None:
-    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return (
+        annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    )
 
 
 def _suggest(path: str, siblings: list[str]) -> str:
@@ -282,7 +300,9 @@ def build_config(raw: dict[str, Any]) -> tuple[RcxConfig | None, list[Finding]]:
         findings = []
         trimmed = copy.deepcopy(raw)
         for err in exc.errors(include_url=False):
-            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+            loc = tuple(
+                p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))
+            )
             # A union reports one error per member; keep the first per location.
             path = _loc_path(loc)
             if any(f.path == path for f in findings):

@@ -29,10 +29,18 @@ def _none_if_off(value: Any) -> Any:
 
 
 class BuiltinTaskConfig(Section):
-    digits: int = Field(2, ge=1, le=6, description="builtin:arith: digits per operand (2 = up to 99+99).")
-    length: int = Field(5, ge=1, le=32, description="builtin:reverse: length of the string to reverse.")
-    num_train: int = Field(20000, ge=1, description="Number of training prompts generated for a built-in task.")
-    num_val: int = Field(256, ge=1, description="Number of validation prompts (disjoint from training).")
+    digits: int = Field(
+        2, ge=1, le=6, description="builtin:arith: digits per operand (2 = up to 99+99)."
+    )
+    length: int = Field(
+        5, ge=1, le=32, description="builtin:reverse: length of the string to reverse."
+    )
+    num_train: int = Field(
+        20000, ge=1, description="Number of training prompts generated for a built-in task."
+    )
+    num_val: int = Field(
+        256, ge=1, description="Number of validation prompts (disjoint from training)."
+    )
     seed: int = Field(0, description="Seed of the built-in task's train/validation split.")
 
 
@@ -44,13 +52,25 @@ class DataConfig(Section):
     val_files: str | list[str] = Field(
         "builtin:arith", description="Validation data, same forms as data.train_files."
     )
-    prompt_key: str = Field("prompt", description="Parquet column holding the prompt (chat messages).")
-    max_prompt_length: int = Field(16, ge=1, description="Longest prompt in tokens; longer prompts are skipped and counted.")
+    prompt_key: str = Field(
+        "prompt", description="Parquet column holding the prompt (chat messages)."
+    )
+    max_prompt_length: int = Field(
+        16, ge=1, description="Longest prompt in tokens; longer prompts are skipped and counted."
+    )
     max_response_length: int = Field(8, ge=1, description="Most tokens generated per response.")
-    train_batch_size: int = Field(32, ge=1, description="Prompts per training step (each gets rollout.n responses).")
-    val_batch_size: int | None = Field(None, ge=1, description="Prompts per validation batch (null: the whole validation set at once).")
+    train_batch_size: int = Field(
+        32, ge=1, description="Prompts per training step (each gets rollout.n responses)."
+    )
+    val_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Prompts per validation batch (null: the whole validation set at once).",
+    )
     shuffle: bool = Field(True, description="Shuffle training prompts every epoch.")
-    builtin: BuiltinTaskConfig = Field(default_factory=BuiltinTaskConfig, description="Options of the built-in synthetic tasks.")
+    builtin: BuiltinTaskConfig = Field(
+        default_factory=BuiltinTaskConfig, description="Options of the built-in synthetic tasks."
+    )
 
 
 # -------------------------------------------------------------------------------- algorithm ---
@@ -79,7 +99,8 @@ class RolloutCorrectionConfig(Section):
         description="true: reuse rollout log-probs as pi_old (two policies); false: recompute pi_old (three).",
     )
     loss_type: Literal["ppo_clip", "reinforce"] = Field(
-        "ppo_clip", description="Policy loss in bypass mode: ppo_clip or reinforce (decoupled always uses ppo_clip)."
+        "ppo_clip",
+        description="Policy loss in bypass mode: ppo_clip or reinforce (decoupled always uses ppo_clip).",
     )
 
     @field_validator("rollout_is", "rollout_rs", "rollout_rs_threshold", mode="before")
@@ -95,11 +116,16 @@ class RolloutCorrectionConfig(Section):
 
 class AlgorithmConfig(Section):
     adv_estimator: Literal["grpo", "rloo", "gae", "reinforce_plus_plus"] = Field(
-        "grpo", description="Advantage estimator: grpo, rloo, gae (needs the critic) or reinforce_plus_plus."
+        "grpo",
+        description="Advantage estimator: grpo, rloo, gae (needs the critic) or reinforce_plus_plus.",
     )
-    gamma: float = Field(1.0, ge=0.0, le=1.0, description="Discount factor (gae, reinforce_plus_plus).")
+    gamma: float = Field(
+        1.0, ge=0.0, le=1.0, description="Discount factor (gae, reinforce_plus_plus)."
+    )
     lam: float = Field(1.0, ge=0.0, le=1.0, description="GAE lambda.")
-    norm_adv_by_std_in_grpo: bool = Field(True, description="GRPO: divide by the group's reward std.")
+    norm_adv_by_std_in_grpo: bool = Field(
+        True, description="GRPO: divide by the group's reward std."
+    )
     rollout_correction: RolloutCorrectionConfig = Field(
         default_factory=RolloutCorrectionConfig,
         description="Rollout correction: importance sampling, rejection sampling, mode and loss.",
@@ -125,11 +151,16 @@ class OptimConfig(Section):
 
 class ModelConfig(Section):
     path: str = Field(
-        "builtin:tiny", description="builtin:tiny or a local Hugging Face model directory (never downloaded)."
+        "builtin:tiny",
+        description="builtin:tiny or a local Hugging Face model directory (never downloaded).",
     )
-    tokenizer_path: str | None = Field(None, description="Tokenizer directory (null: same as model.path).")
+    tokenizer_path: str | None = Field(
+        None, description="Tokenizer directory (null: same as model.path)."
+    )
     warm_start_steps: int = Field(
-        300, ge=0, description="builtin:tiny: supervised warm-start steps before RL (0: none); cached."
+        300,
+        ge=0,
+        description="builtin:tiny: supervised warm-start steps before RL (0: none); cached.",
     )
 
 
@@ -139,17 +170,25 @@ class ActorConfig(Section):
         32, ge=1, description="Prompts per optimiser step (x rollout.n responses), as in verl."
     )
     ppo_micro_batch_size_per_gpu: int | None = Field(
-        None, ge=1, description="Responses per forward/backward (gradient accumulation); null: whole mini-batch."
+        None,
+        ge=1,
+        description="Responses per forward/backward (gradient accumulation); null: whole mini-batch.",
     )
     ppo_epochs: int = Field(1, ge=1, description="Passes over each batch.")
     shuffle: bool = Field(False, description="Shuffle responses between mini-batches.")
     clip_ratio: float = Field(0.2, gt=0.0, lt=1.0, description="PPO clip epsilon.")
-    clip_ratio_low: float | None = Field(None, gt=0.0, lt=1.0, description="Lower clip epsilon (null: clip_ratio).")
-    clip_ratio_high: float | None = Field(None, gt=0.0, description="Upper clip epsilon (null: clip_ratio).")
-    clip_ratio_c: float = Field(3.0, gt=1.0, description="Dual-clip bound for negative advantages; > 1.")
-    loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(
-        "token-mean", description="How per-token losses are aggregated."
+    clip_ratio_low: float | None = Field(
+        None, gt=0.0, lt=1.0, description="Lower clip epsilon (null: clip_ratio)."
     )
+    clip_ratio_high: float | None = Field(
+        None, gt=0.0, description="Upper clip epsilon (null: clip_ratio)."
+    )
+    clip_ratio_c: float = Field(
+        3.0, gt=1.0, description="Dual-clip bound for negative advantages; > 1."
+    )
+    loss_agg_mode: Literal[
+        "token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"
+    ] = Field("token-mean", description="How per-token losses are aggregated.")
     entropy_coeff: float = Field(0.0, ge=0.0, description="Entropy bonus coefficient.")
     use_kl_loss: bool = Field(False, description="Add a KL loss to a frozen reference model.")
     kl_loss_coef: float = Field(0.001, ge=0.0, description="Weight of the KL loss.")
@@ -168,24 +207,37 @@ class ValKwargsConfig(Section):
 
 
 class RolloutConfig(Section):
-    name: Literal["hf", "vllm"] = Field("hf", description="Rollout engine: hf (any device) or vllm (GPU).")
+    name: Literal["hf", "vllm"] = Field(
+        "hf", description="Rollout engine: hf (any device) or vllm (GPU)."
+    )
     n: int = Field(8, ge=1, description="Responses sampled per prompt.")
-    temperature: float = Field(1.0, gt=0.0, description="Sampling temperature (the rollout log-probs include it).")
+    temperature: float = Field(
+        1.0, gt=0.0, description="Sampling temperature (the rollout log-probs include it)."
+    )
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling p (1.0: off).")
     top_k: int = Field(-1, ge=-1, description="Top-k sampling (-1: off).")
     do_sample: bool = Field(True, description="Sample (true) or decode greedily (false).")
-    calculate_log_probs: bool = Field(True, description="Return rollout log-probs (needed by any correction).")
+    calculate_log_probs: bool = Field(
+        True, description="Return rollout log-probs (needed by any correction)."
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Precision of the rollout copy of the weights (a mismatch source)."
     )
     quantization: Literal["none", "int8", "fp8"] = Field(
-        "none", description="Fake-quantise the rollout copy's weights: none, int8 or fp8 (a mismatch source)."
+        "none",
+        description="Fake-quantise the rollout copy's weights: none, int8 or fp8 (a mismatch source).",
     )
     weight_sync_interval: int = Field(
-        1, ge=1, description="Refresh the rollout weights every k steps (k > 1: data up to k-1 updates stale)."
+        1,
+        ge=1,
+        description="Refresh the rollout weights every k steps (k > 1: data up to k-1 updates stale).",
     )
-    gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0, description="vllm: share of GPU memory it may use.")
-    val_kwargs: ValKwargsConfig = Field(default_factory=ValKwargsConfig, description="Sampling for validation.")
+    gpu_memory_utilization: float = Field(
+        0.5, gt=0.0, le=1.0, description="vllm: share of GPU memory it may use."
+    )
+    val_kwargs: ValKwargsConfig = Field(
+        default_factory=ValKwargsConfig, description="Sampling for validation."
+    )
 
     @field_validator("quantization", mode="before")
     @classmethod
@@ -196,19 +248,25 @@ class RolloutConfig(Section):
 class ActorRolloutRefConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig, description="Policy model.")
     actor: ActorConfig = Field(default_factory=ActorConfig, description="Actor training.")
-    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Rollout engine and sampling.")
+    rollout: RolloutConfig = Field(
+        default_factory=RolloutConfig, description="Rollout engine and sampling."
+    )
 
 
 # ----------------------------------------------------------------------------------- critic ---
 
 
 class CriticConfig(Section):
-    enable: bool | None = Field(None, description="Train a critic (null: exactly when adv_estimator is gae).")
+    enable: bool | None = Field(
+        None, description="Train a critic (null: exactly when adv_estimator is gae)."
+    )
     optim: OptimConfig = Field(
         default_factory=lambda: OptimConfig(lr=1e-3), description="Critic optimiser."
     )
     cliprange_value: float = Field(0.5, gt=0.0, description="Value clipping range.")
-    ppo_micro_batch_size_per_gpu: int | None = Field(None, ge=1, description="Responses per critic forward/backward.")
+    ppo_micro_batch_size_per_gpu: int | None = Field(
+        None, ge=1, description="Responses per critic forward/backward."
+    )
     grad_clip: float = Field(1.0, gt=0.0, description="Critic max gradient norm.")
 
 
@@ -217,25 +275,48 @@ class CriticConfig(Section):
 
 class TrainerConfig(Section):
     project_name: str = Field("rcx", description="MLflow experiment name.")
-    experiment_name: str = Field("default", description="MLflow run name; also names the checkpoint folder.")
+    experiment_name: str = Field(
+        "default", description="MLflow run name; also names the checkpoint folder."
+    )
     logger: list[Literal["console", "mlflow"]] = Field(
-        default_factory=lambda: ["console", "mlflow"], description="Where metrics go: console and/or mlflow."
+        default_factory=lambda: ["console", "mlflow"],
+        description="Where metrics go: console and/or mlflow.",
     )
-    total_epochs: int = Field(1, ge=1, description="Passes over the training prompts (if total_training_steps is null).")
-    total_training_steps: int | None = Field(None, ge=1, description="Training steps (overrides total_epochs).")
+    total_epochs: int = Field(
+        1, ge=1, description="Passes over the training prompts (if total_training_steps is null)."
+    )
+    total_training_steps: int | None = Field(
+        None, ge=1, description="Training steps (overrides total_epochs)."
+    )
     test_freq: int = Field(10, description="Validate every k steps (<= 0: only before and after).")
-    save_freq: int = Field(50, description="Checkpoint every k steps (<= 0: only at the end and on interrupt).")
-    val_before_train: bool = Field(True, description="Validate before the first step.")
-    default_local_dir: str | None = Field(None, description="Checkpoint folder (null: checkpoints/<project_name>/<experiment_name>).")
-    resume_mode: Literal["auto", "disable", "resume_path"] = Field(
-        "auto", description="auto: continue from the latest checkpoint; disable: start fresh; resume_path: use resume_from_path."
+    save_freq: int = Field(
+        50, description="Checkpoint every k steps (<= 0: only at the end and on interrupt)."
     )
-    resume_from_path: str | None = Field(None, description="Checkpoint to resume from (resume_mode: resume_path).")
-    tracking_uri: str | None = Field(None, description="MLflow tracking URI (null: local sqlite:///mlflow.db).")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA (bf16 autocast) when present, else CPU.")
+    val_before_train: bool = Field(True, description="Validate before the first step.")
+    default_local_dir: str | None = Field(
+        None, description="Checkpoint folder (null: checkpoints/<project_name>/<experiment_name>)."
+    )
+    resume_mode: Literal["auto", "disable", "resume_path"] = Field(
+        "auto",
+        description="auto: continue from the latest checkpoint; disable: start fresh; resume_path: use resume_from_path.",
+    )
+    resume_from_path: str | None = Field(
+        None, description="Checkpoint to resume from (resume_mode: resume_path)."
+    )
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI (null: local sqlite:///mlflow.db)."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: CUDA (bf16 autocast) when present, else CPU."
+    )
     seed: int = Field(1, description="Seed of sampling, shuffling and initialisation.")
-    num_threads: int | None = Field(None, ge=1, description="Torch CPU threads (null: 1 on <= 2 cores, else cores // 2).")
-    dump_log_probs: bool = Field(False, description="Dump rollout and training log-probs per step (for rcx whatif/calibrate).")
+    num_threads: int | None = Field(
+        None, ge=1, description="Torch CPU threads (null: 1 on <= 2 cores, else cores // 2)."
+    )
+    dump_log_probs: bool = Field(
+        False,
+        description="Dump rollout and training log-probs per step (for rcx whatif/calibrate).",
+    )
 
     @field_validator("logger", mode="before")
     @classmethod
@@ -253,12 +334,16 @@ class CustomRewardConfig(Section):
 
 class RcxConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig, description="Prompts and lengths.")
-    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig, description="Advantages and rollout correction.")
+    algorithm: AlgorithmConfig = Field(
+        default_factory=AlgorithmConfig, description="Advantages and rollout correction."
+    )
     actor_rollout_ref: ActorRolloutRefConfig = Field(
         default_factory=ActorRolloutRefConfig, description="Model, actor and rollout."
     )
     critic: CriticConfig = Field(default_factory=CriticConfig, description="Value model (gae).")
-    trainer: TrainerConfig = Field(default_factory=TrainerConfig, description="Run length, logging, checkpoints.")
+    trainer: TrainerConfig = Field(
+        default_factory=TrainerConfig, description="Run length, logging, checkpoints."
+    )
     custom_reward_function: CustomRewardConfig = Field(
         default_factory=CustomRewardConfig, description="Optional user reward function."
     )

@@ -147,7 +147,8 @@ def split_threshold_entries(rollout_rs_threshold: object) -> list[str]:
     """The comma-separated entries of a threshold, verbatim (a float becomes one entry)."""
     if isinstance(rollout_rs_threshold, bool):
         raise ConfigValueError(
-            "RCX-E004", f"rollout_rs_threshold must be a number or a string, got {rollout_rs_threshold!r}"
+            "RCX-E004",
+            f"rollout_rs_threshold must be a number or a string, got {rollout_rs_threshold!r}",
         )
     if isinstance(rollout_rs_threshold, (int, float)):
         return [repr(float(rollout_rs_threshold))]
@@ -248,7 +249,7 @@ def parse_rs_thresholds(
             f"but rollout_rs {_as_text(rollout_rs)!r} has {len(names)} criteria; give one entry "
             f"per criterion or a single shared one",
         )
-    return [parse_threshold_entry(n, e) for n, e in zip(names, entries)]
+    return [parse_threshold_entry(n, e) for n, e in zip(names, entries, strict=True)]
 
 
 def _k3_root(upper: float, above_one: bool) -> float:

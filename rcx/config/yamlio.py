@@ -19,7 +19,11 @@ class Yaml12Loader(yaml.SafeLoader):
     """A SafeLoader whose implicit scalar types follow the YAML 1.2 core schema."""
 
 
-_YAML11_NUMERIC_TAGS = {"tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"}
+_YAML11_NUMERIC_TAGS = {
+    "tag:yaml.org,2002:bool",
+    "tag:yaml.org,2002:int",
+    "tag:yaml.org,2002:float",
+}
 # Drop YAML 1.1's bool/int/float resolvers (they accept 0.5_2, yes, on, ...); keep null etc.
 Yaml12Loader.yaml_implicit_resolvers = {
     first: [(tag, rx) for tag, rx in resolvers if tag not in _YAML11_NUMERIC_TAGS]
@@ -69,14 +73,18 @@ def dump_yaml(data: Any) -> str:
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, allow_unicode=True)
 
 
-def dump_commented_yaml(data: dict[str, Any], descriptions: dict[str, str], prefix: str = "") -> str:
+def dump_commented_yaml(
+    data: dict[str, Any], descriptions: dict[str, str], prefix: str = ""
+) -> str:
     """Block YAML with each key's description (by dotted path) as a trailing comment."""
     lines: list[str] = []
     _emit(data, descriptions, prefix, 0, lines)
     return "\n".join(lines) + "\n"
 
 
-def _emit(data: dict[str, Any], desc: dict[str, str], prefix: str, depth: int, out: list[str]) -> None:
+def _emit(
+    data: dict[str, Any], desc: dict[str, str], prefix: str, depth: int, out: list[str]
+) -> None:
     pad = "  " * depth
     for key, value in data.items():
         path = f"{prefix}{key}"
