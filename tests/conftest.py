@@ -1,0 +1,80 @@
+"""Shared fixtures: one MLflow store per test session, and real configs shrunk to seconds.
+
+The SQLite store is created once per session (each new database costs ~2 s of migrations);
+tests keep apart by run name. ``tiny_config`` loads a real preset through the same loader as
+``rcx train`` and overrides only what makes it small: 2 steps on CPU, tiny batches, no warm
+start, no periodic validation/checkpoint, everything written under ``tmp_path``.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported anywhere
+
+import itertools
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+_run_counter = itertools.count()
+
+#: Overrides that shrink any preset to a few seconds on one CPU core.
+TINY_OVERRIDES: tuple[str, ...] = (
+    "trainer.total_training_steps=2",
+    "trainer.device=cpu",
+    "trainer.num_threads=1",
+    "trainer.test_freq=0",
+    "trainer.save_freq=0",
+    "trainer.val_before_train=true",
+    'trainer.logger=["mlflow"]',
+    "trainer.project_name=rcx-tests",
+    "actor_rollout_ref.model.warm_start_steps=0",
+    "actor_rollout_ref.rollout.n=4",
+    "actor_rollout_ref.actor.ppo_mini_batch_size=2",
+    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4",
+    "data.train_batch_size=4",
+    "data.val_batch_size=8",
+    "data.builtin.num_train=64",
+    "data.builtin.num_val=8",
+)
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """``sqlite:///…/mlflow.db``: one store for the whole session (artifacts in ``mlruns/`` beside it)."""
+    db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    return f"sqlite:///{db}"
+
+
+@pytest.fixture
+def run_name(request: pytest.FixtureRequest) -> str:
+    """A run name unique within the session, readable in ``mlflow ui``."""
+    return f"{request.node.name[:60]}-{next(_run_counter)}"
+
+
+@pytest.fixture
+def tiny_config(
+    tmp_path: Path, mlflow_uri: str, run_name: str, monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., object]:
+    """``make(preset, *overrides)`` -> a validated ``RcxConfig`` that trains in seconds.
+
+    The working directory is ``tmp_path`` (so nothing lands in the repository); checkpoints go
+    to ``tmp_path/ckpt``; the run logs to the session store under a unique run name. Extra
+    ``KEY=VALUE`` overrides win over the shrinking ones.
+    """
+    from rcx.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+
+    def make(preset: str | None = "grpo-multi-rs", *overrides: str) -> object:
+        base = (
+            *TINY_OVERRIDES,
+            f"trainer.experiment_name={run_name}",
+            f"trainer.tracking_uri={mlflow_uri}",
+            f"trainer.default_local_dir={tmp_path / 'ckpt'}",
+        )
+        return load_config(preset=preset, overrides=[*base, *overrides])
+
+    return make
