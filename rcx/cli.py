@@ -176,13 +176,9 @@ def keys(
     from rcx.config.models import RcxConfig
 
     defaults = _flatten(RcxConfig().model_dump(mode="json"))
-    table = Table(show_lines=False)
-    for col in ("key", "default", "description"):
-        table.add_column(col)
     for key, desc in field_descriptions().items():
         if key.startswith(prefix) and key in defaults:
-            table.add_row(key, json.dumps(defaults[key]), desc)
-    console.print(table)
+            print(f"{key} = {json.dumps(defaults[key])}  # {desc}")
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

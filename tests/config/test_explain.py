@@ -1,0 +1,46 @@
+"""``--explain``: mode, loss, where IS weights go, RS intervals."""
+
+import pytest
+
+from rcx.config import load_config
+from rcx.config.explain import explain, explain_lines
+
+
+def test_grpo_multi_rs_is_bypass_with_metrics_only_weights():
+    info = explain(load_config("grpo-multi-rs"))
+    assert (info["mode"], info["policies"], info["loss"]) == ("bypass", 2, "ppo_clip")
+    assert info["is"]["applied"] == "metrics_only"
+    token_k1, seq_max_k2 = info["rs"]
+    assert (token_k1["ratio_lower"], token_k1["ratio_upper"]) == (0.6, 1.6)
+    assert seq_max_k2["ratio_lower"] == pytest.approx(0.1069, abs=1e-4)
+    assert seq_max_k2["ratio_upper"] == pytest.approx(9.3565, abs=1e-4)
+
+
+def test_rloo_applies_weights_in_reinforce():
+    info = explain(load_config("rloo-seq-is"))
+    assert info["loss"] == "reinforce" and info["is"]["applied"] == "loss"
+    assert info["is"]["batch_normalize"] is True and info["rs"] == []
+
+
+def test_gae_is_decoupled_three_policies():
+    info = explain(load_config("gae-seq-is-rs"))
+    assert (info["mode"], info["policies"], info["is"]["applied"]) == ("decoupled", 3, "loss")
+
+
+def test_decoupled_reinforce_is_reported_as_ppo_clip():
+    cfg = load_config(overrides=["algorithm.rollout_correction.loss_type=reinforce"])
+    assert explain(cfg)["loss"] == "ppo_clip"
+    assert any("ignored" in line for line in explain_lines(cfg))
+
+
+def test_lines_state_the_interval_in_words():
+    text = "\n".join(explain_lines(load_config("grpo-multi-rs")))
+    assert "every token of a kept sequence has r in [0.107, 9.36]" in text
+    assert "metrics only" in text
+    seq = load_config(
+        overrides=[
+            "algorithm.rollout_correction.rollout_rs=seq_sum_k1",
+            "algorithm.rollout_correction.rollout_rs_threshold=0.5_2",
+        ]
+    )
+    assert "single tokens are not bounded" in "\n".join(explain_lines(seq))

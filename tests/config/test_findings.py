@@ -1,0 +1,194 @@
+"""Every finding code: one config that triggers it and one that does not."""
+
+import pytest
+
+from rcx.config import CODES, validate_sources
+
+RC = "algorithm.rollout_correction"
+BYPASS = [f"{RC}.bypass_mode=true"]
+
+# code -> (overrides that trigger it, overrides that do not, path it names)
+CASES = {
+    "RCX-W001": (
+        [*BYPASS, "actor_rollout_ref.actor.ppo_epochs=2"],
+        [*BYPASS, "actor_rollout_ref.actor.ppo_epochs=1"],
+        "actor_rollout_ref.actor.ppo_epochs",
+    ),
+    "RCX-W002": (
+        [*BYPASS, f"{RC}.rollout_is=token", f"{RC}.loss_type=ppo_clip"],
+        [*BYPASS, f"{RC}.rollout_is=token", f"{RC}.loss_type=reinforce"],
+        f"{RC}.rollout_is",
+    ),
+    "RCX-W003": (
+        [f"{RC}.rollout_is_batch_normalize=true"],
+        [f"{RC}.rollout_is_batch_normalize=true", f"{RC}.rollout_is=sequence"],
+        f"{RC}.rollout_is_batch_normalize",
+    ),
+    "RCX-W004": (
+        [f"{RC}.loss_type=reinforce"],
+        [*BYPASS, f"{RC}.loss_type=reinforce"],
+        f"{RC}.loss_type",
+    ),
+    "RCX-W005": (
+        [f"{RC}.rollout_rs=geometric", f"{RC}.rollout_rs_threshold=0.9_1.1"],
+        [f"{RC}.rollout_rs=seq_mean_k1", f"{RC}.rollout_rs_threshold=0.9_1.1"],
+        f"{RC}.rollout_rs",
+    ),
+    "RCX-W006": (
+        [f"{RC}.rollout_rs=token_k1", f"{RC}.rollout_rs_threshold=1.1_2"],
+        [f"{RC}.rollout_rs=token_k1", f"{RC}.rollout_rs_threshold=0.9_2"],
+        f"{RC}.rollout_rs_threshold",
+    ),
+    "RCX-W007": (
+        [f"{RC}.rollout_rs=token_k1", f"{RC}.rollout_rs_threshold=0.995_1.005"],
+        [f"{RC}.rollout_rs=token_k1", f"{RC}.rollout_rs_threshold=0.8_1.25"],
+        f"{RC}.rollout_rs_threshold",
+    ),
+    "RCX-W008": (
+        [f"{RC}.rollout_rs=seq_max_k2", f"{RC}.rollout_rs_threshold=100"],
+        [f"{RC}.rollout_rs=seq_max_k2", f"{RC}.rollout_rs_threshold=2.5"],
+        f"{RC}.rollout_rs_threshold",
+    ),
+    "RCX-W009": (
+        ["data.train_files=/nonexistent/train.parquet"],
+        ["data.train_files=builtin:reverse"],
+        "data.train_files",
+    ),
+    "RCX-W010": (
+        ["data.train_batch_size=32", "actor_rollout_ref.actor.ppo_mini_batch_size=12"],
+        ["data.train_batch_size=32", "actor_rollout_ref.actor.ppo_mini_batch_size=16"],
+        "actor_rollout_ref.actor.ppo_mini_batch_size",
+    ),
+    "RCX-E001": (["trainer.project=x"], ["trainer.project_name=x"], "trainer.project"),
+    "RCX-E002": (
+        [f"{RC}.rollout_rs=token_k5", f"{RC}.rollout_rs_threshold=2"],
+        [f"{RC}.rollout_rs=token_k2", f"{RC}.rollout_rs_threshold=2"],
+        f"{RC}.rollout_rs",
+    ),
+    "RCX-E003": (
+        [f"{RC}.rollout_rs=token_k1,seq_max_k2", f"{RC}.rollout_rs_threshold=0.5_2,2,3"],
+        [f"{RC}.rollout_rs=token_k1,seq_max_k2", f"{RC}.rollout_rs_threshold=0.5_2,2"],
+        f"{RC}.rollout_rs_threshold",
+    ),
+    "RCX-E004": (
+        [f"{RC}.rollout_rs=seq_max_k2", f"{RC}.rollout_rs_threshold=0.5_2"],
+        [f"{RC}.rollout_rs=seq_max_k2", f"{RC}.rollout_rs_threshold=2"],
+        f"{RC}.rollout_rs_threshold",
+    ),
+    "RCX-E005": (
+        [f"{RC}.rollout_is=token", f"{RC}.rollout_is_threshold=1.0"],
+        [f"{RC}.rollout_is=token", f"{RC}.rollout_is_threshold=1.01"],
+        f"{RC}.rollout_is_threshold",
+    ),
+    "RCX-E006": (
+        [f"{RC}.rollout_is=token", "actor_rollout_ref.rollout.calculate_log_probs=false"],
+        ["actor_rollout_ref.rollout.calculate_log_probs=false"],
+        "actor_rollout_ref.rollout.calculate_log_probs",
+    ),
+    "RCX-E007": (
+        ["algorithm.adv_estimator=rloo", "actor_rollout_ref.rollout.n=1"],
+        ["algorithm.adv_estimator=reinforce_plus_plus", "actor_rollout_ref.rollout.n=1"],
+        "actor_rollout_ref.rollout.n",
+    ),
+    "RCX-E008": (
+        ["algorithm.adv_estimator=gae", "critic.enable=false"],
+        ["algorithm.adv_estimator=gae", "critic.enable=null"],
+        "critic.enable",
+    ),
+    "RCX-E009": (["algorithm.gamma=1.5"], ["algorithm.gamma=0.99"], "algorithm.gamma"),
+    "RCX-E010": (
+        [f"{RC}.rollout_token_veto_threshold=1e-4"],
+        [f"{RC}.rollout_rs=seq_max_k2", f"{RC}.rollout_rs_threshold=2.5"],
+        f"{RC}.rollout_token_veto_threshold",
+    ),
+    "RCX-E011": (["trainer.seed"], ["trainer.seed=2"], "trainer.seed"),
+}
+
+
+def codes(overrides):
+    return [f.code for f in validate_sources(overrides=overrides).findings]
+
+
+def test_every_documented_code_is_tested():
+    assert set(CASES) == set(CODES)
+
+
+@pytest.mark.parametrize("code", sorted(CASES))
+def test_code_triggers(code):
+    trigger, _, path = CASES[code]
+    report = validate_sources(overrides=trigger)
+    hits = [f for f in report.findings if f.code == code]
+    assert hits, report.findings
+    assert hits[0].path == path
+    assert hits[0].message
+    assert report.valid == code.startswith("RCX-W")
+
+
+@pytest.mark.parametrize("code", sorted(CASES))
+def test_code_does_not_trigger(code):
+    _, clean, _ = CASES[code]
+    assert code not in codes(clean)
+
+
+@pytest.mark.parametrize(
+    ("override", "path"),
+    [
+        ("actor_rollout_ref.actor.ppo_epochs=0", "actor_rollout_ref.actor.ppo_epochs"),
+        ("actor_rollout_ref.actor.optim.lr=-1e-4", "actor_rollout_ref.actor.optim.lr"),
+        ("actor_rollout_ref.actor.clip_ratio_c=1.0", "actor_rollout_ref.actor.clip_ratio_c"),
+        ("actor_rollout_ref.rollout.temperature=0", "actor_rollout_ref.rollout.temperature"),
+        ('trainer.logger=["console","wandb"]', "trainer.logger[1]"),
+        (f"{RC}.rollout_is=tokens", f"{RC}.rollout_is"),
+        (f"{RC}.loss_type=ppo", f"{RC}.loss_type"),
+        ("data.train_batch_size=abc", "data.train_batch_size"),
+        ("algorithm.adv_estimator=ppo", "algorithm.adv_estimator"),
+        ("actor_rollout_ref.rollout.dtype=fp16", "actor_rollout_ref.rollout.dtype"),
+        ("actor_rollout_ref.actor.optim.betas=[0.9,1.5]", "actor_rollout_ref.actor.optim.betas"),
+    ],
+)
+def test_invalid_values_are_e009_with_path(override, path):
+    report = validate_sources(overrides=[override])
+    assert not report.valid
+    e009 = [f for f in report.findings if f.code == "RCX-E009"]
+    assert [f.path for f in e009] == [path]
+    assert "got" in e009[0].message
+
+
+def test_all_errors_listed_at_once_even_with_a_bad_field():
+    # A type error elsewhere must not hide the threshold error or the group-size error.
+    found = codes(
+        [
+            "algorithm.gamma=2",
+            "actor_rollout_ref.rollout.n=1",
+            f"{RC}.rollout_rs=token_k1",
+            f"{RC}.rollout_rs_threshold=2_1",
+        ]
+    )
+    assert {"RCX-E009", "RCX-E007", "RCX-E004"} <= set(found)
+
+
+def test_every_malformed_threshold_entry_is_reported():
+    found = codes(
+        [f"{RC}.rollout_rs=token_k1,seq_max_k2,token_k3", f"{RC}.rollout_rs_threshold=2_1,0.5_2,x"]
+    )
+    assert found.count("RCX-E004") == 3
+
+
+def test_unknown_key_suggestions():
+    def msg(o):
+        return validate_sources(overrides=[o]).findings[0].message
+
+    assert "did you mean 'algorithm.rollout_correction.rollout_is'" in msg(
+        "algorithm.rollout_is=token"
+    )
+    assert "did you mean 'trainer.project_name'" in msg("trainer.projekt_name=x")
+    assert "did you mean 'actor_rollout_ref.actor.ppo_epochs'" in msg(
+        "actor_rollout_ref.ppo_epochs=2"
+    )
+
+
+def test_removed_key_says_what_replaced_it():
+    (f,) = validate_sources(overrides=[f"{RC}.rollout_is_self_norm=true"]).findings
+    assert f.code == "RCX-E010" and "rollout_is_batch_normalize" in f.message
+    (f,) = validate_sources(overrides=[f"{RC}.rollout_rs_threshold_lower=0.5"]).findings
+    assert f.code == "RCX-E010" and "L_U" in f.message

@@ -1,0 +1,193 @@
+"""The command line, in-process: help for every command, exit codes, output formats."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import typer.main
+from typer.testing import CliRunner
+
+from rcx.cli import app
+
+runner = CliRunner()
+RC = "algorithm.rollout_correction"
+
+
+def all_command_paths(group, prefix=()) -> list[tuple[str, ...]]:
+    paths = []
+    for name, cmd in group.commands.items():
+        paths.append((*prefix, name))
+        if getattr(cmd, "commands", None):
+            paths += all_command_paths(cmd, (*prefix, name))
+    return paths
+
+
+COMMANDS = all_command_paths(typer.main.get_command(app))
+
+
+def test_commands_registered():
+    assert {("validate",), ("presets", "list"), ("presets", "show"), ("keys",)} <= set(COMMANDS)
+
+
+@pytest.mark.parametrize("path", [(), *COMMANDS], ids=lambda p: " ".join(p) or "rcx")
+def test_help_works_for_every_command(path):
+    result = runner.invoke(app, [*path, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_validate_valid_preset_exit_0_and_warning_shown():
+    result = runner.invoke(app, ["validate", "--preset", "grpo-multi-rs"])
+    assert result.exit_code == 0, result.output
+    assert "RCX-W002" in result.output and "valid (0 errors, 1 warning)" in result.output
+
+
+def test_validate_strict_fails_on_warnings():
+    assert runner.invoke(app, ["validate", "--preset", "grpo-multi-rs", "--strict"]).exit_code == 1
+    assert runner.invoke(app, ["validate", "--preset", "rloo-seq-is", "--strict"]).exit_code == 0
+
+
+def test_validate_invalid_exit_1_lists_every_error_without_traceback():
+    result = runner.invoke(
+        app,
+        [
+            "validate",
+            "trainer.sed=1",
+            f"{RC}.rollout_rs=token_k1",
+            f"{RC}.rollout_rs_threshold=3_1",
+            f"{RC}.rollout_is_self_norm=true",
+        ],
+    )
+    assert result.exit_code == 1
+    for code in ("RCX-E001", "RCX-E004", "RCX-E010"):
+        assert code in result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_validate_positional_file_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        f"algorithm:\n  rollout_correction:\n    rollout_rs: token_k1\n    rollout_rs_threshold: 0.5_2\n"
+    )
+    result = runner.invoke(app, ["validate", str(path), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["config"]["algorithm"]["rollout_correction"]["rollout_rs_threshold"] == "0.5_2"
+    assert data["explain"]["rs"][0]["lower"] == 0.5
+
+
+def test_two_config_files_is_a_usage_error(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("{}\n")
+    b.write_text("{}\n")
+    result = runner.invoke(app, ["validate", str(a), str(b)])
+    assert result.exit_code == 2
+    assert "one config file at most" in result.output
+
+
+def test_validate_json_shape():
+    result = runner.invoke(app, ["validate", "--preset", "grpo-multi-rs", "--format", "json"])
+    data = json.loads(result.output)
+    assert set(data) == {"valid", "config", "findings", "explain"}
+    assert data["valid"] is True
+    assert (
+        data["config"]["algorithm"]["rollout_correction"]["rollout_rs_threshold"] == "0.6_1.6,2.5"
+    )
+    assert data["findings"] == [
+        {"code": "RCX-W002", "level": "warning", "path": f"{RC}.rollout_is",
+         "message": data["findings"][0]["message"]}
+    ]  # fmt: skip
+    assert set(data["explain"]) >= {"mode", "loss", "is", "rs"}
+    assert set(data["explain"]["rs"][0]) == {
+        "criterion", "level", "statistic", "lower", "upper", "ratio_lower", "ratio_upper"
+    }  # fmt: skip
+
+
+def test_validate_json_invalid_exit_1():
+    result = runner.invoke(app, ["validate", "--format", "json", "algorithm.gamma=7"])
+    assert result.exit_code == 1
+    data = json.loads(result.output)
+    assert data["valid"] is False and data["findings"][0]["code"] == "RCX-E009"
+    assert data["explain"] is None
+
+
+def test_explain_prints_mode_loss_and_intervals():
+    result = runner.invoke(app, ["validate", "--preset", "grpo-multi-rs", "--explain"])
+    out = result.output
+    assert "Mode: bypass (two policies)" in out
+    assert "Loss: PPO-clip on pi_theta / pi_rollout" in out
+    assert "r in [0.107, 9.36]" in out
+
+
+SEED_1 = [
+    "data.train_files=data/train.parquet", "data.val_files=data/test.parquet",
+    "data.max_prompt_length=2048", "data.max_response_length=4096", "data.train_batch_size=128",
+    "algorithm.adv_estimator=rloo", "algorithm.gamma=1.0", f"{RC}.rollout_is=sequence",
+    f"{RC}.rollout_is_threshold=2.0", f"{RC}.rollout_is_batch_normalize=true",
+    f"{RC}.rollout_rs=null", f"{RC}.bypass_mode=true", f"{RC}.loss_type=reinforce",
+    "actor_rollout_ref.model.path=Qwen/Qwen2.5-7B", "actor_rollout_ref.actor.optim.lr=5e-7",
+    "actor_rollout_ref.actor.ppo_mini_batch_size=32", "actor_rollout_ref.actor.ppo_epochs=1",
+    "actor_rollout_ref.rollout.calculate_log_probs=True", 'trainer.logger=["console","mlflow"]',
+    "trainer.project_name=rollout_corr_rloo", "trainer.total_epochs=10",
+]  # fmt: skip
+SEED_2 = [
+    *[a for a in SEED_1 if not a.startswith(("algorithm", "trainer.project", "trainer.total"))],
+    "algorithm.adv_estimator=grpo", "algorithm.gamma=1.0", f"{RC}.rollout_is=token",
+    f"{RC}.rollout_is_threshold=2.0", f"{RC}.rollout_is_batch_normalize=false",
+    f"{RC}.rollout_rs=token_k1,seq_max_k2", f"{RC}.rollout_rs_threshold=0.6_1.6,2.5",
+    f"{RC}.bypass_mode=true", f"{RC}.loss_type=ppo_clip", "actor_rollout_ref.actor.optim.lr=3e-6",
+    "trainer.project_name=rollout_corr_multi_rs", "trainer.total_epochs=5",
+]  # fmt: skip
+
+
+def test_seed_example_1_validates_with_only_missing_file_warnings():
+    data = json.loads(runner.invoke(app, ["validate", "--format", "json", *SEED_1]).output)
+    assert data["valid"] is True
+    assert {f["code"] for f in data["findings"]} == {"RCX-W009"}  # data files, 7B model not here
+    assert data["explain"]["is"]["applied"] == "loss"
+
+
+def test_seed_example_2_validates_with_metrics_only_warning():
+    data = json.loads(runner.invoke(app, ["validate", "--format", "json", *SEED_2]).output)
+    assert data["valid"] is True
+    assert {f["code"] for f in data["findings"]} == {"RCX-W009", "RCX-W002"}
+
+
+def test_seed_logger_wandb_is_rejected():
+    args = [
+        a if not a.startswith("trainer.logger") else 'trainer.logger=["console","wandb"]'
+        for a in SEED_1
+    ]
+    result = runner.invoke(app, ["validate", *args])
+    assert result.exit_code == 1 and "trainer.logger[1]" in result.output
+
+
+def test_presets_list_and_show():
+    result = runner.invoke(app, ["presets", "list"])
+    assert result.exit_code == 0
+    for name in ("rloo-seq-is", "grpo-multi-rs", "gae-seq-is-rs", "grpo-rs-only"):
+        assert name in result.output
+    shown = runner.invoke(app, ["presets", "show", "grpo-multi-rs"])
+    assert shown.exit_code == 0
+    assert "rollout_rs_threshold: 0.6_1.6,2.5  # RS bounds" in shown.output
+    assert "# Run:  rcx train --preset grpo-multi-rs" in shown.output
+    missing = runner.invoke(app, ["presets", "show", "nope"])
+    assert missing.exit_code == 1 and "RCX-E011" in missing.output
+
+
+def test_keys_lists_descriptions():
+    result = runner.invoke(app, ["keys", "algorithm.rollout_correction"])
+    assert result.exit_code == 0
+    assert "algorithm.rollout_correction.rollout_is_threshold = 2.0  # Upper cap C" in result.output
+    assert "trainer.seed" not in result.output
+
+
+def test_validate_path_does_not_import_torch():
+    code = (
+        "import sys; from typer.testing import CliRunner; from rcx.cli import app; "
+        "r = CliRunner().invoke(app, ['validate', '--preset', 'gae-seq-is-rs', '--explain']); "
+        "assert r.exit_code == 0, r.output; assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
