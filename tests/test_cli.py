@@ -69,7 +69,7 @@ def test_validate_invalid_exit_1_lists_every_error_without_traceback():
 def test_validate_positional_file_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(
-        f"algorithm:\n  rollout_correction:\n    rollout_rs: token_k1\n    rollout_rs_threshold: 0.5_2\n"
+        "algorithm:\n  rollout_correction:\n    rollout_rs: token_k1\n    rollout_rs_threshold: 0.5_2\n"
     )
     result = runner.invoke(app, ["validate", str(path), "--format", "json"])
     assert result.exit_code == 0, result.output

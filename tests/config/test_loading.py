@@ -46,7 +46,7 @@ def test_preset_beats_defaults():
 def test_file_threshold_string_stays_verbatim(tmp_path):
     path = write(
         tmp_path,
-        f"algorithm:\n  rollout_correction:\n    rollout_rs: token_k1\n    rollout_rs_threshold: 0.5_2\n",
+        "algorithm:\n  rollout_correction:\n    rollout_rs: token_k1\n    rollout_rs_threshold: 0.5_2\n",
     )
     cfg = load_config(config_file=path)
     assert cfg.algorithm.rollout_correction.rollout_rs_threshold == "0.5_2"
