@@ -1,0 +1,752 @@
+"""Rollout correction: importance-sampling weights, rejection masks and off-policy metrics.
+
+Pure tensor code (SPEC §2-§3): no model, trainer or I/O. For every response token t of sequence i
+with mask m[i,t], ``log_r = clamp(lp_train - lp_rollout, -20, 20)`` and ``r = exp(log_r)``.
+
+- IS (``rollout_is``): ``token``: ``w[i,t] = min(r[i,t], C) * m[i,t]``; ``sequence``:
+  ``w[i,t] = min(exp(clamp(S_i)), C) * m[i,t]`` with ``S_i = sum_t m[i,t] * log_r[i,t]``.
+  Optional batch normalisation divides by the mean weight (tokens, or sequences for ``sequence``).
+- RS (``rollout_rs``): every criterion of :mod:`rcx.config.thresholds` keeps a token or a whole
+  sequence; a token survives only if every criterion keeps it. RS zeroes mask entries only.
+- Metrics: verl's names under ``rollout_corr/`` (SPEC §3.3), computed from a handful of fused
+  reductions and brought to the host with one ``tolist()``.
+
+Tokens whose log-ratio is NaN or +-inf at a valid position are dropped from the returned mask,
+counted in ``rollout_corr/nonfinite_fraction`` and left out of every other statistic. Every
+statistic is taken over the remaining valid tokens; a sequence with none is ignored everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rcx.config import RSCriterion, check_is_threshold, parse_rs_thresholds
+from rcx.config.thresholds import is_off
+
+SAFETY_BOUND = 20.0
+PREFIX = "rollout_corr/"
+
+_FLOAT_MAX = {
+    torch.float32: torch.finfo(torch.float32).max,
+    torch.float64: torch.finfo(torch.float64).max,
+}
+
+
+@dataclass(frozen=True)
+class CorrectionResult:
+    """What :func:`compute_rollout_correction` returns.
+
+    ``weights``: ``(B, T)`` IS weights (no gradient), zero at padding, or None when IS is off.
+    ``mask``: ``(B, T)``, dtype of the input ``response_mask``; rejected and non-finite entries
+    zeroed. ``metrics``: ``dict[str, float]``, every key prefixed ``rollout_corr/``.
+    """
+
+    weights: torch.Tensor | None
+    mask: torch.Tensor
+    metrics: dict[str, float]
+
+
+# ------------------------------------------------------------------------------------ reductions
+
+
+class _Reductions:
+    """Collects per-sequence vectors and scalars, reduces them together, syncs once.
+
+    Every registered ``(B,)`` row gets its total over all sequences and its mean, unbiased std,
+    max and min over the valid sequences, all from one ``(k, B)`` float64 matrix. Metrics are
+    registered as closures over the resolved numbers and evaluated after the single ``tolist()``.
+    """
+
+    def __init__(self, seq_valid: torch.Tensor) -> None:
+        self.seq_valid = seq_valid  # (B,) bool
+        self.rows: list[torch.Tensor] = []
+        self.scalars: list[torch.Tensor] = []
+        self.metrics: list[tuple[str, Callable[[], float]]] = []
+        self._sum: list[float] = []
+        self._mean: list[float] = []
+        self._std: list[float] = []
+        self._max: list[float] = []
+        self._min: list[float] = []
+        self._scalar: list[float] = []
+        self.num_seqs = 0.0
+
+    def row(self, values: torch.Tensor) -> int:
+        """Register a ``(B,)`` vector; its entries at invalid sequences must be finite."""
+        self.rows.append(values.to(torch.float64))
+        return len(self.rows) - 1
+
+    def scalar(self, value: torch.Tensor) -> int:
+        self.scalars.append(value.to(torch.float64).reshape(()))
+        return len(self.scalars) - 1
+
+    def add(self, name: str, fn: Callable[[], float]) -> None:
+        self.metrics.append((PREFIX + name, fn))
+
+    def total(self, i: int) -> float:
+        return self._sum[i]
+
+    def seq_mean(self, i: int) -> float:
+        return self._mean[i]
+
+    def seq_std(self, i: int) -> float:
+        return self._std[i]
+
+    def seq_max(self, i: int) -> float:
+        return self._max[i]
+
+    def seq_min(self, i: int) -> float:
+        return self._min[i]
+
+    def value(self, j: int) -> float:
+        return self._scalar[j]
+
+    def sync(self) -> None:
+        """Reduce every row and scalar and bring them to the host: the one host sync."""
+        sv = self.seq_valid
+        rows = torch.stack(self.rows)  # (k, B)
+        num_seqs = sv.sum().to(torch.float64)
+        valid_rows = rows.masked_fill(~sv, 0.0)
+        means = valid_rows.sum(1) / num_seqs
+        centred = (rows - means[:, None]).masked_fill_(~sv, 0.0)
+        # Unbiased like torch.std (verl's seq_std); a single sequence has std 0.
+        var = centred.square().sum(1) / (num_seqs - 1).clamp_min(1.0)
+        maxes = rows.masked_fill(~sv, -math.inf).amax(1)
+        mins = rows.masked_fill(~sv, math.inf).amin(1)
+        parts = [rows.sum(1), means, var.sqrt(), maxes, mins, num_seqs.reshape(1)]
+        if self.scalars:
+            parts.append(torch.stack(self.scalars))
+        flat = torch.cat(parts).tolist()
+        k = len(self.rows)
+        self._sum, self._mean, self._std = flat[:k], flat[k : 2 * k], flat[2 * k : 3 * k]
+        self._max, self._min = flat[3 * k : 4 * k], flat[4 * k : 5 * k]
+        self.num_seqs = flat[5 * k]
+        self._scalar = flat[5 * k + 1 :]
+
+    def evaluate(self) -> dict[str, float]:
+        """The registered metrics, after :meth:`sync`."""
+        return {name: float(fn()) for name, fn in self.metrics}
+
+
+# ------------------------------------------------------------------------------- shared tensors
+
+
+class _LogRatios:
+    """The per-token quantities every part of the correction shares.
+
+    ``log_ratio`` is clamped to +-20 and set to 0 wherever a token is not valid, so that sums
+    need no mask and 0 (ratio 1) is neutral for most comparisons.
+    """
+
+    def __init__(
+        self, train_log_probs: torch.Tensor, rollout_log_probs: torch.Tensor, mask: torch.Tensor
+    ) -> None:
+        dtype = _compute_dtype(train_log_probs, rollout_log_probs)
+        train = train_log_probs.detach().to(dtype)
+        rollout = rollout_log_probs.detach().to(dtype)
+        mask_bool = mask if mask.dtype == torch.bool else mask.bool()
+
+        log_ratio = train - rollout  # (B, T)
+        # abs <= max is False for NaN and +-inf: one pass finds both.
+        valid = torch.abs(log_ratio).le_(_FLOAT_MAX[dtype]).bool() & mask_bool  # (B, T)
+        self.num_masked = torch.count_nonzero(mask_bool)
+        self.num_tokens_int = torch.count_nonzero(valid)
+        log_ratio.masked_fill_(~valid, 0.0)
+        self.raw_sum = log_ratio.sum(-1)  # (B,) before the safety clamp: log-ppl metrics
+        log_ratio.clamp_(-SAFETY_BOUND, SAFETY_BOUND)
+
+        self.dtype = dtype
+        self.log_ratio = log_ratio
+        self.valid = valid
+        self.counts = valid.sum(-1, dtype=torch.int32).to(dtype)  # (B,)
+        self.seq_valid = self.counts > 0  # (B,)
+        self.safe_counts = self.counts.clamp_min(1.0)  # (B,) divisor that is never 0
+        self.sum = log_ratio.sum(-1)  # (B,) S_i of clamped tokens
+        self.seq_log_ratio = self.sum.clamp(-SAFETY_BOUND, SAFETY_BOUND)  # (B,)
+        self.train_sum = torch.where(valid, train, 0.0).sum(-1)  # (B,)
+        # ratio - 1 per token; r - 1 is exact for r in [0.5, 2], so small deviations keep
+        # their precision in the sums below (mean(r^2) - mean(r)^2 would cancel).
+        self.ratio_minus_one = torch.exp(log_ratio).sub_(1.0)  # (B, T), 0 at invalid
+        self.dev_sum = self.ratio_minus_one.sum(-1)  # (B,) sum (r - 1)
+        self.dev_sq_sum = torch.linalg.vecdot(self.ratio_minus_one, self.ratio_minus_one)  # (B,)
+        self._extremes: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._k2: torch.Tensor | None = None
+        self._k3: torch.Tensor | None = None
+
+    def log_ratio_extremes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Max and min of log_r over valid tokens (0-dim tensors)."""
+        if self._extremes is None:
+            lr, valid = self.log_ratio, self.valid
+            hi = torch.where(valid, lr, -math.inf).amax()
+            lo = torch.where(valid, lr, math.inf).amin()
+            self._extremes = (hi, lo)
+        return self._extremes
+
+    def k2(self) -> torch.Tensor:
+        """``0.5 * log_r**2`` per token, 0 at invalid tokens. (B, T)"""
+        if self._k2 is None:
+            self._k2 = torch.mul(self.log_ratio, self.log_ratio).mul_(0.5)
+        return self._k2
+
+    def k3(self) -> torch.Tensor:
+        """``r - 1 - log_r`` per token, 0 at invalid tokens. (B, T)"""
+        if self._k3 is None:
+            self._k3 = self.ratio_minus_one - self.log_ratio
+        return self._k3
+
+
+def _compute_dtype(a: torch.Tensor, b: torch.Tensor) -> torch.dtype:
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    if not dtype.is_floating_point:
+        raise ValueError(f"log-probs must be floating point, got {a.dtype} and {b.dtype}")
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ------------------------------------------------------------------------------------ validation
+
+
+def _check_inputs(
+    train_log_probs: torch.Tensor, rollout_log_probs: torch.Tensor, response_mask: torch.Tensor
+) -> None:
+    shapes = (train_log_probs.shape, rollout_log_probs.shape, response_mask.shape)
+    if train_log_probs.dim() != 2:
+        raise ValueError(
+            f"train_log_probs must be 2-D (batch, response_length), got shape "
+            f"{tuple(train_log_probs.shape)}"
+        )
+    if len(set(shapes)) != 1:
+        raise ValueError(
+            "train_log_probs, rollout_log_probs and response_mask must have the same shape, got "
+            + ", ".join(str(tuple(s)) for s in shapes)
+        )
+
+
+def _check_is_args(rollout_is: Any, rollout_is_threshold: Any) -> str | None:
+    """Canonical IS level (or None when off); raises ValueError for invalid settings."""
+    if is_off(rollout_is):
+        return None
+    if rollout_is not in ("token", "sequence"):
+        raise ValueError(f"rollout_is must be 'token', 'sequence' or null, got {rollout_is!r}")
+    if isinstance(rollout_is_threshold, bool) or not isinstance(rollout_is_threshold, (int, float)):
+        raise ValueError(f"rollout_is_threshold must be a number > 1, got {rollout_is_threshold!r}")
+    check_is_threshold(float(rollout_is_threshold))
+    return rollout_is
+
+
+# ------------------------------------------------------------------------------- public entries
+
+
+def compute_rollout_correction(
+    train_log_probs: torch.Tensor,
+    rollout_log_probs: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    rollout_is: str | None = None,
+    rollout_is_threshold: float = 2.0,
+    rollout_is_batch_normalize: bool = False,
+    rollout_rs: str | list[str] | None = None,
+    rollout_rs_threshold: str | float | None = None,
+) -> CorrectionResult:
+    """IS weights, RS mask and ``rollout_corr/`` metrics for one batch (SPEC §3).
+
+    Args:
+        train_log_probs: ``(B, T)`` log pi_train of the sampled tokens: pi_old (decoupled) or the
+            current policy (bypass). Detached here; float32/float64 are kept, half precision is
+            computed (and returned) in float32.
+        rollout_log_probs: ``(B, T)`` log pi_rollout as reported by the rollout engine.
+        response_mask: ``(B, T)``, nonzero at response tokens; any dtype.
+        rollout_is: ``"token"``, ``"sequence"`` or None/"null" (off).
+        rollout_is_threshold: the cap C (> 1) of the truncated weights.
+        rollout_is_batch_normalize: divide the truncated weights by their batch mean (tokens for
+            ``token``, valid sequences for ``sequence``); a mean <= 1e-8 leaves them as they are.
+        rollout_rs: comma-separated criteria (``token_k1,seq_max_k2``; legacy aliases accepted)
+            or None/"null" (off).
+        rollout_rs_threshold: one entry per criterion or one shared (``"0.5_2.0,2.5"``, ``2.0``).
+
+    Returns:
+        :class:`CorrectionResult`. With ``log_r`` the clamped log-ratio, ``r = exp(log_r)`` and
+        ``S_i = sum_t log_r``: token weights ``min(r, C)``, sequence weights
+        ``min(exp(clamp(S_i)), C)``, both times the mask (then / the batch mean if normalising).
+
+    Raises:
+        ValueError: mismatched or non-2-D shapes, no valid token (or none with finite
+            log-probs), invalid settings (same message as ``rcx validate``).
+    """
+    is_level = _check_is_args(rollout_is, rollout_is_threshold)
+    criteria = parse_rs_thresholds(rollout_rs, rollout_rs_threshold)
+    _check_unique(criteria)
+    _check_inputs(train_log_probs, rollout_log_probs, response_mask)
+
+    with torch.no_grad():
+        lr = _LogRatios(train_log_probs, rollout_log_probs, response_mask)
+        red = _Reductions(lr.seq_valid)
+        i_masked = red.scalar(lr.num_masked)
+        i_tokens = red.scalar(lr.num_tokens_int)
+        _off_policy_metrics(lr, red, i_masked)
+        keep = lr.valid
+        if criteria:
+            keep = _rejection(lr, red, criteria)
+        weights = None
+        if is_level is not None:
+            threshold = float(rollout_is_threshold)
+            if is_level == "token":
+                weights = _token_is(lr, red, threshold, rollout_is_batch_normalize)
+            else:
+                weights = _sequence_is(lr, red, threshold, rollout_is_batch_normalize)
+        mask = _apply_keep(response_mask, keep)
+        red.sync()
+        # Checked after the computation so that the whole call needs a single host sync.
+        if red.value(i_masked) == 0:
+            raise ValueError("response_mask has no valid token (all zeros): nothing to correct")
+        if red.value(i_tokens) == 0:
+            raise ValueError(
+                "every valid token has a non-finite (NaN or inf) log-prob: nothing to correct"
+            )
+        metrics = red.evaluate()
+    return CorrectionResult(weights=weights, mask=mask, metrics=metrics)
+
+
+def compute_rollout_correction_from_config(
+    cfg: Any,
+    train_log_probs: torch.Tensor,
+    rollout_log_probs: torch.Tensor,
+    response_mask: torch.Tensor,
+) -> CorrectionResult:
+    """:func:`compute_rollout_correction` with the settings of a rollout_correction config.
+
+    ``cfg`` needs the attributes ``rollout_is``, ``rollout_is_threshold``,
+    ``rollout_is_batch_normalize``, ``rollout_rs`` and ``rollout_rs_threshold``
+    (``rcx.config.RolloutCorrectionConfig`` has them).
+    """
+    return compute_rollout_correction(
+        train_log_probs,
+        rollout_log_probs,
+        response_mask,
+        rollout_is=cfg.rollout_is,
+        rollout_is_threshold=cfg.rollout_is_threshold,
+        rollout_is_batch_normalize=cfg.rollout_is_batch_normalize,
+        rollout_rs=cfg.rollout_rs,
+        rollout_rs_threshold=cfg.rollout_rs_threshold,
+    )
+
+
+def _check_unique(criteria: list[RSCriterion]) -> None:
+    names = [c.criterion for c in criteria]
+    for name in names:
+        if names.count(name) > 1:
+            raise ValueError(
+                f"rollout_rs lists {name!r} more than once (after resolving aliases); list each "
+                f"criterion once"
+            )
+
+
+def _apply_keep(response_mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The response mask with every entry outside ``keep`` zeroed, in its own dtype. (B, T)"""
+    if response_mask.dtype == torch.bool:
+        return keep if keep is not response_mask else keep.clone()
+    return torch.where(keep, response_mask, torch.zeros((), dtype=response_mask.dtype))
+
+
+# ------------------------------------------------------------------------- off-policy diagnostics
+
+
+def _off_policy_metrics(lr: _LogRatios, red: _Reductions, i_masked: int) -> None:
+    """KL, perplexity and chi-square diagnostics (always computed).
+
+    Per sequence, with means over its valid tokens: ``log_ppl_train = -mean lp_train``,
+    ``log_ppl_diff = mean lp_rollout - mean lp_train``. Batch values are means over valid
+    sequences, except ``kl = mean(-log_r)``, ``k3_kl = mean(r - 1 - log_r)`` and
+    ``chi2_token = mean(r^2) - 1`` (over valid tokens) and ``chi2_seq = mean_i exp(2 S_i) - 1``.
+    """
+    n = lr.counts
+    i_n = red.row(n)
+    i_sum = red.row(lr.sum)
+    i_dev = red.row(lr.dev_sum)
+    i_dev_sq = red.row(lr.dev_sq_sum)
+    counts = lr.safe_counts.double()
+    train_mean = lr.train_sum.double() / counts  # (B,) mean lp_train
+    rollout_mean = train_mean - lr.raw_sum.double() / counts  # (B,) mean lp_rollout
+    # mean(lp_rollout - lp_train) over the clamped log-ratios, so ppl_ratio <= exp(20).
+    log_ppl_diff = -lr.sum.double() / counts  # (B,)
+    i_train_log_ppl = red.row(-train_mean)
+    i_train_ppl = red.row(torch.exp(-train_mean))
+    i_roll_log_ppl = red.row(-rollout_mean)
+    i_roll_ppl = red.row(torch.exp(-rollout_mean))
+    i_diff = red.row(log_ppl_diff)
+    i_abs_diff = red.row(log_ppl_diff.abs())
+    i_ppl_ratio = red.row(torch.exp(log_ppl_diff))
+    i_chi2_seq = red.row(torch.exp(2.0 * lr.seq_log_ratio.double()))
+
+    def tokens() -> float:
+        return red.total(i_n)
+
+    red.add("kl", lambda: -red.total(i_sum) / tokens())
+    red.add("k3_kl", lambda: (red.total(i_dev) - red.total(i_sum)) / tokens())
+    red.add("training_ppl", lambda: red.seq_mean(i_train_ppl))
+    red.add("training_log_ppl", lambda: red.seq_mean(i_train_log_ppl))
+    red.add("rollout_ppl", lambda: red.seq_mean(i_roll_ppl))
+    red.add("rollout_log_ppl", lambda: red.seq_mean(i_roll_log_ppl))
+    red.add("log_ppl_diff", lambda: red.seq_mean(i_diff))
+    red.add("log_ppl_abs_diff", lambda: red.seq_mean(i_abs_diff))
+    red.add("log_ppl_diff_max", lambda: red.seq_max(i_diff))
+    red.add("log_ppl_diff_min", lambda: red.seq_min(i_diff))
+    red.add("ppl_ratio", lambda: red.seq_mean(i_ppl_ratio))
+    # mean(r^2) - 1 = mean((r-1)^2) + 2 mean(r-1), without the cancellation.
+    red.add("chi2_token", lambda: (red.total(i_dev_sq) + 2.0 * red.total(i_dev)) / tokens())
+    red.add("chi2_seq", lambda: red.seq_mean(i_chi2_seq) - 1.0)
+    red.add("nonfinite_fraction", lambda: 1.0 - tokens() / red.value(i_masked))
+
+
+# ------------------------------------------------------------------------- importance sampling
+
+
+def _token_is(
+    lr: _LogRatios, red: _Reductions, threshold: float, batch_normalize: bool
+) -> torch.Tensor:
+    """Token IS weights ``min(r, C) * m`` (B, T) and their metrics.
+
+    Statistics describe the raw ratios r (after the safety clamp, before truncation); ESS is
+    ``1 / mean((w / mean w)^2)`` of the truncated weights w over valid tokens.
+    """
+    log_c = math.log(threshold)
+    hi, lo = lr.log_ratio_extremes()
+    i_n = red.row(lr.counts)
+    i_dev = red.row(lr.dev_sum)
+    i_dev_sq = red.row(lr.dev_sq_sum)
+    i_seq = red.row(1.0 + lr.dev_sum / lr.safe_counts)  # (B,) per-sequence mean ratio
+    i_max = red.scalar(hi)
+    i_min = red.scalar(lo)
+    # Invalid tokens hold log_r = 0 and log C > 0: they never count as above C or below 1/C.
+    i_high = red.scalar(torch.count_nonzero(lr.log_ratio > log_c))
+    i_low = red.scalar(torch.count_nonzero(lr.log_ratio < -log_c))
+
+    # The ratio buffer becomes the weights: r = (r - 1) + 1, exact for r in [0.5, 2].
+    weights = lr.ratio_minus_one.add_(1.0).clamp_(max=threshold).masked_fill_(~lr.valid, 0.0)
+    lr.ratio_minus_one = None  # type: ignore[assignment]  # consumed
+    w_sum = weights.sum()
+    i_w_sum = red.scalar(w_sum)
+    i_w_sq = red.scalar(torch.dot(weights.view(-1), weights.view(-1)))
+    if batch_normalize:
+        mean = w_sum / lr.num_tokens_int
+        factor = torch.where(mean > 1e-8, mean, torch.ones_like(mean))
+        weights.div_(factor)
+        i_factor = red.scalar(factor)
+        red.add("rollout_is_batch_norm_factor", lambda: red.value(i_factor))
+
+    def tokens() -> float:
+        return red.total(i_n)
+
+    def mean_dev() -> float:
+        return red.total(i_dev) / tokens()
+
+    red.add("rollout_is_mean", lambda: 1.0 + mean_dev())
+    red.add(
+        "rollout_is_std",
+        lambda: math.sqrt(max(red.total(i_dev_sq) / tokens() - mean_dev() ** 2, 0.0)),
+    )
+    red.add("rollout_is_max", lambda: math.exp(red.value(i_max)))
+    red.add("rollout_is_min", lambda: math.exp(red.value(i_min)))
+    red.add("rollout_is_ratio_fraction_high", lambda: red.value(i_high) / tokens())
+    red.add("rollout_is_ratio_fraction_low", lambda: red.value(i_low) / tokens())
+    red.add(
+        "rollout_is_eff_sample_size",
+        lambda: red.value(i_w_sum) ** 2 / (tokens() * red.value(i_w_sq)),
+    )
+    _seq_weight_metrics(red, i_seq, threshold)
+    return weights
+
+
+def _sequence_is(
+    lr: _LogRatios, red: _Reductions, threshold: float, batch_normalize: bool
+) -> torch.Tensor:
+    """Sequence IS weights ``min(exp(clamp(S_i)), C) * m`` (B, T) and their metrics.
+
+    ``rollout_is_mean``/``_std`` weight each sequence by its token count (the weights are
+    broadcast to tokens); max/min/fractions come from the per-sequence ratios exp(S_i) and the
+    fractions are shares of valid sequences.
+    """
+    log_c = math.log(threshold)
+    s = lr.seq_log_ratio  # (B,) clamped S_i
+    n = lr.counts
+    dev = torch.expm1(s)  # (B,) exp(S_i) - 1
+    applied = torch.clamp(dev + 1.0, max=threshold)  # (B,) min(exp(S_i), C)
+    i_n = red.row(n)
+    i_dev = red.row(n * dev)
+    i_dev_sq = red.row(n * dev * dev)
+    i_seq = red.row(dev + 1.0)
+    i_high = red.row((s > log_c).to(lr.dtype))
+    i_low = red.row((s < -log_c).to(lr.dtype))
+    i_w = red.row(n * applied)
+    i_w_sq = red.row(n * applied * applied)
+
+    seq_valid = lr.seq_valid
+    if batch_normalize:
+        mean = applied.masked_fill(~seq_valid, 0.0).sum() / seq_valid.sum()
+        factor = torch.where(mean > 1e-8, mean, torch.ones_like(mean))
+        applied = applied / factor
+        i_factor = red.scalar(factor)
+        red.add("rollout_is_batch_norm_factor", lambda: red.value(i_factor))
+    weights = torch.where(lr.valid, applied[:, None], 0.0)  # (B, T)
+
+    def tokens() -> float:
+        return red.total(i_n)
+
+    def mean_dev() -> float:
+        return red.total(i_dev) / tokens()
+
+    red.add("rollout_is_mean", lambda: 1.0 + mean_dev())
+    red.add(
+        "rollout_is_std",
+        lambda: math.sqrt(max(red.total(i_dev_sq) / tokens() - mean_dev() ** 2, 0.0)),
+    )
+    red.add("rollout_is_max", lambda: red.seq_max(i_seq))
+    red.add("rollout_is_min", lambda: red.seq_min(i_seq))
+    red.add("rollout_is_ratio_fraction_high", lambda: red.seq_mean(i_high))
+    red.add("rollout_is_ratio_fraction_low", lambda: red.seq_mean(i_low))
+    red.add(
+        "rollout_is_eff_sample_size",
+        lambda: red.total(i_w) ** 2 / (tokens() * red.total(i_w_sq)),
+    )
+    _seq_weight_metrics(red, i_seq, threshold)
+    return weights
+
+
+def _seq_weight_metrics(red: _Reductions, i_seq: int, threshold: float) -> None:
+    """``rollout_is_seq_*``: statistics of the per-sequence mean raw ratio over valid sequences."""
+
+    def seq_max_deviation() -> float:
+        return max(abs(red.seq_max(i_seq) - 1.0), abs(red.seq_min(i_seq) - 1.0))
+
+    red.add("rollout_is_seq_mean", lambda: red.seq_mean(i_seq))
+    red.add("rollout_is_seq_std", lambda: red.seq_std(i_seq))
+    red.add("rollout_is_seq_max", lambda: red.seq_max(i_seq))
+    red.add("rollout_is_seq_min", lambda: red.seq_min(i_seq))
+    red.add("rollout_is_seq_max_deviation", seq_max_deviation)
+    # Fractions of sequences: registered lazily as rows would need the tensor; see below.
+    seq_vals = red.rows[i_seq]
+    i_high = red.row((seq_vals > threshold).double())
+    i_low = red.row((seq_vals < 1.0 / threshold).double())
+    red.add("rollout_is_seq_fraction_high", lambda: red.seq_mean(i_high))
+    red.add("rollout_is_seq_fraction_low", lambda: red.seq_mean(i_low))
+
+
+# --------------------------------------------------------------------------- rejection sampling
+
+
+def _rejection(lr: _LogRatios, red: _Reductions, criteria: list[RSCriterion]) -> torch.Tensor:
+    """The kept tokens (B, T) bool: valid and kept by every criterion; registers RS metrics."""
+    keep = lr.valid
+    seq_keep: torch.Tensor | None = None
+    for criterion in criteria:
+        if criterion.level == "token":
+            token_keep = _token_criterion(lr, red, criterion)
+            keep = keep & token_keep
+        else:
+            kept = _sequence_criterion(lr, red, criterion)
+            seq_keep = kept if seq_keep is None else seq_keep & kept
+    if seq_keep is not None:
+        keep = keep & seq_keep[:, None]
+    kept_counts = keep.sum(-1, dtype=torch.int32).to(lr.dtype)  # (B,)
+    i_n = red.row(lr.counts)
+    i_rejected = red.row(lr.counts - kept_counts)
+    i_seq_rejected = red.row((kept_counts < lr.counts).to(lr.dtype))
+    red.add("rollout_rs_masked_fraction", lambda: red.total(i_rejected) / red.total(i_n))
+    red.add("rollout_rs_seq_masked_fraction", lambda: red.seq_mean(i_seq_rejected))
+    return keep
+
+
+def _stat_bounds(criterion: RSCriterion) -> tuple[float, float]:
+    """The keep interval in the statistic's space: k1's statistic is -log r."""
+    if criterion.statistic == "k1":
+        assert criterion.lower is not None
+        return -math.log(criterion.upper), -math.log(criterion.lower)
+    return 0.0, criterion.upper
+
+
+def _token_criterion(lr: _LogRatios, red: _Reductions, criterion: RSCriterion) -> torch.Tensor:
+    """Keep mask (B, T) of one token-level criterion, and its ``rollout_rs_<name>_*`` metrics.
+
+    token_k1 keeps ``L <= r <= U``; token_k2/k3 keep ``k <= U``. The statistic reported is
+    -log r for k1, ``0.5 log_r^2`` for k2, ``r - 1 - log_r`` for k3.
+    """
+    lo, hi = _stat_bounds(criterion)
+    valid = lr.valid
+    if criterion.statistic == "k1":
+        log_lower, log_upper = -hi, -lo
+        bounded = lr.log_ratio.clamp(log_lower, log_upper)  # (B, T) in log r space
+        keep = bounded == lr.log_ratio  # (B, T)
+        if not log_lower <= 0.0 <= log_upper:
+            bounded.masked_fill_(~valid, 0.0)
+        stat_row = -lr.sum  # (B,) sum of -log r
+        clamped_row = -bounded.sum(-1)
+        clamped_sq_row = torch.linalg.vecdot(bounded, bounded)
+        hi_t, lo_t = lr.log_ratio_extremes()
+        stat_max, stat_min = -lo_t, -hi_t
+        # "high" / "low" follow the keep rule on r: above U / below L.
+        above = lr.log_ratio > log_upper
+        below = lr.log_ratio < log_lower
+        if log_upper < 0.0:
+            above &= valid
+        if log_lower > 0.0:
+            below &= valid
+        n_high = torch.count_nonzero(above)
+        n_low: torch.Tensor | None = torch.count_nonzero(below)
+    else:
+        stat = lr.k2() if criterion.statistic == "k2" else lr.k3()  # (B, T), 0 at invalid
+        keep = stat <= hi
+        bounded = stat.clamp(lo, hi)
+        stat_row = stat.sum(-1)
+        clamped_row = bounded.sum(-1)
+        clamped_sq_row = torch.linalg.vecdot(bounded, bounded)
+        stat_max = torch.where(valid, stat, -math.inf).amax()
+        stat_min = torch.where(valid, stat, math.inf).amin()
+        n_high = torch.count_nonzero(stat > hi)  # hi > 0 = stat at invalid tokens
+        n_low = None
+
+    kept_counts = (keep & valid).sum(-1, dtype=torch.int32).to(lr.dtype)  # (B,)
+    rows = _CriterionRows(
+        red,
+        lr,
+        stat_sum=stat_row,
+        clamped_sum=clamped_row,
+        clamped_sq_sum=clamped_sq_row,
+        seq_values=stat_row / lr.safe_counts,
+        rejected=lr.counts - kept_counts,
+        seq_rejected=(kept_counts < lr.counts).to(lr.dtype),
+    )
+    name = f"rollout_rs_{criterion.criterion}"
+    i_max, i_min, i_high = red.scalar(stat_max), red.scalar(stat_min), red.scalar(n_high)
+    red.add(f"{name}_mean", rows.mean)
+    red.add(f"{name}_max", lambda: red.value(i_max))
+    red.add(f"{name}_min", lambda: red.value(i_min))
+    red.add(f"{name}_std", rows.std)
+    red.add(f"{name}_fraction_high", lambda: red.value(i_high) / rows.tokens())
+    if n_low is not None:
+        i_low = red.scalar(n_low)
+        red.add(f"{name}_fraction_low", lambda: red.value(i_low) / rows.tokens())
+    else:
+        red.add(f"{name}_fraction_low", lambda: 0.0)
+    rows.add_common(name, criterion, lo, hi)
+    return keep
+
+
+def _sequence_criterion(lr: _LogRatios, red: _Reductions, criterion: RSCriterion) -> torch.Tensor:
+    """Keep mask (B,) of one sequence-level criterion, and its ``rollout_rs_<name>_*`` metrics.
+
+    The per-sequence statistic is the sum, mean or max over the sequence's valid tokens of the
+    token statistic (-log r, k2 or k3); seq_sum_k1 keeps ``L <= exp(S_i) <= U`` (S_i clamped),
+    seq_mean_k1 ``L <= exp(S_i / n_i) <= U``, the others ``statistic <= U``.
+    """
+    lo, hi = _stat_bounds(criterion)
+    n = lr.counts
+    agg = criterion.aggregation
+    if criterion.statistic == "k1":
+        values = -lr.seq_log_ratio if agg == "sum" else -lr.sum / lr.safe_counts  # (B,)
+        keep = (values >= lo) & (values <= hi)
+    else:
+        if agg == "max":
+            stat = lr.k2() if criterion.statistic == "k2" else lr.k3()
+            values = stat.amax(-1)  # 0 at invalid tokens never exceeds a valid k >= 0
+        else:
+            if criterion.statistic == "k2":
+                total = 0.5 * torch.linalg.vecdot(lr.log_ratio, lr.log_ratio)
+            else:
+                total = lr.k3().sum(-1)
+            values = total if agg == "sum" else total / lr.safe_counts
+        keep = values <= hi
+    rejected = (~keep).to(lr.dtype)
+    bounded = values.clamp(lo, hi)
+    rows = _CriterionRows(
+        red,
+        lr,
+        stat_sum=n * values,
+        clamped_sum=n * bounded,
+        clamped_sq_sum=n * bounded * bounded,
+        seq_values=values,
+        rejected=n * rejected,
+        seq_rejected=rejected,
+    )
+    name = f"rollout_rs_{criterion.criterion}"
+    i_seq = rows.i_seq
+    k1 = criterion.statistic == "k1"
+    red.add(f"{name}_mean", rows.mean)
+    red.add(f"{name}_max", lambda: red.seq_max(i_seq))
+    red.add(f"{name}_min", lambda: red.seq_min(i_seq))
+    red.add(f"{name}_std", rows.std)
+    red.add(f"{name}_fraction_high", lambda: red.seq_mean(rows.i_seq_high))
+    if k1:
+        red.add(f"{name}_fraction_low", lambda: red.seq_mean(rows.i_seq_low))
+    else:
+        red.add(f"{name}_fraction_low", lambda: 0.0)
+    rows.add_common(name, criterion, lo, hi)
+    return keep
+
+
+class _CriterionRows:
+    """Per-sequence rows shared by both criterion levels, and the metrics built from them."""
+
+    def __init__(
+        self,
+        red: _Reductions,
+        lr: _LogRatios,
+        *,
+        stat_sum: torch.Tensor,
+        clamped_sum: torch.Tensor,
+        clamped_sq_sum: torch.Tensor,
+        seq_values: torch.Tensor,
+        rejected: torch.Tensor,
+        seq_rejected: torch.Tensor,
+    ) -> None:
+        self.red = red
+        self.i_n = red.row(lr.counts)
+        self.i_stat = red.row(stat_sum)
+        self.i_clamped = red.row(clamped_sum)
+        self.i_clamped_sq = red.row(clamped_sq_sum)
+        self.i_seq = red.row(seq_values)
+        self.i_rejected = red.row(rejected)
+        self.i_seq_rejected = red.row(seq_rejected)
+        self.seq_values = seq_values
+        self.i_seq_high = -1
+        self.i_seq_low = -1
+
+    def tokens(self) -> float:
+        return self.red.total(self.i_n)
+
+    def mean(self) -> float:
+        return self.red.total(self.i_stat) / self.tokens()
+
+    def std(self) -> float:
+        """Std over valid tokens of the statistic clamped to the keep interval (as verl)."""
+        red, tokens = self.red, self.tokens()
+        if tokens <= 1:
+            return 0.0
+        mean = red.total(self.i_clamped) / tokens
+        return math.sqrt(max(red.total(self.i_clamped_sq) / tokens - mean * mean, 0.0))
+
+    def add_common(self, name: str, criterion: RSCriterion, lo: float, hi: float) -> None:
+        """Masked fractions and the ``_seq_*`` statistics of the per-sequence values."""
+        red, i_seq = self.red, self.i_seq
+        k1 = criterion.statistic == "k1"
+        values = self.seq_values
+        # For k1 the statistic is -log r: "high" (r above U) is the statistic below lo.
+        high = values < lo if k1 else values > hi
+        self.i_seq_high = red.row(high.to(values.dtype))
+        if k1:
+            self.i_seq_low = red.row((values > hi).to(values.dtype))
+        red.add(f"{name}_masked_fraction", lambda: red.total(self.i_rejected) / self.tokens())
+        red.add(f"{name}_seq_masked_fraction", lambda: red.seq_mean(self.i_seq_rejected))
+        red.add(f"{name}_seq_mean", lambda: red.seq_mean(i_seq))
+        red.add(f"{name}_seq_std", lambda: red.seq_std(i_seq))
+        red.add(f"{name}_seq_max", lambda: red.seq_max(i_seq))
+        red.add(f"{name}_seq_min", lambda: red.seq_min(i_seq))
+        red.add(
+            f"{name}_seq_max_deviation",
+            lambda: max(abs(red.seq_max(i_seq)), abs(red.seq_min(i_seq))),
+        )
+        red.add(f"{name}_seq_fraction_high", lambda: red.seq_mean(self.i_seq_high))
+        if k1:
+            red.add(f"{name}_seq_fraction_low", lambda: red.seq_mean(self.i_seq_low))
