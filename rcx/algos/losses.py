@@ -1,0 +1,335 @@
+"""Policy, value, entropy and KL losses (SPEC §4). Pure tensor code.
+
+Every ``(B, T)`` loss matrix is reduced with :func:`agg_loss` over a mask; entries outside the mask
+may hold anything (NaN included): they are selected away, never multiplied by zero, so they reach
+neither the loss nor the gradient. Metrics come back as ``dict[str, float]`` with verl's names
+(``actor/pg_loss``, ``actor/pg_clipfrac``, ...), brought to the host with one ``tolist()``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from rcx.correction import SAFETY_BOUND, compute_rollout_correction_from_config
+
+LOSS_AGG_MODES = (
+    "token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum-norm",
+)
+KL_PENALTIES = ("kl", "abs", "mse", "low_var_kl")
+LOSS_TYPES = ("ppo_clip", "reinforce")
+
+
+def agg_loss(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean") -> torch.Tensor:
+    """Reduce a ``(B, T)`` loss matrix to a scalar over the tokens where ``mask`` is nonzero.
+
+    With ``n_i`` the number of masked-in tokens of sequence i, ``V`` the sequences with
+    ``n_i > 0`` and ``T = mask.shape[-1]``:
+
+    - ``token-mean``: ``sum_{i,t} L / sum_i n_i``
+    - ``seq-mean-token-sum``: ``mean_{i in V} sum_t L``
+    - ``seq-mean-token-mean``: ``mean_{i in V} (sum_t L / n_i)``
+    - ``seq-mean-token-sum-norm``: ``mean_{i in V} (sum_t L / T)`` (Dr. GRPO: a constant divisor)
+
+    An empty mask gives 0 (still attached to the graph, so ``backward`` gives zero gradients).
+    """
+    if mode not in LOSS_AGG_MODES:
+        raise ValueError(f"loss_agg_mode must be one of {', '.join(LOSS_AGG_MODES)}; got {mode!r}")
+    if loss_mat.shape != mask.shape:
+        raise ValueError(
+            f"loss matrix {tuple(loss_mat.shape)} and mask {tuple(mask.shape)} differ in shape"
+        )
+    keep = mask.bool()
+    masked = torch.where(keep, loss_mat, torch.zeros((), dtype=loss_mat.dtype))  # (B, T)
+    if mode == "token-mean":
+        return masked.sum() / keep.sum().clamp_min(1)
+    seq_sums = masked.sum(-1)  # (B,)
+    counts = keep.sum(-1)  # (B,)
+    num_seqs = (counts > 0).sum().clamp_min(1)
+    if mode == "seq-mean-token-sum":
+        return seq_sums.sum() / num_seqs
+    if mode == "seq-mean-token-mean":
+        return (seq_sums / counts.clamp_min(1)).sum() / num_seqs
+    return seq_sums.sum() / (num_seqs * mask.shape[-1])
+
+
+def _masked(x: torch.Tensor, keep: torch.Tensor, fill: float | torch.Tensor = 0.0) -> torch.Tensor:
+    return torch.where(keep, x, fill)
+
+
+def _masked_mean(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    return _masked(x, keep).sum() / keep.sum().clamp_min(1)
+
+
+def ppo_clip_loss(
+    old_log_probs: torch.Tensor,
+    log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_ratio: float = 0.2,
+    clip_ratio_low: float | None = None,
+    clip_ratio_high: float | None = None,
+    clip_ratio_c: float = 3.0,
+    loss_agg_mode: str = "token-mean",
+    is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Dual-clip PPO policy loss.
+
+    ``rho = exp(clamp(log_probs - old_log_probs, -20, 20))``, ``eps_lo/eps_hi`` default to
+    ``clip_ratio``. Per token::
+
+        L1 = max(-A * rho, -A * clamp(rho, 1 - eps_lo, 1 + eps_hi))
+        L  = min(L1, -A * clip_ratio_c)  if A < 0  else  L1       (dual clip)
+        L  = w * L                                                 (if is_weights is given)
+
+    and the loss is ``agg_loss(L, mask, loss_agg_mode)``. ``is_weights`` (decoupled mode) carry no
+    gradient. Metrics (over the mask): ``actor/pg_loss``, ``actor/pg_clipfrac`` (share where the
+    clipped term is the larger), ``actor/pg_clipfrac_lower`` (share with A < 0 where the dual clip
+    bound is active), ``actor/ppo_kl`` (mean of ``old - new`` log-prob), and with weights
+    ``actor/is_weight_mean`` / ``actor/is_weight_max`` (the weights actually applied).
+    """
+    if clip_ratio_c <= 1.0:
+        raise ValueError(
+            f"clip_ratio_c must be > 1 (dual-clip bound on -A * ratio), got {clip_ratio_c}"
+        )
+    eps_lo = clip_ratio if clip_ratio_low is None else clip_ratio_low
+    eps_hi = clip_ratio if clip_ratio_high is None else clip_ratio_high
+    keep = mask.bool()
+    # Entries outside the mask may be NaN/inf (a rollout engine's padding): neutralise them first
+    # so that no NaN enters the graph, whose backward would multiply it by a zero gradient.
+    neg_kl = _masked(log_probs - old_log_probs, keep).clamp(-SAFETY_BOUND, SAFETY_BOUND)  # (B, T)
+    adv = _masked(advantages, keep)  # (B, T)
+    ratio = torch.exp(neg_kl)
+    loss_unclipped = -adv * ratio
+    loss_clipped = -adv * torch.clamp(ratio, 1.0 - eps_lo, 1.0 + eps_hi)
+    loss_ppo = torch.maximum(loss_unclipped, loss_clipped)
+    loss_dual = -adv * clip_ratio_c
+    negative = adv < 0
+    loss_mat = torch.where(negative, torch.minimum(loss_ppo, loss_dual), loss_ppo)
+    if is_weights is not None:
+        weights = _masked(is_weights.detach(), keep)
+        loss_mat = loss_mat * weights
+    loss = agg_loss(loss_mat, mask, loss_agg_mode)
+
+    with torch.no_grad():
+        stats = [
+            loss.detach(),
+            _masked_mean((loss_clipped > loss_unclipped).to(ratio.dtype), keep),
+            _masked_mean(((loss_ppo > loss_dual) & negative).to(ratio.dtype), keep),
+            _masked_mean(-neg_kl, keep),
+        ]
+        names = ["actor/pg_loss", "actor/pg_clipfrac", "actor/pg_clipfrac_lower", "actor/ppo_kl"]
+        if is_weights is not None:
+            stats += [_masked_mean(weights, keep), _masked(weights, keep, -torch.inf).amax()]
+            names += ["actor/is_weight_mean", "actor/is_weight_max"]
+        values = torch.stack([s.to(torch.float64) for s in stats]).tolist()
+    return loss, dict(zip(names, values, strict=True))
+
+
+def reinforce_loss(
+    log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    is_weights: torch.Tensor | None = None,
+    loss_agg_mode: str = "token-mean",
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """REINFORCE with optional IS weights: ``L = agg(-w * A * log_probs)`` over the mask.
+
+    No clipping; ``w`` (default 1) carries no gradient, so ``dL/dlog_probs = -w * A`` (times the
+    aggregation's normaliser). Metrics: ``actor/pg_loss`` and, with weights,
+    ``actor/is_weight_mean`` / ``actor/is_weight_max``.
+    """
+    keep = mask.bool()
+    coeff = _masked(advantages, keep)  # (B, T)
+    if is_weights is not None:
+        weights = _masked(is_weights.detach(), keep)
+        coeff = coeff * weights
+    loss_mat = -coeff.detach() * _masked(log_probs, keep)
+    loss = agg_loss(loss_mat, mask, loss_agg_mode)
+    with torch.no_grad():
+        stats = [loss.detach()]
+        names = ["actor/pg_loss"]
+        if is_weights is not None:
+            stats += [_masked_mean(weights, keep), _masked(weights, keep, -torch.inf).amax()]
+            names += ["actor/is_weight_mean", "actor/is_weight_max"]
+        values = torch.stack([s.to(torch.float64) for s in stats]).tolist()
+    return loss, dict(zip(names, values, strict=True))
+
+
+def policy_loss(
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    bypass_mode: bool = False,
+    loss_type: str = "ppo_clip",
+    is_weights: torch.Tensor | None = None,
+    rollout_correction: Any = None,
+    clip_ratio: float = 0.2,
+    clip_ratio_low: float | None = None,
+    clip_ratio_high: float | None = None,
+    clip_ratio_c: float = 3.0,
+    loss_agg_mode: str = "token-mean",
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The policy-gradient loss of one micro-batch, in either operating mode (SPEC §4).
+
+    All tensors are ``(B, T)`` rows of the same micro-batch.
+
+    Args:
+        log_probs: log pi_theta of the sampled tokens under the current policy, with gradient.
+        old_log_probs: decoupled mode: log pi_old (the extra forward pass before the update);
+            bypass mode: the rollout engine's log-probs (``old_log_prob := lp_rollout``).
+        advantages: per-token advantages (zero at padding is not required).
+        response_mask: decoupled: the mask returned by ``compute_rollout_correction`` on
+            (old, rollout) for the whole batch (RS already applied); bypass: the plain response
+            mask, RS is applied here.
+        bypass_mode: which mode (``algorithm.rollout_correction.bypass_mode``).
+        loss_type: ``ppo_clip`` or ``reinforce``; bypass only (decoupled always uses PPO-clip, as
+            ``rcx validate`` warns).
+        is_weights: decoupled only: ``CorrectionResult.weights`` rows of this micro-batch, or
+            None. Must be None in bypass mode (weights are recomputed there).
+        rollout_correction: bypass only: an object with ``rollout_is``, ``rollout_is_threshold``,
+            ``rollout_is_batch_normalize``, ``rollout_rs``, ``rollout_rs_threshold`` (the
+            ``RolloutCorrectionConfig``); None means no IS and no RS.
+        clip_ratio, clip_ratio_low, clip_ratio_high, clip_ratio_c: PPO clip (see
+            :func:`ppo_clip_loss`).
+        loss_agg_mode: see :func:`agg_loss`.
+
+    What is computed:
+        - decoupled: ``ppo_clip_loss(old, new, A, response_mask, is_weights=is_weights)``.
+        - bypass: first ``compute_rollout_correction(log_probs.detach(), old_log_probs,
+          response_mask, **rollout_correction)`` gives weights w and the RS mask m' (no gradient
+          through either; recomputed for every call, i.e. every micro-batch). Then
+          ``ppo_clip``: PPO-clip on pi_theta/pi_rollout over m', w NOT multiplied in (the ratio
+          already is the correction; w only feeds metrics); ``reinforce``:
+          ``agg(-w * A * log_probs)`` over m' (w = 1 when IS is off).
+
+    Returns:
+        ``(loss, metrics)``. ``loss`` is a scalar to ``backward()``; it is 0 when no token is
+        left (RS rejected all), which the caller should log and may skip. ``metrics``:
+        ``actor/pg_loss``, ``actor/pg_clipfrac``, ``actor/pg_clipfrac_lower``, ``actor/ppo_kl``
+        (PPO-clip), ``actor/is_weight_mean``/``_max`` when weights are multiplied in,
+        and in bypass mode ``actor/kept_token_fraction`` (share of the response tokens left in
+        the loss) plus every ``rollout_corr/*`` metric of this micro-batch. Entropy bonus and KL loss are not
+        included: add ``agg_loss`` of :func:`entropy_from_logits` / :func:`kl_penalty`.
+
+    Raises:
+        ValueError: unknown ``loss_type``, ``is_weights`` given in bypass mode, or what
+            ``compute_rollout_correction`` raises (e.g. an all-zero ``response_mask``).
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}; got {loss_type!r}")
+    clip = dict(
+        clip_ratio=clip_ratio,
+        clip_ratio_low=clip_ratio_low,
+        clip_ratio_high=clip_ratio_high,
+        clip_ratio_c=clip_ratio_c,
+        loss_agg_mode=loss_agg_mode,
+    )
+    if not bypass_mode:
+        return ppo_clip_loss(
+            old_log_probs, log_probs, advantages, response_mask, is_weights=is_weights, **clip
+        )
+
+    if is_weights is not None:
+        raise ValueError(
+            "is_weights must be None in bypass mode: weights are recomputed from the current "
+            "log-probs for every micro-batch (pass rollout_correction instead)"
+        )
+    cfg = rollout_correction if rollout_correction is not None else _NO_CORRECTION
+    correction = compute_rollout_correction_from_config(
+        cfg, log_probs.detach(), old_log_probs, response_mask
+    )
+    mask = correction.mask
+    if loss_type == "ppo_clip":
+        loss, metrics = ppo_clip_loss(old_log_probs, log_probs, advantages, mask, **clip)
+    else:
+        loss, metrics = reinforce_loss(
+            log_probs,
+            advantages,
+            mask,
+            is_weights=correction.weights,
+            loss_agg_mode=loss_agg_mode,
+        )
+    kept = correction.metrics.get("rollout_corr/rollout_rs_masked_fraction", 0.0)
+    nonfinite = correction.metrics["rollout_corr/nonfinite_fraction"]
+    metrics["actor/kept_token_fraction"] = (1.0 - nonfinite) * (1.0 - kept)
+    metrics.update(correction.metrics)
+    return loss, metrics
+
+
+class _NoCorrection:
+    rollout_is = None
+    rollout_is_threshold = 2.0
+    rollout_is_batch_normalize = False
+    rollout_rs = None
+    rollout_rs_threshold = None
+
+
+_NO_CORRECTION = _NoCorrection()
+
+
+def value_loss(
+    values: torch.Tensor,
+    returns: torch.Tensor,
+    old_values: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    cliprange_value: float,
+    loss_agg_mode: str = "token-mean",
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped value loss: ``0.5 * agg(max((V - R)^2, (clamp(V, V_old - c, V_old + c) - R)^2))``.
+
+    Metrics: ``critic/vf_loss`` and ``critic/vf_clipfrac`` (share where the clipped term is the
+    larger).
+    """
+    keep = mask.bool()
+    v = _masked(values, keep)
+    v_old = _masked(old_values, keep)
+    target = _masked(returns, keep)
+    v_clipped = torch.maximum(torch.minimum(v, v_old + cliprange_value), v_old - cliprange_value)
+    loss_unclipped = (v - target).square()
+    loss_clipped = (v_clipped - target).square()
+    loss = 0.5 * agg_loss(torch.maximum(loss_unclipped, loss_clipped), mask, loss_agg_mode)
+    with torch.no_grad():
+        clipfrac = _masked_mean((loss_clipped > loss_unclipped).to(v.dtype), keep)
+        values_out = torch.stack([loss.detach().double(), clipfrac.double()]).tolist()
+    return loss, {"critic/vf_loss": values_out[0], "critic/vf_clipfrac": values_out[1]}
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of ``softmax(logits)`` over the last dim: ``logsumexp(z) - sum softmax(z) * z``.
+
+    ``(B, T, V) -> (B, T)``.
+    """
+    probs = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+
+
+def kl_penalty(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-token KL penalty to a frozen reference policy, ``(B, T)``; ``d = log_probs - ref``.
+
+    - ``kl``: ``d`` (k1)
+    - ``abs``: ``|d|``
+    - ``mse``: ``0.5 d^2`` (k2)
+    - ``low_var_kl``: ``exp(-d) + d - 1`` (k3, non-negative), with d clamped to +-20 and the
+      result to [-10, 10] as verl does.
+    """
+    d = log_probs - ref_log_probs
+    if kind == "kl":
+        return d
+    if kind == "abs":
+        return d.abs()
+    if kind == "mse":
+        return 0.5 * d.square()
+    if kind == "low_var_kl":
+        neg = (-d).clamp(-SAFETY_BOUND, SAFETY_BOUND)
+        return (torch.exp(neg) - neg - 1.0).clamp(-10.0, 10.0)
+    raise ValueError(f"kl_loss_type must be one of {', '.join(KL_PENALTIES)}; got {kind!r}")
