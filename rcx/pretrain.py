@@ -1,0 +1,256 @@
+"""Warm start: a short supervised phase that gives `builtin:tiny` a policy with signal for RL.
+
+`ensure_warm_start(task, steps, seed)` returns a Hugging Face model directory: from the cache if
+it is there, else trained now (with a progress bar) and stored. The cache lives under
+`$RCX_CACHE_DIR` (default `~/.cache/rcx`) in `warm_start/<task>-<hash>`, the hash covering the
+model config, tokenizer, task settings, steps, seed and optimiser settings, so any change trains
+a new one. The directory is written under a temporary name and renamed into place, so an
+interrupted run never leaves a half-written cache entry.
+
+Recipe (SFT on the task's training split, loss on the answer and EOS only): batch 128, AdamW
+lr 3e-3 with 50 linear warm-up steps then constant, betas (0.9, 0.98), weight decay 0.01.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rcx.models import (
+    BUILTIN_TINY,
+    TINY_CHARS,
+    build_char_tokenizer,
+    build_tiny_model,
+    save_model_dir,
+    tiny_config,
+)
+from rcx.rewards import exact_match_score
+from rcx.rollout import SamplingParams
+from rcx.rollout.hf import HFRolloutEngine
+from rcx.tasks import BuiltinTask, Example, batch_indices, builtin_examples
+
+CACHE_FORMAT = 1
+DEFAULT_WARM_START_STEPS = 300  # actor_rollout_ref.model.warm_start_steps default (see bench)
+METADATA_FILE = "warm_start.json"
+
+
+@dataclass(frozen=True)
+class SFTSettings:
+    """Optimiser settings of the warm start (part of the cache key)."""
+
+    batch_size: int = 128
+    lr: float = 3e-3
+    warmup_steps: int = 50
+    beta1: float = 0.9
+    beta2: float = 0.98
+    weight_decay: float = 0.01
+    max_grad_norm: float = 0.0  # 0 = no clipping
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """`cache_dir`, else `$RCX_CACHE_DIR`, else `~/.cache/rcx`."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    return Path(os.environ.get("RCX_CACHE_DIR") or "~/.cache/rcx").expanduser()
+
+
+def warm_start_key(task: BuiltinTask, steps: int, seed: int, settings: SFTSettings) -> str:
+    """A 16-hex-digit hash of everything that determines the warm-started weights."""
+    config = tiny_config(build_char_tokenizer()).to_dict()
+    config.pop("transformers_version", None)
+    payload = {
+        "format": CACHE_FORMAT,
+        "model": config,
+        "chars": TINY_CHARS,
+        "task": asdict(task),
+        "steps": steps,
+        "seed": seed,
+        "sft": asdict(settings),
+    }
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def warm_start_dir(
+    task: BuiltinTask,
+    steps: int,
+    seed: int,
+    cache_dir: str | Path | None = None,
+    settings: SFTSettings = SFTSettings(),
+) -> Path:
+    """Where the warm start for these settings is (or would be) cached."""
+    slug = task.name.removeprefix("builtin:")
+    key = warm_start_key(task, steps, seed, settings)
+    return cache_root(cache_dir) / "warm_start" / f"{slug}-d{task.digits}-{steps}-{key}"
+
+
+def ensure_warm_start(
+    task: BuiltinTask,
+    steps: int,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    settings: SFTSettings = SFTSettings(),
+) -> Path:
+    """The HF model directory of `builtin:tiny` warm-started on `task` for `steps` SFT steps.
+
+    Cached: a second call with the same arguments returns at once. `steps` must be >= 1 (with
+    `warm_start_steps: 0` the trainer uses the untrained `builtin:tiny` instead).
+    """
+    if steps < 1:
+        raise ValueError(f"actor_rollout_ref.model.warm_start_steps must be >= 1 here, got {steps}")
+    target = warm_start_dir(task, steps, seed, cache_dir, settings)
+    if (target / METADATA_FILE).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = build_tiny_model(seed)
+    started = time.perf_counter()
+    losses = supervised_finetune(model, tokenizer, task, steps, seed, settings, progress)
+    seconds = time.perf_counter() - started
+    val = builtin_examples(task, "val")
+    metadata = {
+        "model": BUILTIN_TINY,
+        "task": asdict(task),
+        "steps": steps,
+        "seed": seed,
+        "sft": asdict(settings),
+        "final_loss": sum(losses[-10:]) / len(losses[-10:]),
+        "seconds": round(seconds, 2),
+        "val_sampled_accuracy": sampled_accuracy(model, tokenizer, val, seed=seed),
+        "val_greedy_accuracy": sampled_accuracy(model, tokenizer, val, seed=seed, greedy=True),
+    }
+    write_atomically(model, tokenizer, target, metadata)
+    return target
+
+
+def write_atomically(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path, metadata: dict
+) -> None:
+    """Save into a temporary sibling directory, then rename it to `target`."""
+    temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        save_model_dir(model, tokenizer, temp, builtin=True)
+        (temp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+        try:
+            os.rename(temp, target)
+        except OSError:
+            # Another process finished the same warm start first: keep theirs.
+            if not (target / METADATA_FILE).is_file():
+                raise
+    finally:
+        if temp.exists():
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def sft_batch(
+    examples: list[Example], tokenizer: PreTrainedTokenizerBase
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded `(input_ids, attention_mask, labels)`, each (B, L).
+
+    Each row is prompt + answer + EOS; labels are -100 except on the answer and EOS.
+    """
+    rows, targets = [], []
+    for example in examples:
+        prompt = tokenizer(example.prompt)["input_ids"]
+        answer = tokenizer(example.ground_truth)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append(prompt + answer)
+        targets.append([-100] * len(prompt) + answer)
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, (row, target) in enumerate(zip(rows, targets, strict=True)):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        attention_mask[i, : len(row)] = 1
+        labels[i, : len(row)] = torch.tensor(target)
+    return input_ids, attention_mask, labels
+
+
+def answer_loss(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled (answer and EOS) positions."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, L, V)
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        labels[:, 1:].reshape(-1),
+        ignore_index=-100,
+    )
+
+
+def supervised_finetune(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    task: BuiltinTask,
+    steps: int,
+    seed: int = 0,
+    settings: SFTSettings = SFTSettings(),
+    progress: bool = False,
+) -> list[float]:
+    """Train `model` in place for `steps` SFT steps on `task`'s training split; the losses."""
+    examples = builtin_examples(task, "train")
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=settings.lr,
+        betas=(settings.beta1, settings.beta2),
+        weight_decay=settings.weight_decay,
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / max(1, settings.warmup_steps))
+    )
+    model.train()
+    losses: list[float] = []
+    with Progress(
+        TextColumn("warm start {task.fields[name]}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        disable=not progress,
+        transient=False,
+    ) as bar:
+        bar_task = bar.add_task("sft", total=steps, name=task.name, loss="-")
+        for step in range(steps):
+            indices = batch_indices(len(examples), step, settings.batch_size, seed)
+            batch = sft_batch([examples[i] for i in indices], tokenizer)
+            loss = answer_loss(model, *batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if settings.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            bar.update(bar_task, advance=1, loss=f"{loss.item():.3f}")
+    model.eval()
+    return losses
+
+
+def sampled_accuracy(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: list[Example],
+    seed: int = 0,
+    greedy: bool = False,
+    max_new_tokens: int = 8,
+) -> float:
+    """Share of `examples` answered exactly, sampling at temperature 1 (or greedily)."""
+    engine = HFRolloutEngine(model, tokenizer)
+    sampling = SamplingParams(n=1, do_sample=not greedy, max_new_tokens=max_new_tokens)
+    prompts = [tokenizer(e.prompt)["input_ids"] for e in examples]
+    batch = engine.generate(prompts, sampling, seed=seed)
+    texts = tokenizer.batch_decode(batch.response_ids, skip_special_tokens=True)
+    scores = [exact_match_score(t, e.ground_truth) for t, e in zip(texts, examples, strict=True)]
+    return sum(scores) / len(scores)

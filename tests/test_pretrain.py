@@ -1,0 +1,119 @@
+"""Warm start: raises accuracy on a small budget, caches by key, writes atomically."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import rcx.pretrain as pretrain
+from rcx.models import build_tiny_model, load_model_and_tokenizer
+from rcx.pretrain import (
+    METADATA_FILE,
+    SFTSettings,
+    cache_root,
+    ensure_warm_start,
+    sampled_accuracy,
+    sft_batch,
+    supervised_finetune,
+    warm_start_dir,
+    warm_start_key,
+)
+from rcx.tasks import BuiltinTask, Example, builtin_examples
+
+ONE_DIGIT = BuiltinTask("builtin:arith", digits=1, num_train=500, num_val=64)
+SMALL = SFTSettings(batch_size=64, lr=3e-3, warmup_steps=10)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_sft_batch_labels_only_answer_and_eos():
+    _, tokenizer = build_tiny_model(0)
+    ids, mask, labels = sft_batch(
+        [Example("1+2=", "3", "builtin:arith"), Example("10+20=", "30", "builtin:arith")], tokenizer
+    )
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    assert tokenizer.decode(ids[0][mask[0].bool()]) == "1+2=3<eos>"
+    assert labels[0].tolist()[:4] == [-100] * 4  # the prompt carries no loss
+    assert labels[0][labels[0] != -100].tolist() == tokenizer("3")["input_ids"] + [eos]
+    assert ids[0, -1] == pad and mask[0].sum() == 6 and mask[1].sum() == 9
+
+
+def test_small_warm_start_lowers_loss_and_raises_accuracy():
+    model, tokenizer = build_tiny_model(0)
+    val = builtin_examples(ONE_DIGIT, "val")
+    before = sampled_accuracy(model, tokenizer, val, seed=0, greedy=True)
+    losses = supervised_finetune(model, tokenizer, ONE_DIGIT, 60, seed=0, settings=SMALL)
+    after = sampled_accuracy(model, tokenizer, val, seed=0, greedy=True)
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
+    assert before < 0.05 and after > before + 0.2
+
+
+def test_cache_key_depends_on_every_input():
+    base = warm_start_key(ONE_DIGIT, 10, 0, SMALL)
+    assert base == warm_start_key(ONE_DIGIT, 10, 0, SMALL)
+    others = {
+        warm_start_key(ONE_DIGIT, 11, 0, SMALL),
+        warm_start_key(ONE_DIGIT, 10, 1, SMALL),
+        warm_start_key(BuiltinTask("builtin:arith", digits=2, num_train=500), 10, 0, SMALL),
+        warm_start_key(BuiltinTask("builtin:reverse", digits=1, num_train=500), 10, 0, SMALL),
+        warm_start_key(ONE_DIGIT, 10, 0, SFTSettings(lr=1e-3)),
+    }
+    assert base not in others and len(others) == 5
+
+
+def test_cache_root_env_override(monkeypatch, tmp_path):
+    monkeypatch.setenv("RCX_CACHE_DIR", str(tmp_path / "env"))
+    assert cache_root() == tmp_path / "env"
+    assert cache_root(tmp_path / "arg") == tmp_path / "arg"
+    monkeypatch.delenv("RCX_CACHE_DIR")
+    assert cache_root().name == "rcx"
+
+
+def test_ensure_warm_start_trains_once_then_hits_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("RCX_CACHE_DIR", str(tmp_path))
+    path = ensure_warm_start(ONE_DIGIT, 5, seed=0, progress=False, settings=SMALL)
+    assert path == warm_start_dir(ONE_DIGIT, 5, 0, tmp_path, SMALL)
+    metadata = json.loads((path / METADATA_FILE).read_text())
+    assert metadata["steps"] == 5 and 0 <= metadata["val_sampled_accuracy"] <= 1
+    model, tokenizer = load_model_and_tokenizer(str(path))
+    assert tokenizer.decode(tokenizer("1 + 2")["input_ids"]) == "1 + 2"
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp dir left
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("the cached warm start should have been used")
+
+    monkeypatch.setattr(pretrain, "supervised_finetune", must_not_train)
+    assert ensure_warm_start(ONE_DIGIT, 5, seed=0, progress=False, settings=SMALL) == path
+
+
+def test_interrupted_write_leaves_no_cache_entry(monkeypatch, tmp_path):
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pretrain, "save_model_dir", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        ensure_warm_start(ONE_DIGIT, 2, seed=0, cache_dir=tmp_path, progress=False, settings=SMALL)
+    assert list((tmp_path / "warm_start").iterdir()) == []
+
+
+def test_zero_steps_is_refused():
+    with pytest.raises(ValueError, match="warm_start_steps"):
+        ensure_warm_start(ONE_DIGIT, 0, progress=False)
+
+
+@pytest.mark.slow
+def test_default_warm_start_lands_in_target_band(tmp_path):
+    path = ensure_warm_start(
+        BuiltinTask(), pretrain.DEFAULT_WARM_START_STEPS, seed=0, cache_dir=tmp_path, progress=False
+    )
+    metadata = json.loads((path / METADATA_FILE).read_text())
+    assert 0.2 <= metadata["val_sampled_accuracy"] <= 0.5
+    assert metadata["seconds"] <= 90
