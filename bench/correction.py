@@ -7,8 +7,9 @@ Run with ``make bench`` (or ``python bench/correction.py [--quick]``). Two threa
 2. sequence IS (C=2) + batch normalisation
 
 Time: median of >= 7 runs after a warm-up, rcx and the reference interleaved in one process.
-Peak extra memory: in a fresh subprocess, VmHWM after resetting it through
-``/proc/self/clear_refs`` minus VmRSS before the call (outputs included).
+Peak extra memory: in a fresh subprocess (after a warm-up call on smaller inputs), VmHWM after
+resetting it through ``/proc/self/clear_refs`` minus VmRSS before the call, outputs included, with
+``MALLOC_MMAP_THRESHOLD_`` fixed so that RSS tracks the live tensor buffers.
 
 The reference below computes the same metrics the obvious way: one full pass and one host sync
 (``.item()``) per metric. It is also the oracle of the agreement test in tests/test_correction.py.
@@ -158,7 +159,7 @@ def reference_correction(
                 v = per_seq(s)
             else:
                 if c.aggregation == "max":
-                    v = torch.where(valid, s, -math.inf).amax(-1)
+                    v = torch.where(valid, s, -math.inf).amax(-1).clamp_min(0.0)  # k >= 0
                 elif k1 and c.aggregation == "sum":
                     v = -s_clamped
                 elif c.aggregation == "sum":
@@ -266,11 +267,15 @@ def _status_kib(field: str) -> int:
 
 def peak_extra_mib(impl: str, shape: tuple[int, int], case: str) -> float:
     """Run one call in a fresh interpreter; VmHWM (reset first) minus VmRSS before, in MiB."""
+    # A fixed mmap threshold makes glibc map every tensor buffer on allocation and unmap it on
+    # free, so RSS follows the live tensors instead of the heap's reuse and fragmentation.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
     out = subprocess.run(
         [sys.executable, __file__, "--memory-child", json.dumps([impl, list(shape), case])],
         check=True,
         capture_output=True,
         text=True,
+        env=env,
     )
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -279,8 +284,10 @@ def _memory_child(spec: str) -> None:
     impl, shape, case = json.loads(spec)
     torch.set_num_threads(THREADS)
     fn = compute_rollout_correction if impl == "rcx" else reference_correction
-    small = make_inputs(8, 64, seed=1)
-    fn(*small, **CASES[case])  # load kernels and lazy state outside the measurement
+    # Large enough to start the OpenMP workers: kernels, threads and arenas outside the peak.
+    warm = make_inputs(64, 1024, seed=1)
+    fn(*warm, **CASES[case])
+    del warm
     inputs = make_inputs(*shape)
     gc.collect()
     before = _status_kib("VmRSS")

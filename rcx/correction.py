@@ -168,14 +168,22 @@ class _LogRatios:
         self.sum = log_ratio.sum(-1)  # (B,) S_i of clamped tokens
         self.seq_log_ratio = self.sum.clamp(-SAFETY_BOUND, SAFETY_BOUND)  # (B,)
         self.train_sum = torch.where(valid, train, 0.0).sum(-1)  # (B,)
-        # ratio - 1 per token; r - 1 is exact for r in [0.5, 2], so small deviations keep
-        # their precision in the sums below (mean(r^2) - mean(r)^2 would cancel).
+        # r - 1 per token (exact for r in [0.5, 2]): small deviations keep their precision in
+        # the sums below, where mean(r^2) - mean(r)^2 would cancel.
         self.ratio_minus_one = torch.exp(log_ratio).sub_(1.0)  # (B, T), 0 at invalid
         self.dev_sum = self.ratio_minus_one.sum(-1)  # (B,) sum (r - 1)
         self.dev_sq_sum = torch.linalg.vecdot(self.ratio_minus_one, self.ratio_minus_one)  # (B,)
         self._extremes: tuple[torch.Tensor, torch.Tensor] | None = None
         self._k2: torch.Tensor | None = None
         self._k3: torch.Tensor | None = None
+
+    def release_statistics(self) -> None:
+        """Drop the cached k2/k3 tensors once the criteria are done with them."""
+        self._k2 = self._k3 = None
+
+    def release_ratio(self) -> None:
+        """Drop the ``r - 1`` buffer once every statistic that needs it has been taken."""
+        self.ratio_minus_one = None  # type: ignore[assignment]
 
     def log_ratio_extremes(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Max and min of log_r over valid tokens (0-dim tensors)."""
@@ -290,6 +298,7 @@ def compute_rollout_correction(
         keep = lr.valid
         if criteria:
             keep = _rejection(lr, red, criteria)
+            lr.release_statistics()
         weights = None
         if is_level is not None:
             threshold = float(rollout_is_threshold)
@@ -416,17 +425,20 @@ def _token_is(
     hi, lo = lr.log_ratio_extremes()
     i_n = red.row(lr.counts)
     i_dev = red.row(lr.dev_sum)
-    i_dev_sq = red.row(lr.dev_sq_sum)
     i_seq = red.row(1.0 + lr.dev_sum / lr.safe_counts)  # (B,) per-sequence mean ratio
+    # Two-pass variance: one-pass moments of ratios up to e^20 would cancel catastrophically.
+    mean_dev = lr.dev_sum.sum() / lr.num_tokens_int
+    centred = (lr.ratio_minus_one - mean_dev).masked_fill_(~lr.valid, 0.0)  # (B, T)
+    i_sq_dev = red.scalar(torch.dot(centred.view(-1), centred.view(-1)))
+    del centred
     i_max = red.scalar(hi)
     i_min = red.scalar(lo)
     # Invalid tokens hold log_r = 0 and log C > 0: they never count as above C or below 1/C.
     i_high = red.scalar(torch.count_nonzero(lr.log_ratio > log_c))
     i_low = red.scalar(torch.count_nonzero(lr.log_ratio < -log_c))
 
-    # The ratio buffer becomes the weights: r = (r - 1) + 1, exact for r in [0.5, 2].
-    weights = lr.ratio_minus_one.add_(1.0).clamp_(max=threshold).masked_fill_(~lr.valid, 0.0)
-    lr.ratio_minus_one = None  # type: ignore[assignment]  # consumed
+    lr.release_ratio()  # its memory goes to the weights
+    weights = torch.exp(lr.log_ratio).clamp_(max=threshold).masked_fill_(~lr.valid, 0.0)  # (B, T)
     w_sum = weights.sum()
     i_w_sum = red.scalar(w_sum)
     i_w_sq = red.scalar(torch.dot(weights.view(-1), weights.view(-1)))
@@ -444,10 +456,7 @@ def _token_is(
         return red.total(i_dev) / tokens()
 
     red.add("rollout_is_mean", lambda: 1.0 + mean_dev())
-    red.add(
-        "rollout_is_std",
-        lambda: math.sqrt(max(red.total(i_dev_sq) / tokens() - mean_dev() ** 2, 0.0)),
-    )
+    red.add("rollout_is_std", lambda: math.sqrt(red.value(i_sq_dev) / tokens()))
     red.add("rollout_is_max", lambda: math.exp(red.value(i_max)))
     red.add("rollout_is_min", lambda: math.exp(red.value(i_min)))
     red.add("rollout_is_ratio_fraction_high", lambda: red.value(i_high) / tokens())
@@ -472,12 +481,16 @@ def _sequence_is(
     log_c = math.log(threshold)
     s = lr.seq_log_ratio  # (B,) clamped S_i
     n = lr.counts
-    dev = torch.expm1(s)  # (B,) exp(S_i) - 1
-    applied = torch.clamp(dev + 1.0, max=threshold)  # (B,) min(exp(S_i), C)
+    ratio = torch.exp(s)  # (B,)
+    dev = torch.expm1(s)  # (B,) exp(S_i) - 1, precise near 0
+    applied = torch.clamp(ratio, max=threshold)  # (B,) min(exp(S_i), C)
     i_n = red.row(n)
     i_dev = red.row(n * dev)
-    i_dev_sq = red.row(n * dev * dev)
-    i_seq = red.row(dev + 1.0)
+    i_seq = red.row(ratio)
+    # Token-weighted two-pass variance of exp(S_i), in float64 over (B,).
+    n64, ratio64 = n.double(), torch.exp(s.double())
+    mean64 = (n64 * ratio64).sum() / n64.sum()
+    i_sq_dev = red.scalar((n64 * (ratio64 - mean64).square()).sum())
     i_high = red.row((s > log_c).to(lr.dtype))
     i_low = red.row((s < -log_c).to(lr.dtype))
     i_w = red.row(n * applied)
@@ -499,10 +512,7 @@ def _sequence_is(
         return red.total(i_dev) / tokens()
 
     red.add("rollout_is_mean", lambda: 1.0 + mean_dev())
-    red.add(
-        "rollout_is_std",
-        lambda: math.sqrt(max(red.total(i_dev_sq) / tokens() - mean_dev() ** 2, 0.0)),
-    )
+    red.add("rollout_is_std", lambda: math.sqrt(red.value(i_sq_dev) / tokens()))
     red.add("rollout_is_max", lambda: red.seq_max(i_seq))
     red.add("rollout_is_min", lambda: red.seq_min(i_seq))
     red.add("rollout_is_ratio_fraction_high", lambda: red.seq_mean(i_high))
