@@ -445,9 +445,10 @@ class Trainer:
 
     def train_step(self, step: int) -> dict[str, float]:
         """Run step ``step`` (1-based) end to end; return its metrics."""
-        cfg, rc, _actor = self.cfg, self.rc, self.cfg.actor_rollout_ref.actor
+        cfg, rc = self.cfg, self.rc
         timer, metrics = StageTimer(self.device), {}
         step_start = time.perf_counter()
+        metrics["actor/lr"] = self.optimizer.param_groups[0]["lr"]  # the lr of this step
 
         # 1. Prompts: a pure function of (seed, step), so a resumed run sees the same batch.
         indices = self.train_data.batch(step - 1, cfg.data.train_batch_size, cfg.trainer.seed)
@@ -506,6 +507,8 @@ class Trainer:
             metrics.update(correction.metrics)
 
         # 9. Actor update: ppo_epochs passes over mini-batches of ppo_mini_batch_size prompts.
+        #    From here until the step ends, the weights are half-updated (no checkpoint).
+        self._updating = True
         with timer("update_actor"):
             actor_metrics, dumped_train_lp = self.update_actor(
                 step, batch, old_log_probs, advantages, is_weights, train_mask, ref_log_probs
@@ -521,8 +524,9 @@ class Trainer:
         if self.critic is not None:
             with timer("update_critic"):
                 metrics.update(self.update_critic(batch, values, returns, response_mask))
-            self.critic_scheduler.step()
-        self.scheduler.step()
+            step_scheduler(self.critic_scheduler)
+        step_scheduler(self.scheduler)
+        self._updating = False
 
         # 11. Metrics: timing, throughput; optional log-prob dump.
         if self.cfg.trainer.dump_log_probs:
@@ -532,7 +536,6 @@ class Trainer:
         metrics["timing/step"] = time.perf_counter() - step_start
         tokens = float(batch.response_mask.sum() + batch.prompt_mask.sum())
         metrics["perf/tokens_per_s"] = tokens / max(metrics["timing/step"], 1e-9)
-        metrics["actor/lr"] = self.optimizer.param_groups[0]["lr"]
         return metrics
 
     # ------------------------------------------------------------------ updates
@@ -600,7 +603,6 @@ class Trainer:
                         kept = float(train_mask[rows].sum())
                     if kept > 0:  # an all-rejected micro-batch contributes no update at all
                         kept_tokens += kept
-                        self._updating = True
                         (loss * (len(rows) / len(mb_rows))).backward()
                 if kept_tokens == 0:
                     bag.add({"actor/skipped_minibatch": 1.0})
@@ -614,7 +616,6 @@ class Trainer:
                 else:
                     bag.add({"actor/nonfinite_grad": 1.0})
         self.optimizer.zero_grad(set_to_none=True)
-        self._updating = False
         metrics = bag.means()
         metrics["rollout_corr/skipped_update"] = 1.0 if optimizer_steps == 0 else 0.0
         metrics["actor/optimizer_steps"] = float(optimizer_steps)
@@ -998,6 +999,14 @@ def make_optimizer(params: Any, optim: Any) -> tuple[torch.optim.Optimizer, Any]
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(optim.lr_warmup_steps))
     return optimizer, scheduler
+
+
+def step_scheduler(scheduler: Any) -> None:
+    """One lr-schedule step per training step, also after a step whose update was skipped
+    (torch warns about that order; here it is intended: the schedule counts training steps)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+        scheduler.step()
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:

@@ -54,6 +54,14 @@ def run_name(request: pytest.FixtureRequest) -> str:
     return f"{request.node.name[:60]}-{next(_run_counter)}"
 
 
+#: A reward that varies within every group even for an untrained model (the response length),
+#: so that advantages, gradients and parameter updates are non-zero from the first step.
+LENGTH_REWARD = """
+def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+    return len(solution_str) / 8.0
+"""
+
+
 @pytest.fixture
 def tiny_config(
     tmp_path: Path, mlflow_uri: str, run_name: str, monkeypatch: pytest.MonkeyPatch
@@ -61,12 +69,15 @@ def tiny_config(
     """``make(preset, *overrides)`` -> a validated ``RcxConfig`` that trains in seconds.
 
     The working directory is ``tmp_path`` (so nothing lands in the repository); checkpoints go
-    to ``tmp_path/ckpt``; the run logs to the session store under a unique run name. Extra
-    ``KEY=VALUE`` overrides win over the shrinking ones.
+    to ``tmp_path/ckpt``; the run logs to the session store under a unique run name. The reward
+    is :data:`LENGTH_REWARD` (an untrained model never solves the task, so the task's own reward
+    would give zero advantages). Extra ``KEY=VALUE`` overrides win over the shrinking ones.
     """
     from rcx.config import load_config
 
     monkeypatch.chdir(tmp_path)
+    reward = tmp_path / "length_reward.py"
+    reward.write_text(LENGTH_REWARD)
 
     def make(preset: str | None = "grpo-multi-rs", *overrides: str) -> object:
         base = (
@@ -74,6 +85,7 @@ def tiny_config(
             f"trainer.experiment_name={run_name}",
             f"trainer.tracking_uri={mlflow_uri}",
             f"trainer.default_local_dir={tmp_path / 'ckpt'}",
+            f"custom_reward_function.path={reward}",
         )
         return load_config(preset=preset, overrides=[*base, *overrides])
 
