@@ -1,0 +1,287 @@
+"""rcx.algos.losses: aggregation modes, dual-clip PPO, REINFORCE, both modes of policy_loss."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from rcx.algos import (
+    agg_loss,
+    entropy_from_logits,
+    kl_penalty,
+    policy_loss,
+    ppo_clip_loss,
+    reinforce_loss,
+    value_loss,
+)
+from rcx.correction import compute_rollout_correction
+
+LN = math.log
+
+# Ragged mask: row 0 has 2 tokens, row 1 one, row 2 none (its 100s must not count).
+LOSS_MAT = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [100.0, 100.0, 100.0]])
+RAGGED = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0]])
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        ("token-mean", (1 + 2 + 4) / 3),
+        ("seq-mean-token-sum", ((1 + 2) + 4) / 2),  # mean over the 2 non-empty rows
+        ("seq-mean-token-mean", ((1 + 2) / 2 + 4 / 1) / 2),
+        ("seq-mean-token-sum-norm", ((1 + 2) + 4) / (2 * 3)),  # token sums / T=3, mean over rows
+    ],
+)
+def test_agg_loss_modes_on_a_ragged_mask(mode, expected):
+    assert agg_loss(LOSS_MAT, RAGGED, mode).item() == pytest.approx(expected)
+
+
+def test_agg_loss_ignores_nan_outside_the_mask_and_gives_zero_for_an_empty_mask():
+    mat = LOSS_MAT.clone().requires_grad_(True)
+    with torch.no_grad():
+        poisoned = mat.clone()
+        poisoned[2] = float("nan")
+    x = mat + (poisoned - mat).detach()  # NaN in row 2, gradient still to mat
+    loss = agg_loss(x, RAGGED, "token-mean")
+    loss.backward()
+    assert loss.item() == pytest.approx(7 / 3)
+    assert torch.isfinite(mat.grad).all()
+    empty = agg_loss(
+        LOSS_MAT.clone().requires_grad_(True), torch.zeros(3, 3), "seq-mean-token-mean"
+    )
+    assert empty.item() == 0.0 and empty.requires_grad
+
+
+def test_agg_loss_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="loss_agg_mode must be one of"):
+        agg_loss(LOSS_MAT, RAGGED, "sum")
+
+
+# ------------------------------------------------------------------------------------ PPO-clip
+
+# Four tokens, eps = 0.2, clip_ratio_c = 3:
+#  A=+1, rho=1.5: max(-1.5, -1.2) = -1.2   (clipped)
+#  A=+1, rho=0.5: max(-0.5, -0.8) = -0.5   (not clipped: the ratio fell, the loss is the larger)
+#  A=-1, rho=0.5: max(0.5, 0.8)   =  0.8   (clipped)
+#  A=-1, rho=4:   max(4, 1.2) = 4 -> min(4, 3) = 3   (dual clip)
+ADV = torch.tensor([[1.0, 1.0, -1.0, -1.0]])
+LOG_RATIO = torch.tensor([[LN(1.5), LN(0.5), LN(0.5), LN(4.0)]])
+OLD = torch.full((1, 4), -1.0)
+MASK4 = torch.ones(1, 4)
+
+
+def ppo(**kwargs):
+    new = (OLD + LOG_RATIO).requires_grad_(True)
+    loss, metrics = ppo_clip_loss(OLD, new, ADV, MASK4, **kwargs)
+    loss.backward()
+    return loss, metrics, new.grad
+
+
+def test_ppo_clip_loss_clipfracs_and_gradient():
+    loss, metrics, grad = ppo()
+    assert loss.item() == pytest.approx((-1.2 - 0.5 + 0.8 + 3.0) / 4)
+    assert metrics["actor/pg_loss"] == pytest.approx(loss.item())
+    assert metrics["actor/pg_clipfrac"] == pytest.approx(2 / 4)  # tokens 1 and 3
+    assert metrics["actor/pg_clipfrac_lower"] == pytest.approx(1 / 4)  # token 4
+    # ppo_kl = mean(old - new) = -(ln1.5 + ln.5 + ln.5 + ln4)/4 = -ln(1.5)/4
+    assert metrics["actor/ppo_kl"] == pytest.approx(-LN(1.5) / 4)
+    # only the unclipped token has a gradient: d(-A rho)/d log pi = -A rho = -0.5, / 4 tokens
+    torch.testing.assert_close(grad, torch.tensor([[0.0, -0.5 / 4, 0.0, 0.0]]))
+
+
+def test_ppo_clip_asymmetric_bounds_and_dual_clip_constant():
+    # clip_ratio_high = 0.6: rho = 1.5 < 1.6 is no longer clipped -> -1.5
+    # clip_ratio_c = 5: 4 < 5, the dual clip no longer binds -> 4
+    loss, metrics, _ = ppo(clip_ratio_high=0.6, clip_ratio_c=5.0)
+    assert loss.item() == pytest.approx((-1.5 - 0.5 + 0.8 + 4.0) / 4)
+    assert metrics["actor/pg_clipfrac_lower"] == 0.0
+
+
+def test_ppo_clip_multiplies_is_weights_without_gradient_through_them():
+    weights = torch.tensor([[2.0, 1.0, 0.5, 1.0]], requires_grad=True)
+    new = (OLD + LOG_RATIO).requires_grad_(True)
+    loss, metrics = ppo_clip_loss(OLD, new, ADV, MASK4, is_weights=weights)
+    loss.backward()
+    assert loss.item() == pytest.approx((-1.2 * 2 - 0.5 + 0.8 * 0.5 + 3.0) / 4)
+    assert weights.grad is None
+    assert metrics["actor/is_weight_mean"] == pytest.approx(4.5 / 4)
+    assert metrics["actor/is_weight_max"] == pytest.approx(2.0)
+
+
+def test_ppo_clip_rejects_dual_clip_bound_at_or_below_one():
+    with pytest.raises(ValueError, match="clip_ratio_c must be > 1"):
+        ppo_clip_loss(OLD, OLD, ADV, MASK4, clip_ratio_c=1.0)
+
+
+def test_ppo_clip_padding_with_nonfinite_log_probs_stays_out_of_loss_and_gradient():
+    old = OLD.clone()
+    old[0, 3] = float("-inf")
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    new = (OLD + LOG_RATIO).requires_grad_(True)
+    loss, _ = ppo_clip_loss(old, new, ADV, mask)
+    loss.backward()
+    assert loss.item() == pytest.approx((-1.2 - 0.5 + 0.8) / 3)
+    assert torch.isfinite(new.grad).all()
+
+
+# ----------------------------------------------------------------------------------- REINFORCE
+
+
+def test_reinforce_gradient_is_minus_w_a_grad_log_pi():
+    log_probs = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -0.7, -9.0]], requires_grad=True)
+    adv = torch.tensor([[1.0, 1.0, 1.0], [-2.0, -2.0, -2.0]])
+    weights = torch.tensor([[1.5, 0.5, 1.0], [2.0, 1.0, 0.0]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    loss, metrics = reinforce_loss(log_probs, adv, mask, is_weights=weights)
+    loss.backward()
+    # L = -sum(w A log pi)/5 over the 5 valid tokens
+    expected = -(1.5 * -1 + 0.5 * -2 + 1 * -0.5 + 2 * -2 * -0.3 + 1 * -2 * -0.7) / 5
+    assert loss.item() == pytest.approx(expected)
+    torch.testing.assert_close(log_probs.grad, -(weights * adv * mask).detach() / 5)
+    assert weights.grad is None  # the weights are detached
+    assert metrics["actor/pg_loss"] == pytest.approx(expected)
+
+
+# --------------------------------------------------------------------------------- policy_loss
+
+
+def correction_cfg(**kwargs):
+    base = dict(
+        rollout_is=None,
+        rollout_is_threshold=2.0,
+        rollout_is_batch_normalize=False,
+        rollout_rs=None,
+        rollout_rs_threshold=None,
+    )
+    return SimpleNamespace(**{**base, **kwargs})
+
+
+def micro_batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rollout = -torch.rand(3, 6, generator=g) * 2
+    log_probs = (rollout + 0.3 * torch.randn(3, 6, generator=g)).requires_grad_(True)
+    adv = torch.randn(3, 6, generator=g)
+    mask = torch.ones(3, 6)
+    mask[1, 4:] = 0
+    return log_probs, rollout, adv, mask
+
+
+def test_decoupled_mode_is_ppo_clip_with_the_given_weights():
+    log_probs, old, adv, mask = micro_batch()
+    weights = torch.rand(3, 6) + 0.5
+    loss, metrics = policy_loss(log_probs, old, adv, mask, is_weights=weights)
+    ref, ref_metrics = ppo_clip_loss(old, log_probs, adv, mask, is_weights=weights)
+    assert loss.item() == pytest.approx(ref.item())
+    assert metrics == ref_metrics
+    assert not any(k.startswith("rollout_corr/") for k in metrics)
+    # reinforce is ignored outside bypass mode (decoupled always uses PPO-clip)
+    same, _ = policy_loss(log_probs, old, adv, mask, is_weights=weights, loss_type="reinforce")
+    assert same.item() == pytest.approx(ref.item())
+
+
+def test_bypass_ppo_clip_uses_rs_mask_and_never_multiplies_weights():
+    log_probs, rollout, adv, mask = micro_batch()
+    cfg = correction_cfg(rollout_is="token", rollout_rs="token_k1", rollout_rs_threshold="0.7_1.4")
+    loss, metrics = policy_loss(
+        log_probs, rollout, adv, mask, bypass_mode=True, rollout_correction=cfg
+    )
+    corr = compute_rollout_correction(
+        log_probs.detach(), rollout, mask, rollout_is="token", rollout_rs="token_k1",
+        rollout_rs_threshold="0.7_1.4",
+    )  # fmt: skip
+    assert 0 < corr.mask.sum() < mask.sum()  # the case rejects some tokens, not all
+    ref, _ = ppo_clip_loss(rollout, log_probs, adv, corr.mask)
+    assert loss.item() == pytest.approx(ref.item())
+    assert "actor/is_weight_mean" not in metrics  # weights are metrics only here
+    assert metrics["rollout_corr/rollout_is_mean"] == pytest.approx(
+        corr.metrics["rollout_corr/rollout_is_mean"]
+    )
+    assert metrics["actor/kept_token_fraction"] == pytest.approx(
+        float(corr.mask.sum() / mask.sum())
+    )
+
+
+def test_bypass_reinforce_recomputes_weights_from_current_log_probs():
+    log_probs, rollout, adv, mask = micro_batch(1)
+    cfg = correction_cfg(rollout_is="sequence", rollout_is_threshold=3.0)
+    loss, metrics = policy_loss(
+        log_probs, rollout, adv, mask, bypass_mode=True, loss_type="reinforce",
+        rollout_correction=cfg,
+    )  # fmt: skip
+    loss.backward()
+    corr = compute_rollout_correction(
+        log_probs.detach(), rollout, mask, rollout_is="sequence", rollout_is_threshold=3.0
+    )
+    w = corr.weights
+    # grad of -agg(w A log pi) = -w A / n_tokens (weights detached)
+    torch.testing.assert_close(log_probs.grad, -(w * adv * mask) / mask.sum())
+    assert metrics["actor/is_weight_mean"] == pytest.approx(float(w[mask.bool()].mean()))
+
+
+def test_bypass_without_correction_config_still_logs_diagnostics():
+    log_probs, rollout, adv, mask = micro_batch(2)
+    loss, metrics = policy_loss(log_probs, rollout, adv, mask, bypass_mode=True)
+    ref, _ = ppo_clip_loss(rollout, log_probs, adv, mask)
+    assert loss.item() == pytest.approx(ref.item())
+    assert "rollout_corr/kl" in metrics and "rollout_corr/chi2_token" in metrics
+
+
+def test_bypass_rejecting_everything_gives_zero_loss_and_gradient():
+    log_probs, rollout, adv, mask = micro_batch(3)
+    cfg = correction_cfg(rollout_rs="seq_max_k2", rollout_rs_threshold="1e-9")
+    loss, metrics = policy_loss(
+        log_probs, rollout, adv, mask, bypass_mode=True, loss_type="reinforce",
+        rollout_correction=cfg,
+    )  # fmt: skip
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.all(log_probs.grad == 0)
+    assert metrics["actor/kept_token_fraction"] == 0.0
+    assert metrics["rollout_corr/rollout_rs_masked_fraction"] == 1.0
+
+
+def test_policy_loss_argument_errors():
+    log_probs, rollout, adv, mask = micro_batch()
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        policy_loss(log_probs, rollout, adv, mask, loss_type="grpo")
+    with pytest.raises(ValueError, match="is_weights must be None in bypass mode"):
+        policy_loss(log_probs, rollout, adv, mask, bypass_mode=True, is_weights=torch.ones(3, 6))
+
+
+# ------------------------------------------------------------------------- value, entropy, KL
+
+
+def test_value_loss_clipped():
+    values = torch.tensor([[1.0, 2.0]])
+    old = torch.tensor([[0.5, 2.0]])
+    returns = torch.tensor([[2.0, 0.0]])
+    loss, metrics = value_loss(values, returns, old, torch.ones(1, 2), cliprange_value=0.2)
+    # token 1: V clipped to 0.7 -> max((1-2)^2, (0.7-2)^2) = 1.69; token 2: max(4, 4) = 4
+    assert loss.item() == pytest.approx(0.5 * (1.69 + 4) / 2)
+    assert metrics["critic/vf_clipfrac"] == pytest.approx(0.5)
+    assert metrics["critic/vf_loss"] == pytest.approx(loss.item())
+
+
+def test_entropy_from_logits():
+    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [100.0, 0.0, 0.0, 0.0], [1.0, 2.0, 3.0, 0.5]]])
+    entropy = entropy_from_logits(logits)
+    assert entropy.shape == (1, 3)
+    assert entropy[0, 0].item() == pytest.approx(math.log(4))  # uniform
+    assert entropy[0, 1].item() == pytest.approx(0.0, abs=1e-6)  # one-hot
+    expected = torch.distributions.Categorical(logits=logits[0, 2]).entropy()
+    assert entropy[0, 2].item() == pytest.approx(expected.item())
+
+
+def test_kl_penalty_kinds():
+    lp, ref = torch.tensor([[LN(0.5)]]), torch.tensor([[LN(0.25)]])  # d = ln 2
+    d = math.log(2)
+    assert kl_penalty(lp, ref, "kl").item() == pytest.approx(d)
+    assert kl_penalty(ref, lp, "abs").item() == pytest.approx(d)
+    assert kl_penalty(lp, ref, "mse").item() == pytest.approx(0.5 * d * d)
+    # k3 = exp(-d) + d - 1 = 0.5 + ln2 - 1
+    assert kl_penalty(lp, ref, "low_var_kl").item() == pytest.approx(0.5 + d - 1)
+    with pytest.raises(ValueError, match="kl_loss_type must be one of"):
+        kl_penalty(lp, ref, "k4")
