@@ -21,6 +21,7 @@ import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from rcx.cli_experiments import register as register_experiments  # noqa: E402
 from rcx.config import ValidationReport, validate_sources  # noqa: E402
 from rcx.config.explain import explain, explain_lines  # noqa: E402
 from rcx.config.findings import Finding  # noqa: E402
@@ -139,6 +140,83 @@ def report_json(report: ValidationReport) -> dict[str, Any]:
     }
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+    """The exceptions that mean "fix your input", printed as one line instead of a traceback."""
+    from rcx.checkpoint import CheckpointError
+    from rcx.models import ModelLoadError
+    from rcx.rewards import RewardError
+    from rcx.rollout.vllm import VLLMUnavailableError
+    from rcx.tasks import DataError
+    from rcx.tracking import TrackingError
+
+    return (
+        CheckpointError,
+        DataError,
+        ModelLoadError,
+        RewardError,
+        TrackingError,
+        VLLMUnavailableError,
+    )
+
+
+def validated_config(preset: str | None, config: Path | None, args: list[str] | None) -> Any:
+    """Validate first and print the findings; exit 1 before anything loads if invalid."""
+    report = gather(preset, config, args)
+    print_findings(report.findings)
+    if not report.valid:
+        console.print(f"[bold red]{summary_line(report)}: nothing was started[/]")
+        raise typer.Exit(1)
+    return report
+
+
+@app.command()
+def train(
+    args: ArgsArg = None,
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Train: validate, then run the config (tracked in MLflow, checkpointed, resumable).
+
+    Exit 0 when finished, 1 on failure, 130 when interrupted (Ctrl-C saves a checkpoint first).
+    """
+    report = validated_config(preset, config, args)
+    from rcx.trainer import train as run_training
+
+    try:
+        result = run_training(report.config, findings=report.findings, console=console)
+    except user_errors() as e:
+        console.print(f"[bold red]error[/] {e}", markup=True)
+        raise typer.Exit(1) from None
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
+def pretrain(
+    args: ArgsArg = None,
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Warm-start builtin:tiny on the config's built-in task (cached; training does it too)."""
+    report = validated_config(preset, config, args)
+    cfg = report.config
+    steps = cfg.actor_rollout_ref.model.warm_start_steps
+    if cfg.actor_rollout_ref.model.path != "builtin:tiny" or steps == 0:
+        console.print(
+            "nothing to do: warm start applies to actor_rollout_ref.model.path=builtin:tiny "
+            "with actor_rollout_ref.model.warm_start_steps > 0"
+        )
+        raise typer.Exit(0)
+    from rcx.pretrain import ensure_warm_start, read_metadata
+    from rcx.trainer import builtin_task
+
+    path = ensure_warm_start(builtin_task(cfg), steps, seed=cfg.data.builtin.seed)
+    meta = read_metadata(path)
+    console.print(f"warm start: {path}")
+    for key in ("steps", "seconds", "final_loss", "val_sampled_accuracy", "val_greedy_accuracy"):
+        if key in meta:
+            console.print(f"  {key}: {meta[key]}")
+
+
 @presets_app.command("list")
 def presets_list() -> None:
     """The built-in presets, one line each."""
@@ -193,6 +271,9 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def main() -> None:
     app()
+
+
+register_experiments(app)
 
 
 if __name__ == "__main__":
