@@ -41,7 +41,10 @@ REJECTION_LEVELS = tuple(
     float(f"{x:.3g}") for x in torch.logspace(-4, math.log10(0.5), 28).tolist()
 )
 #: Candidate IS caps (besides quantiles of the ratios).
-IS_CAPS = (1.05, 1.1, 1.2, 1.3, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0, 7.5, 10.0, 20.0, 50.0, 100.0)
+# fmt: off
+IS_CAPS = (1.01, 1.02, 1.05, 1.1, 1.2, 1.3, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0, 7.5, 10.0,
+           20.0, 50.0, 100.0)
+# fmt: on
 IsLevel = Literal["token", "sequence"]
 
 

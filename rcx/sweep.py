@@ -513,7 +513,7 @@ class SweepOutcome:
 def run_sweep(
     plan: SweepPlan,
     *,
-    trial_fn: TrialFn = run_trainer_trial,
+    trial_fn: TrialFn | None = None,
     parallel: int = 1,
     executor: Literal["local", "ray"] = "local",
     ray_address: str | None = None,
@@ -522,9 +522,11 @@ def run_sweep(
 ) -> SweepOutcome:
     """Run every trial of a valid plan that has not finished yet; see the module docstring.
 
-    Raises :class:`SweepError` if a trial is invalid, if the sweep exists and ``resume`` is false,
+    ``trial_fn`` defaults to :func:`run_trainer_trial`. Raises :class:`SweepError` if a trial is
+    invalid, if the sweep exists and ``resume`` is false,
     and re-raises ``KeyboardInterrupt`` after recording the interruption.
     """
+    trial_fn = trial_fn or run_trainer_trial
     bad = invalid_trials(plan)
     if bad:
         raise SweepError(f"{len(bad)} invalid trial(s): {', '.join(t.name for t in bad)}")
