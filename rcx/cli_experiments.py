@@ -73,12 +73,20 @@ def fail(message: str) -> typer.Exit:
 
 def register(app: typer.Typer) -> None:
     """Add ``sweep``, ``whatif``, ``calibrate`` and the ``runs`` group to ``app``."""
-    app.command("sweep")(sweep_command)
-    app.command("whatif")(whatif_command)
-    app.command("calibrate")(calibrate_command)
+    app.command("sweep", help=help_text(sweep_command))(sweep_command)
+    app.command("whatif", help=help_text(whatif_command))(whatif_command)
+    app.command("calibrate", help=help_text(calibrate_command))(calibrate_command)
     runs_app = typer.Typer(help="Compare MLflow runs and sweeps.", no_args_is_help=True)
-    runs_app.command("compare")(runs_compare_command)
+    runs_app.command("compare", help=help_text(runs_compare_command))(runs_compare_command)
     app.add_typer(runs_app, name="runs")
+
+
+def help_text(command: Any) -> str:
+    """A command's docstring with each paragraph on one line (the terminal wraps it)."""
+    import inspect
+
+    paragraphs = inspect.cleandoc(command.__doc__ or "").split("\n\n")
+    return "\n\n".join(" ".join(p.split()) for p in paragraphs)
 
 
 # ------------------------------------------------------------------------------------ sweep ---
@@ -279,9 +287,10 @@ def whatif_command(
     ] = False,
     output: FormatOpt = OutputFormat.text,
 ) -> None:
-    """Replay correction configs over log-prob dumps, with no model: masked fractions, ESS,
-    weights and truncation per config, per criterion, per step and overall.
+    """Replay correction configs over log-prob dumps offline, with no model.
 
+    Prints, per config, per criterion, per step and overall: masked fractions, ESS, IS weight
+    mean/max and the truncated share.
     The base is the correction config recorded in the dump; each --grid key (rollout_is,
     rollout_is_threshold, rollout_is_batch_normalize, rollout_rs, rollout_rs_threshold, with or
     without the algorithm.rollout_correction. prefix) varies it.
@@ -387,8 +396,10 @@ def calibrate_command(
     ),
     output: FormatOpt = OutputFormat.text,
 ) -> None:
-    """Propose an IS cap and RS bounds that meet the targets on dumped mismatch; print the
-    trade-off tables, save a PNG, and print the KEY=VALUE overrides to use.
+    """Propose an IS cap and RS bounds that meet targets on dumped mismatch.
+
+    Prints the trade-off tables (masked fraction and ESS against the thresholds), saves them as a
+    PNG, and prints the KEY=VALUE overrides to use.
 
     Exit 0 when every target is met on the dump, 1 otherwise (the closest proposal is printed).
     """
@@ -512,8 +523,7 @@ def runs_compare_command(
         "runs_compare.png"
     ),
 ) -> None:
-    """A table of final metrics (and the params that differ) and a plot of metric curves across
-    MLflow runs."""
+    """Final metrics (and the params that differ) and metric curves across MLflow runs."""
     from mlflow.exceptions import MlflowException
 
     from rcx.runs import RunsError, compare_runs, plot_comparison

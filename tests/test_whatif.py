@@ -283,3 +283,49 @@ def test_cli_whatif_rejects_a_training_key(dumps: Path) -> None:
     )
     assert result.exit_code == 1
     assert "cannot be replayed offline" in result.output
+
+
+def test_whatif_reads_the_trainers_own_dumps(tiny_config, tmp_path: Path) -> None:
+    """A real 2-step decoupled run with trainer.dump_log_probs=true, replayed from its folder.
+
+    Decoupled mode computes the correction once per batch from exactly the dumped tensors, so
+    replaying the run's own config must reproduce the metrics the trainer logged.
+    """
+    from rcx.trainer import train
+
+    cfg = tiny_config(
+        "grpo-multi-rs",
+        "trainer.dump_log_probs=true",
+        'trainer.logger=["console"]',
+        "algorithm.rollout_correction.bypass_mode=false",
+        "actor_rollout_ref.rollout.dtype=bfloat16",  # a real mismatch, so RS has work to do
+    )
+    result = train(cfg)
+    assert result.status == "FINISHED"
+    stack = load_dumps([cfg.checkpoint_dir()])
+    assert stack.steps == [1, 2]
+    assert stack.rollout_correction["rollout_rs"] == "token_k1,seq_max_k2"
+    response = CliRunner().invoke(
+        make_app(),
+        [
+            "whatif",
+            cfg.checkpoint_dir(),
+            "--grid",
+            "rollout_is_threshold=2.0,1.5",
+            "--format",
+            "json",
+        ],
+    )
+    assert response.exit_code == 0, response.output
+    doc = json.loads(response.output)
+    assert len(doc["configs"]) == 2
+    own = doc["configs"][0]
+    assert own["config"]["rollout_rs_threshold"] == "0.6_1.6,2.5"  # the run's own, from the dump
+    for name in ("rollout_rs_masked_fraction", "rollout_is_eff_sample_size"):
+        logged = [v for _, v in sorted(result.history[P + name])]
+        stat = "masked_fraction" if "masked" in name else "ess"
+        assert own["per_step"][stat] == pytest.approx(logged, rel=1e-5), name
+    for entry in doc["configs"]:
+        settings = CorrectionSettings(**entry["config"])
+        (replayed,) = replay(stack, [settings])
+        assert_matches_direct(stack, replayed, settings)
