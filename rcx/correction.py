@@ -60,6 +60,8 @@ class _Reductions:
     Every registered ``(B,)`` row gets its total over all sequences and its mean, unbiased std,
     max and min over the valid sequences, all from one ``(k, B)`` float64 matrix. Metrics are
     registered as closures over the resolved numbers and evaluated after the single ``tolist()``.
+    Rows and scalars are stacked per dtype before the one conversion to float64: a conversion
+    per entry would cost more than the reductions themselves.
     """
 
     def __init__(self, seq_valid: torch.Tensor) -> None:
@@ -73,15 +75,14 @@ class _Reductions:
         self._max: list[float] = []
         self._min: list[float] = []
         self._scalar: list[float] = []
-        self.num_seqs = 0.0
 
     def row(self, values: torch.Tensor) -> int:
         """Register a ``(B,)`` vector; its entries at invalid sequences must be finite."""
-        self.rows.append(values.to(torch.float64))
+        self.rows.append(values)
         return len(self.rows) - 1
 
     def scalar(self, value: torch.Tensor) -> int:
-        self.scalars.append(value.to(torch.float64).reshape(()))
+        self.scalars.append(value.reshape(()))
         return len(self.scalars) - 1
 
     def add(self, name: str, fn: Callable[[], float]) -> None:
@@ -108,28 +109,47 @@ class _Reductions:
     def sync(self) -> None:
         """Reduce every row and scalar and bring them to the host: the one host sync."""
         sv = self.seq_valid
-        rows = torch.stack(self.rows)  # (k, B)
-        num_seqs = sv.sum().to(torch.float64)
-        valid_rows = rows.masked_fill(~sv, 0.0)
-        means = valid_rows.sum(1) / num_seqs
+        rows, row_order = _stack_as_float64(self.rows)  # (k, B)
+        num_seqs = sv.sum(dtype=torch.float64)
+        means = rows.masked_fill(~sv, 0.0).sum(1) / num_seqs
         centred = (rows - means[:, None]).masked_fill_(~sv, 0.0)
         # Unbiased like torch.std (verl's seq_std); a single sequence has std 0.
         var = centred.square().sum(1) / (num_seqs - 1).clamp_min(1.0)
         maxes = rows.masked_fill(~sv, -math.inf).amax(1)
         mins = rows.masked_fill(~sv, math.inf).amin(1)
-        parts = [rows.sum(1), means, var.sqrt(), maxes, mins, num_seqs.reshape(1)]
+        parts = [rows.sum(1), means, var.sqrt(), maxes, mins]
+        scalar_order: list[int] = []
         if self.scalars:
-            parts.append(torch.stack(self.scalars))
+            scalars, scalar_order = _stack_as_float64(self.scalars)
+            parts.append(scalars)
         flat = torch.cat(parts).tolist()
         k = len(self.rows)
-        self._sum, self._mean, self._std = flat[:k], flat[k : 2 * k], flat[2 * k : 3 * k]
-        self._max, self._min = flat[3 * k : 4 * k], flat[4 * k : 5 * k]
-        self.num_seqs = flat[5 * k]
-        self._scalar = flat[5 * k + 1 :]
+        sections = [flat[j * k : (j + 1) * k] for j in range(5)]
+        self._sum, self._mean, self._std, self._max, self._min = (
+            _unpermute(section, row_order) for section in sections
+        )
+        self._scalar = _unpermute(flat[5 * k :], scalar_order)
 
     def evaluate(self) -> dict[str, float]:
         """The registered metrics, after :meth:`sync`."""
         return {name: float(fn()) for name, fn in self.metrics}
+
+
+def _stack_as_float64(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+    """Stack same-shape tensors, one stack and one conversion per dtype; returns the order used."""
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(t.dtype, []).append(i)
+    stacks = [torch.stack([tensors[i] for i in idx]).to(torch.float64) for idx in groups.values()]
+    order = [i for idx in groups.values() for i in idx]
+    return torch.cat(stacks), order
+
+
+def _unpermute(values: list[float], order: list[int]) -> list[float]:
+    out = [0.0] * len(order)
+    for position, index in enumerate(order):
+        out[index] = values[position]
+    return out
 
 
 # ------------------------------------------------------------------------------- shared tensors
@@ -151,10 +171,9 @@ class _LogRatios:
         mask_bool = mask if mask.dtype == torch.bool else mask.bool()
 
         log_ratio = train - rollout  # (B, T)
-        # abs <= max is False for NaN and +-inf: one pass finds both.
+        # |x| <= max is False for NaN and +-inf: one comparison finds both.
         valid = torch.abs(log_ratio).le_(_FLOAT_MAX[dtype]).bool() & mask_bool  # (B, T)
         self.num_masked = torch.count_nonzero(mask_bool)
-        self.num_tokens_int = torch.count_nonzero(valid)
         log_ratio.masked_fill_(~valid, 0.0)
         self.raw_sum = log_ratio.sum(-1)  # (B,) before the safety clamp: log-ppl metrics
         log_ratio.clamp_(-SAFETY_BOUND, SAFETY_BOUND)
@@ -162,8 +181,10 @@ class _LogRatios:
         self.dtype = dtype
         self.log_ratio = log_ratio
         self.valid = valid
-        self.counts = valid.sum(-1, dtype=torch.int32).to(dtype)  # (B,)
-        self.seq_valid = self.counts > 0  # (B,)
+        counts = valid.sum(-1, dtype=torch.int32)  # (B,)
+        self.num_tokens = counts.sum()
+        self.counts = counts.to(dtype)  # (B,)
+        self.seq_valid = counts > 0  # (B,)
         self.safe_counts = self.counts.clamp_min(1.0)  # (B,) divisor that is never 0
         self.sum = log_ratio.sum(-1)  # (B,) S_i of clamped tokens
         self.seq_log_ratio = self.sum.clamp(-SAFETY_BOUND, SAFETY_BOUND)  # (B,)
@@ -171,15 +192,23 @@ class _LogRatios:
         # r - 1 per token (exact for r in [0.5, 2]): small deviations keep their precision in
         # the sums below, where mean(r^2) - mean(r)^2 would cancel.
         self.ratio_minus_one = torch.exp(log_ratio).sub_(1.0)  # (B, T), 0 at invalid
+        flat = self.ratio_minus_one.view(-1)
         self.dev_sum = self.ratio_minus_one.sum(-1)  # (B,) sum (r - 1)
-        self.dev_sq_sum = torch.linalg.vecdot(self.ratio_minus_one, self.ratio_minus_one)  # (B,)
+        self.dev_sq_total = torch.dot(flat, flat)  # sum (r - 1)^2
         self._extremes: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._row_extremes: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._above: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._below: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
         self._k2: torch.Tensor | None = None
         self._k3: torch.Tensor | None = None
 
     def release_statistics(self) -> None:
         """Drop the cached k2/k3 tensors once the criteria are done with them."""
         self._k2 = self._k3 = None
+
+    def release_comparisons(self) -> None:
+        self._above.clear()
+        self._below.clear()
 
     def release_ratio(self) -> None:
         """Drop the ``r - 1`` buffer once every statistic that needs it has been taken."""
@@ -193,6 +222,34 @@ class _LogRatios:
             lo = torch.where(valid, lr, math.inf).amin()
             self._extremes = (hi, lo)
         return self._extremes
+
+    def row_extremes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sequence max and min of log_r ``(B,)``, invalid tokens counted as 0.
+
+        Exact for what they serve: maxima of k2 and k3, which are 0 at log_r = 0 and grow with
+        |log_r| on either side, so a 0 never exceeds a valid token's value.
+        """
+        if self._row_extremes is None:
+            self._row_extremes = (self.log_ratio.amax(-1), self.log_ratio.amin(-1))
+        return self._row_extremes
+
+    def above(self, bound: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``log_r > bound`` (B, T) and its count; cached, as IS and k1 often share a bound."""
+        if bound not in self._above:
+            hit = self.log_ratio > bound
+            self._above[bound] = (hit, torch.count_nonzero(hit))
+        return self._above[bound]
+
+    def below(self, bound: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``log_r < bound`` (B, T) and its count; cached."""
+        if bound not in self._below:
+            hit = self.log_ratio < bound
+            self._below[bound] = (hit, torch.count_nonzero(hit))
+        return self._below[bound]
+
+    def statistic(self, name: str) -> torch.Tensor:
+        """The per-token k2 or k3 tensor (B, T)."""
+        return self.k2() if name == "k2" else self.k3()
 
     def k2(self) -> torch.Tensor:
         """``0.5 * log_r**2`` per token, 0 at invalid tokens. (B, T)"""
@@ -293,12 +350,14 @@ def compute_rollout_correction(
         lr = _LogRatios(train_log_probs, rollout_log_probs, response_mask)
         red = _Reductions(lr.seq_valid)
         i_masked = red.scalar(lr.num_masked)
-        i_tokens = red.scalar(lr.num_tokens_int)
+        i_tokens = red.scalar(lr.num_tokens)
         _off_policy_metrics(lr, red, i_masked)
         keep = lr.valid
         if criteria:
             keep = _rejection(lr, red, criteria)
-            lr.release_statistics()
+        lr.release_statistics()
+        if is_level != "token":
+            lr.release_ratio()
         weights = None
         if is_level is not None:
             threshold = float(rollout_is_threshold)
@@ -306,6 +365,7 @@ def compute_rollout_correction(
                 weights = _token_is(lr, red, threshold, rollout_is_batch_normalize)
             else:
                 weights = _sequence_is(lr, red, threshold, rollout_is_batch_normalize)
+        lr.release_comparisons()
         mask = _apply_keep(response_mask, keep)
         red.sync()
         # Checked after the computation so that the whole call needs a single host sync.
@@ -375,7 +435,7 @@ def _off_policy_metrics(lr: _LogRatios, red: _Reductions, i_masked: int) -> None
     i_n = red.row(n)
     i_sum = red.row(lr.sum)
     i_dev = red.row(lr.dev_sum)
-    i_dev_sq = red.row(lr.dev_sq_sum)
+    i_dev_sq = red.scalar(lr.dev_sq_total)
     counts = lr.safe_counts.double()
     train_mean = lr.train_sum.double() / counts  # (B,) mean lp_train
     rollout_mean = train_mean - lr.raw_sum.double() / counts  # (B,) mean lp_rollout
@@ -405,7 +465,7 @@ def _off_policy_metrics(lr: _LogRatios, red: _Reductions, i_masked: int) -> None
     red.add("log_ppl_diff_min", lambda: red.seq_min(i_diff))
     red.add("ppl_ratio", lambda: red.seq_mean(i_ppl_ratio))
     # mean(r^2) - 1 = mean((r-1)^2) + 2 mean(r-1), without the cancellation.
-    red.add("chi2_token", lambda: (red.total(i_dev_sq) + 2.0 * red.total(i_dev)) / tokens())
+    red.add("chi2_token", lambda: (red.value(i_dev_sq) + 2.0 * red.total(i_dev)) / tokens())
     red.add("chi2_seq", lambda: red.seq_mean(i_chi2_seq) - 1.0)
     red.add("nonfinite_fraction", lambda: 1.0 - tokens() / red.value(i_masked))
 
@@ -427,15 +487,15 @@ def _token_is(
     i_dev = red.row(lr.dev_sum)
     i_seq = red.row(1.0 + lr.dev_sum / lr.safe_counts)  # (B,) per-sequence mean ratio
     # Two-pass variance: one-pass moments of ratios up to e^20 would cancel catastrophically.
-    mean_dev = lr.dev_sum.sum() / lr.num_tokens_int
+    mean_dev = lr.dev_sum.sum() / lr.num_tokens
     centred = (lr.ratio_minus_one - mean_dev).masked_fill_(~lr.valid, 0.0)  # (B, T)
     i_sq_dev = red.scalar(torch.dot(centred.view(-1), centred.view(-1)))
     del centred
     i_max = red.scalar(hi)
     i_min = red.scalar(lo)
     # Invalid tokens hold log_r = 0 and log C > 0: they never count as above C or below 1/C.
-    i_high = red.scalar(torch.count_nonzero(lr.log_ratio > log_c))
-    i_low = red.scalar(torch.count_nonzero(lr.log_ratio < -log_c))
+    i_high = red.scalar(lr.above(log_c)[1])
+    i_low = red.scalar(lr.below(-log_c)[1])
 
     lr.release_ratio()  # its memory goes to the weights
     weights = torch.exp(lr.log_ratio).clamp_(max=threshold).masked_fill_(~lr.valid, 0.0)  # (B, T)
@@ -443,7 +503,7 @@ def _token_is(
     i_w_sum = red.scalar(w_sum)
     i_w_sq = red.scalar(torch.dot(weights.view(-1), weights.view(-1)))
     if batch_normalize:
-        mean = w_sum / lr.num_tokens_int
+        mean = w_sum / lr.num_tokens
         factor = torch.where(mean > 1e-8, mean, torch.ones_like(mean))
         weights.div_(factor)
         i_factor = red.scalar(factor)
@@ -587,43 +647,46 @@ def _token_criterion(lr: _LogRatios, red: _Reductions, criterion: RSCriterion) -
     valid = lr.valid
     if criterion.statistic == "k1":
         log_lower, log_upper = -hi, -lo
-        bounded = lr.log_ratio.clamp(log_lower, log_upper)  # (B, T) in log r space
-        keep = bounded == lr.log_ratio  # (B, T)
+        # "high" / "low" follow the keep rule on r: above U / below L.
+        above, n_high = lr.above(log_upper)  # (B, T)
+        below, n_low_all = lr.below(log_lower)  # (B, T)
+        keep = ~(above | below)  # L <= r <= U; invalid tokens are dropped by the caller
+        # Invalid tokens hold log_r = 0: they only count when a bound lies beyond 1.
+        if log_upper < 0.0:
+            n_high = torch.count_nonzero(above & valid)
+        n_low: torch.Tensor | None = n_low_all
+        if log_lower > 0.0:
+            n_low = torch.count_nonzero(below & valid)
+        bounded = lr.log_ratio.clamp(log_lower, log_upper)  # (B, T) -stat, clamped
         if not log_lower <= 0.0 <= log_upper:
             bounded.masked_fill_(~valid, 0.0)
         stat_row = -lr.sum  # (B,) sum of -log r
-        clamped_row = -bounded.sum(-1)
-        clamped_sq_row = torch.linalg.vecdot(bounded, bounded)
+        clamped_sum = -bounded.sum()
         hi_t, lo_t = lr.log_ratio_extremes()
         stat_max, stat_min = -lo_t, -hi_t
-        # "high" / "low" follow the keep rule on r: above U / below L.
-        above = lr.log_ratio > log_upper
-        below = lr.log_ratio < log_lower
-        if log_upper < 0.0:
-            above &= valid
-        if log_lower > 0.0:
-            below &= valid
-        n_high = torch.count_nonzero(above)
-        n_low: torch.Tensor | None = torch.count_nonzero(below)
     else:
-        stat = lr.k2() if criterion.statistic == "k2" else lr.k3()  # (B, T), 0 at invalid
+        stat = lr.statistic(criterion.statistic)  # (B, T), 0 at invalid
         keep = stat <= hi
         bounded = stat.clamp(lo, hi)
         stat_row = stat.sum(-1)
-        clamped_row = bounded.sum(-1)
-        clamped_sq_row = torch.linalg.vecdot(bounded, bounded)
-        stat_max = torch.where(valid, stat, -math.inf).amax()
+        clamped_sum = bounded.sum()
+        # k2 >= 0 exactly, so the zeros at invalid tokens cannot be its maximum; k3 can round
+        # to a tiny negative value.
+        stat_max = stat.amax() if criterion.statistic == "k2" else _masked_max(stat, valid)
         stat_min = torch.where(valid, stat, math.inf).amin()
         n_high = torch.count_nonzero(stat > hi)  # hi > 0 = stat at invalid tokens
         n_low = None
+    flat = bounded.view(-1)
+    clamped_sq_sum = torch.dot(flat, flat)
+    del bounded, flat
 
     kept_counts = (keep & valid).sum(-1, dtype=torch.int32).to(lr.dtype)  # (B,)
     rows = _CriterionRows(
         red,
         lr,
         stat_sum=stat_row,
-        clamped_sum=clamped_row,
-        clamped_sq_sum=clamped_sq_row,
+        clamped_sum=clamped_sum,
+        clamped_sq_sum=clamped_sq_sum,
         seq_values=stat_row / lr.safe_counts,
         rejected=lr.counts - kept_counts,
         seq_rejected=(kept_counts < lr.counts).to(lr.dtype),
@@ -659,23 +722,25 @@ def _sequence_criterion(lr: _LogRatios, red: _Reductions, criterion: RSCriterion
         keep = (values >= lo) & (values <= hi)
     else:
         if agg == "max":
-            stat = lr.k2() if criterion.statistic == "k2" else lr.k3()
-            values = stat.amax(-1)  # 0 at invalid tokens never exceeds a valid k >= 0
-        else:
+            # k2 and k3 grow with |log_r| on either side of 0: the max sits at an extreme.
+            row_max, row_min = lr.row_extremes()
             if criterion.statistic == "k2":
-                total = 0.5 * torch.linalg.vecdot(lr.log_ratio, lr.log_ratio)
+                extreme = torch.maximum(row_max, -row_min)
+                values = extreme * extreme * 0.5
             else:
-                total = lr.k3().sum(-1)
+                values = torch.maximum(_k3(row_max), _k3(row_min))
+        else:
+            total = lr.statistic(criterion.statistic).sum(-1)  # (B,)
             values = total if agg == "sum" else total / lr.safe_counts
         keep = values <= hi
     rejected = (~keep).to(lr.dtype)
-    bounded = values.clamp(lo, hi)
+    weighted = n * values.clamp(lo, hi)  # (B,) each sequence counts once per token
     rows = _CriterionRows(
         red,
         lr,
         stat_sum=n * values,
-        clamped_sum=n * bounded,
-        clamped_sq_sum=n * bounded * bounded,
+        clamped_sum=weighted.sum(),
+        clamped_sq_sum=(weighted * values.clamp(lo, hi)).sum(),
         seq_values=values,
         rejected=n * rejected,
         seq_rejected=rejected,
@@ -696,6 +761,15 @@ def _sequence_criterion(lr: _LogRatios, red: _Reductions, criterion: RSCriterion
     return keep
 
 
+def _k3(log_ratio: torch.Tensor) -> torch.Tensor:
+    """``r - 1 - log_r``, evaluated exactly as the per-token k3 tensor is."""
+    return torch.exp(log_ratio).sub_(1.0) - log_ratio
+
+
+def _masked_max(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    return torch.where(valid, values, -math.inf).amax()
+
+
 class _CriterionRows:
     """Per-sequence rows shared by both criterion levels, and the metrics built from them."""
 
@@ -714,8 +788,8 @@ class _CriterionRows:
         self.red = red
         self.i_n = red.row(lr.counts)
         self.i_stat = red.row(stat_sum)
-        self.i_clamped = red.row(clamped_sum)
-        self.i_clamped_sq = red.row(clamped_sq_sum)
+        self.i_clamped = red.scalar(clamped_sum)
+        self.i_clamped_sq = red.scalar(clamped_sq_sum)
         self.i_seq = red.row(seq_values)
         self.i_rejected = red.row(rejected)
         self.i_seq_rejected = red.row(seq_rejected)
@@ -734,8 +808,8 @@ class _CriterionRows:
         red, tokens = self.red, self.tokens()
         if tokens <= 1:
             return 0.0
-        mean = red.total(self.i_clamped) / tokens
-        return math.sqrt(max(red.total(self.i_clamped_sq) / tokens - mean * mean, 0.0))
+        mean = red.value(self.i_clamped) / tokens
+        return math.sqrt(max(red.value(self.i_clamped_sq) / tokens - mean * mean, 0.0))
 
     def add_common(self, name: str, criterion: RSCriterion, lo: float, hi: float) -> None:
         """Masked fractions and the ``_seq_*`` statistics of the per-sequence values."""
