@@ -288,6 +288,8 @@ def _check_inputs(
             "train_log_probs, rollout_log_probs and response_mask must have the same shape, got "
             + ", ".join(str(tuple(s)) for s in shapes)
         )
+    if response_mask.numel() == 0:
+        raise ValueError(f"response_mask has no valid token (shape {tuple(shapes[0])})")
 
 
 def _check_is_args(rollout_is: Any, rollout_is_threshold: Any) -> str | None:
@@ -485,7 +487,6 @@ def _token_is(
     hi, lo = lr.log_ratio_extremes()
     i_n = red.row(lr.counts)
     i_dev = red.row(lr.dev_sum)
-    i_seq = red.row(1.0 + lr.dev_sum / lr.safe_counts)  # (B,) per-sequence mean ratio
     # Two-pass variance: one-pass moments of ratios up to e^20 would cancel catastrophically.
     mean_dev = lr.dev_sum.sum() / lr.num_tokens
     centred = (lr.ratio_minus_one - mean_dev).masked_fill_(~lr.valid, 0.0)  # (B, T)
@@ -525,7 +526,7 @@ def _token_is(
         "rollout_is_eff_sample_size",
         lambda: red.value(i_w_sum) ** 2 / (tokens() * red.value(i_w_sq)),
     )
-    _seq_weight_metrics(red, i_seq, threshold)
+    _seq_weight_metrics(red, 1.0 + lr.dev_sum / lr.safe_counts, threshold)
     return weights
 
 
@@ -546,13 +547,13 @@ def _sequence_is(
     applied = torch.clamp(ratio, max=threshold)  # (B,) min(exp(S_i), C)
     i_n = red.row(n)
     i_dev = red.row(n * dev)
-    i_seq = red.row(ratio)
+    i_ratio = red.row(ratio)
     # Token-weighted two-pass variance of exp(S_i), in float64 over (B,).
     n64, ratio64 = n.double(), torch.exp(s.double())
     mean64 = (n64 * ratio64).sum() / n64.sum()
     i_sq_dev = red.scalar((n64 * (ratio64 - mean64).square()).sum())
-    i_high = red.row((s > log_c).to(lr.dtype))
-    i_low = red.row((s < -log_c).to(lr.dtype))
+    i_high = red.row(s > log_c)
+    i_low = red.row(s < -log_c)
     i_w = red.row(n * applied)
     i_w_sq = red.row(n * applied * applied)
 
@@ -573,20 +574,23 @@ def _sequence_is(
 
     red.add("rollout_is_mean", lambda: 1.0 + mean_dev())
     red.add("rollout_is_std", lambda: math.sqrt(red.value(i_sq_dev) / tokens()))
-    red.add("rollout_is_max", lambda: red.seq_max(i_seq))
-    red.add("rollout_is_min", lambda: red.seq_min(i_seq))
+    red.add("rollout_is_max", lambda: red.seq_max(i_ratio))
+    red.add("rollout_is_min", lambda: red.seq_min(i_ratio))
     red.add("rollout_is_ratio_fraction_high", lambda: red.seq_mean(i_high))
     red.add("rollout_is_ratio_fraction_low", lambda: red.seq_mean(i_low))
     red.add(
         "rollout_is_eff_sample_size",
         lambda: red.total(i_w) ** 2 / (tokens() * red.total(i_w_sq)),
     )
-    _seq_weight_metrics(red, i_seq, threshold)
+    _seq_weight_metrics(red, ratio, threshold)
     return weights
 
 
-def _seq_weight_metrics(red: _Reductions, i_seq: int, threshold: float) -> None:
-    """``rollout_is_seq_*``: statistics of the per-sequence mean raw ratio over valid sequences."""
+def _seq_weight_metrics(red: _Reductions, seq_ratio: torch.Tensor, threshold: float) -> None:
+    """``rollout_is_seq_*``: the per-sequence mean raw ratio ``(B,)`` over valid sequences."""
+    i_seq = red.row(seq_ratio)
+    i_high = red.row(seq_ratio > threshold)
+    i_low = red.row(seq_ratio < 1.0 / threshold)
 
     def seq_max_deviation() -> float:
         return max(abs(red.seq_max(i_seq) - 1.0), abs(red.seq_min(i_seq) - 1.0))
@@ -596,10 +600,6 @@ def _seq_weight_metrics(red: _Reductions, i_seq: int, threshold: float) -> None:
     red.add("rollout_is_seq_max", lambda: red.seq_max(i_seq))
     red.add("rollout_is_seq_min", lambda: red.seq_min(i_seq))
     red.add("rollout_is_seq_max_deviation", seq_max_deviation)
-    # Fractions of sequences: registered lazily as rows would need the tensor; see below.
-    seq_vals = red.rows[i_seq]
-    i_high = red.row((seq_vals > threshold).double())
-    i_low = red.row((seq_vals < 1.0 / threshold).double())
     red.add("rollout_is_seq_fraction_high", lambda: red.seq_mean(i_high))
     red.add("rollout_is_seq_fraction_low", lambda: red.seq_mean(i_low))
 

@@ -319,6 +319,27 @@ def test_token_k3_statistics():
     assert metric(out, f"{p}_seq_max") == approx(seq[1])
 
 
+@pytest.mark.parametrize(
+    ("threshold", "expected", "high", "low"),
+    [
+        # 1.5 <= r <= 5 keeps r = 2 and 4; six valid tokens below 1.5, none above 5
+        ("1.5_5", [[1, 0, 0], [1, 0, 0], [0, 0, 0]], 0, 6),
+        # 0.1 <= r <= 0.9 keeps r = 0.5; seven valid tokens above 0.9
+        ("0.1_0.9", [[0, 1, 0], [0, 0, 0], [0, 0, 0]], 7, 0),
+    ],
+)
+def test_k1_bounds_on_one_side_of_one_count_only_valid_tokens(threshold, expected, high, low):
+    out = rs("token_k1", threshold)
+    assert kept(out) == expected
+    p = "rollout_rs_token_k1"
+    assert metric(out, f"{p}_fraction_high") == approx(high / 8)
+    assert metric(out, f"{p}_fraction_low") == approx(low / 8)
+    ref = reference_correction(
+        *batch(THREE_ROWS), rollout_rs="token_k1", rollout_rs_threshold=threshold
+    )[2]
+    assert metric(out, f"{p}_std") == approx(ref["rollout_corr/" + f"{p}_std"])
+
+
 def test_k1_bounds_are_inclusive():
     # r exactly 2 and 0.5 (float64 ln2 - ln4 + ln4 == ln2 exactly here) are kept by 0.5_2
     out = rs("token_k1", "0.5_2")
@@ -380,6 +401,12 @@ def test_shape_mismatch_is_an_error():
         compute_rollout_correction(train, rollout[:, :2], mask)
     with pytest.raises(ValueError, match="2-D"):
         compute_rollout_correction(train[0], rollout[0], mask[0])
+
+
+def test_empty_batch_is_an_error():
+    empty = torch.zeros(0, 4)
+    with pytest.raises(ValueError, match="no valid token"):
+        compute_rollout_correction(empty, empty, empty, rollout_is="token")
 
 
 def test_nonfinite_log_probs_are_rejected_counted_and_kept_out_of_metrics():
@@ -575,21 +602,26 @@ def test_no_nan_for_finite_inputs(inputs, level, norm):
     assert torch.isfinite(out.weights).all()
 
 
+# k1 bounds that do not contain 1, where padding (log_r = 0) must not be counted
+ONE_SIDED = ("token_k1,seq_sum_k1,seq_mean_k1", "1.05_3,0.1_0.95,1.01_2")
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     inputs=batches,
     level=st.sampled_from([None, "token", "sequence"]),
     norm=st.booleans(),
     nonfinite=st.booleans(),
+    rs=st.sampled_from([(ALL_CRITERIA, ALL_THRESHOLDS), ONE_SIDED]),
 )
-def test_agrees_with_the_straightforward_reference(inputs, level, norm, nonfinite):
+def test_agrees_with_the_straightforward_reference(inputs, level, norm, nonfinite, rs):
     train, rollout, mask = (t.double() for t in inputs)
     if nonfinite:
         train[0, 0] = NAN
         rollout[-1, -1] = math.inf
     kwargs = dict(
-        rollout_is=level, rollout_is_batch_normalize=norm, rollout_rs=ALL_CRITERIA,
-        rollout_rs_threshold=ALL_THRESHOLDS,
+        rollout_is=level, rollout_is_batch_normalize=norm, rollout_rs=rs[0],
+        rollout_rs_threshold=rs[1],
     )  # fmt: skip
     try:
         ref_weights, ref_mask, ref_metrics = reference_correction(train, rollout, mask, **kwargs)
