@@ -64,9 +64,9 @@ class _Reductions:
     per entry would cost more than the reductions themselves.
     """
 
-    def __init__(self, seq_valid: torch.Tensor) -> None:
+    def __init__(self, seq_valid: torch.Tensor, counts: torch.Tensor) -> None:
         self.seq_valid = seq_valid  # (B,) bool
-        self.rows: list[torch.Tensor] = []
+        self.rows: list[torch.Tensor] = [counts]  # row 0: valid tokens per sequence
         self.scalars: list[torch.Tensor] = []
         self.metrics: list[tuple[str, Callable[[], float]]] = []
         self._sum: list[float] = []
@@ -90,6 +90,10 @@ class _Reductions:
 
     def total(self, i: int) -> float:
         return self._sum[i]
+
+    def tokens(self) -> float:
+        """The number of valid tokens in the batch."""
+        return self._sum[0]
 
     def seq_mean(self, i: int) -> float:
         return self._mean[i]
@@ -350,7 +354,7 @@ def compute_rollout_correction(
 
     with torch.no_grad():
         lr = _LogRatios(train_log_probs, rollout_log_probs, response_mask)
-        red = _Reductions(lr.seq_valid)
+        red = _Reductions(lr.seq_valid, lr.counts)
         i_masked = red.scalar(lr.num_masked)
         i_tokens = red.scalar(lr.num_tokens)
         _off_policy_metrics(lr, red, i_masked)
@@ -433,8 +437,6 @@ def _off_policy_metrics(lr: _LogRatios, red: _Reductions, i_masked: int) -> None
     sequences, except ``kl = mean(-log_r)``, ``k3_kl = mean(r - 1 - log_r)`` and
     ``chi2_token = mean(r^2) - 1`` (over valid tokens) and ``chi2_seq = mean_i exp(2 S_i) - 1``.
     """
-    n = lr.counts
-    i_n = red.row(n)
     i_sum = red.row(lr.sum)
     i_dev = red.row(lr.dev_sum)
     i_dev_sq = red.scalar(lr.dev_sq_total)
@@ -452,11 +454,8 @@ def _off_policy_metrics(lr: _LogRatios, red: _Reductions, i_masked: int) -> None
     i_ppl_ratio = red.row(torch.exp(log_ppl_diff))
     i_chi2_seq = red.row(torch.exp(2.0 * lr.seq_log_ratio.double()))
 
-    def tokens() -> float:
-        return red.total(i_n)
-
-    red.add("kl", lambda: -red.total(i_sum) / tokens())
-    red.add("k3_kl", lambda: (red.total(i_dev) - red.total(i_sum)) / tokens())
+    red.add("kl", lambda: -red.total(i_sum) / red.tokens())
+    red.add("k3_kl", lambda: (red.total(i_dev) - red.total(i_sum)) / red.tokens())
     red.add("training_ppl", lambda: red.seq_mean(i_train_ppl))
     red.add("training_log_ppl", lambda: red.seq_mean(i_train_log_ppl))
     red.add("rollout_ppl", lambda: red.seq_mean(i_roll_ppl))
@@ -467,9 +466,9 @@ def _off_policy_metrics(lr: _LogRatios, red: _Reductions, i_masked: int) -> None
     red.add("log_ppl_diff_min", lambda: red.seq_min(i_diff))
     red.add("ppl_ratio", lambda: red.seq_mean(i_ppl_ratio))
     # mean(r^2) - 1 = mean((r-1)^2) + 2 mean(r-1), without the cancellation.
-    red.add("chi2_token", lambda: (red.value(i_dev_sq) + 2.0 * red.total(i_dev)) / tokens())
+    red.add("chi2_token", lambda: (red.value(i_dev_sq) + 2.0 * red.total(i_dev)) / red.tokens())
     red.add("chi2_seq", lambda: red.seq_mean(i_chi2_seq) - 1.0)
-    red.add("nonfinite_fraction", lambda: 1.0 - tokens() / red.value(i_masked))
+    red.add("nonfinite_fraction", lambda: 1.0 - red.tokens() / red.value(i_masked))
 
 
 # ------------------------------------------------------------------------- importance sampling
@@ -485,7 +484,6 @@ def _token_is(
     """
     log_c = math.log(threshold)
     hi, lo = lr.log_ratio_extremes()
-    i_n = red.row(lr.counts)
     i_dev = red.row(lr.dev_sum)
     # Two-pass variance: one-pass moments of ratios up to e^20 would cancel catastrophically.
     mean_dev = lr.dev_sum.sum() / lr.num_tokens
@@ -510,21 +508,18 @@ def _token_is(
         i_factor = red.scalar(factor)
         red.add("rollout_is_batch_norm_factor", lambda: red.value(i_factor))
 
-    def tokens() -> float:
-        return red.total(i_n)
-
     def mean_dev() -> float:
-        return red.total(i_dev) / tokens()
+        return red.total(i_dev) / red.tokens()
 
     red.add("rollout_is_mean", lambda: 1.0 + mean_dev())
-    red.add("rollout_is_std", lambda: math.sqrt(red.value(i_sq_dev) / tokens()))
+    red.add("rollout_is_std", lambda: math.sqrt(red.value(i_sq_dev) / red.tokens()))
     red.add("rollout_is_max", lambda: math.exp(red.value(i_max)))
     red.add("rollout_is_min", lambda: math.exp(red.value(i_min)))
-    red.add("rollout_is_ratio_fraction_high", lambda: red.value(i_high) / tokens())
-    red.add("rollout_is_ratio_fraction_low", lambda: red.value(i_low) / tokens())
+    red.add("rollout_is_ratio_fraction_high", lambda: red.value(i_high) / red.tokens())
+    red.add("rollout_is_ratio_fraction_low", lambda: red.value(i_low) / red.tokens())
     red.add(
         "rollout_is_eff_sample_size",
-        lambda: red.value(i_w_sum) ** 2 / (tokens() * red.value(i_w_sq)),
+        lambda: red.value(i_w_sum) ** 2 / (red.tokens() * red.value(i_w_sq)),
     )
     _seq_weight_metrics(red, 1.0 + lr.dev_sum / lr.safe_counts, threshold)
     return weights
@@ -545,7 +540,6 @@ def _sequence_is(
     ratio = torch.exp(s)  # (B,)
     dev = torch.expm1(s)  # (B,) exp(S_i) - 1, precise near 0
     applied = torch.clamp(ratio, max=threshold)  # (B,) min(exp(S_i), C)
-    i_n = red.row(n)
     i_dev = red.row(n * dev)
     i_ratio = red.row(ratio)
     # Token-weighted two-pass variance of exp(S_i), in float64 over (B,).
@@ -566,21 +560,18 @@ def _sequence_is(
         red.add("rollout_is_batch_norm_factor", lambda: red.value(i_factor))
     weights = torch.where(lr.valid, applied[:, None], 0.0)  # (B, T)
 
-    def tokens() -> float:
-        return red.total(i_n)
-
     def mean_dev() -> float:
-        return red.total(i_dev) / tokens()
+        return red.total(i_dev) / red.tokens()
 
     red.add("rollout_is_mean", lambda: 1.0 + mean_dev())
-    red.add("rollout_is_std", lambda: math.sqrt(red.value(i_sq_dev) / tokens()))
+    red.add("rollout_is_std", lambda: math.sqrt(red.value(i_sq_dev) / red.tokens()))
     red.add("rollout_is_max", lambda: red.seq_max(i_ratio))
     red.add("rollout_is_min", lambda: red.seq_min(i_ratio))
     red.add("rollout_is_ratio_fraction_high", lambda: red.seq_mean(i_high))
     red.add("rollout_is_ratio_fraction_low", lambda: red.seq_mean(i_low))
     red.add(
         "rollout_is_eff_sample_size",
-        lambda: red.total(i_w) ** 2 / (tokens() * red.total(i_w_sq)),
+        lambda: red.total(i_w) ** 2 / (red.tokens() * red.total(i_w_sq)),
     )
     _seq_weight_metrics(red, ratio, threshold)
     return weights
@@ -621,10 +612,9 @@ def _rejection(lr: _LogRatios, red: _Reductions, criteria: list[RSCriterion]) ->
     if seq_keep is not None:
         keep = keep & seq_keep[:, None]
     kept_counts = keep.sum(-1, dtype=torch.int32).to(lr.dtype)  # (B,)
-    i_n = red.row(lr.counts)
     i_rejected = red.row(lr.counts - kept_counts)
     i_seq_rejected = red.row((kept_counts < lr.counts).to(lr.dtype))
-    red.add("rollout_rs_masked_fraction", lambda: red.total(i_rejected) / red.total(i_n))
+    red.add("rollout_rs_masked_fraction", lambda: red.total(i_rejected) / red.tokens())
     red.add("rollout_rs_seq_masked_fraction", lambda: red.seq_mean(i_seq_rejected))
     return keep
 
@@ -683,27 +673,25 @@ def _token_criterion(lr: _LogRatios, red: _Reductions, criterion: RSCriterion) -
     kept_counts = (keep & valid).sum(-1, dtype=torch.int32).to(lr.dtype)  # (B,)
     rows = _CriterionRows(
         red,
-        lr,
+        criterion,
         stat_sum=stat_row,
         clamped_sum=clamped_sum,
         clamped_sq_sum=clamped_sq_sum,
         seq_values=stat_row / lr.safe_counts,
         rejected=lr.counts - kept_counts,
-        seq_rejected=(kept_counts < lr.counts).to(lr.dtype),
+        seq_rejected=kept_counts < lr.counts,
     )
-    name = f"rollout_rs_{criterion.criterion}"
+    name = rows.name
     i_max, i_min, i_high = red.scalar(stat_max), red.scalar(stat_min), red.scalar(n_high)
-    red.add(f"{name}_mean", rows.mean)
     red.add(f"{name}_max", lambda: red.value(i_max))
     red.add(f"{name}_min", lambda: red.value(i_min))
-    red.add(f"{name}_std", rows.std)
-    red.add(f"{name}_fraction_high", lambda: red.value(i_high) / rows.tokens())
+    red.add(f"{name}_fraction_high", lambda: red.value(i_high) / red.tokens())
     if n_low is not None:
         i_low = red.scalar(n_low)
-        red.add(f"{name}_fraction_low", lambda: red.value(i_low) / rows.tokens())
+        red.add(f"{name}_fraction_low", lambda: red.value(i_low) / red.tokens())
     else:
         red.add(f"{name}_fraction_low", lambda: 0.0)
-    rows.add_common(name, criterion, lo, hi)
+    rows.add_common()
     return keep
 
 
@@ -734,30 +722,27 @@ def _sequence_criterion(lr: _LogRatios, red: _Reductions, criterion: RSCriterion
             values = total if agg == "sum" else total / lr.safe_counts
         keep = values <= hi
     rejected = (~keep).to(lr.dtype)
-    weighted = n * values.clamp(lo, hi)  # (B,) each sequence counts once per token
+    bounded = values.clamp(lo, hi)  # (B,)
+    weighted = n * bounded  # each sequence counts once per token
     rows = _CriterionRows(
         red,
-        lr,
+        criterion,
         stat_sum=n * values,
         clamped_sum=weighted.sum(),
-        clamped_sq_sum=(weighted * values.clamp(lo, hi)).sum(),
+        clamped_sq_sum=(weighted * bounded).sum(),
         seq_values=values,
         rejected=n * rejected,
         seq_rejected=rejected,
     )
-    name = f"rollout_rs_{criterion.criterion}"
-    i_seq = rows.i_seq
-    k1 = criterion.statistic == "k1"
-    red.add(f"{name}_mean", rows.mean)
+    name, i_seq = rows.name, rows.i_seq
     red.add(f"{name}_max", lambda: red.seq_max(i_seq))
     red.add(f"{name}_min", lambda: red.seq_min(i_seq))
-    red.add(f"{name}_std", rows.std)
     red.add(f"{name}_fraction_high", lambda: red.seq_mean(rows.i_seq_high))
-    if k1:
+    if rows.k1:
         red.add(f"{name}_fraction_low", lambda: red.seq_mean(rows.i_seq_low))
     else:
         red.add(f"{name}_fraction_low", lambda: 0.0)
-    rows.add_common(name, criterion, lo, hi)
+    rows.add_common()
     return keep
 
 
@@ -771,12 +756,16 @@ def _masked_max(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 
 class _CriterionRows:
-    """Per-sequence rows shared by both criterion levels, and the metrics built from them."""
+    """Per-sequence rows shared by both criterion levels, and the metrics built from them.
+
+    ``seq_values`` is the per-sequence statistic (token level: its mean over the sequence);
+    ``lo, hi`` is the keep interval in the statistic's space (see :func:`_stat_bounds`).
+    """
 
     def __init__(
         self,
         red: _Reductions,
-        lr: _LogRatios,
+        criterion: RSCriterion,
         *,
         stat_sum: torch.Tensor,
         clamped_sum: torch.Tensor,
@@ -786,42 +775,38 @@ class _CriterionRows:
         seq_rejected: torch.Tensor,
     ) -> None:
         self.red = red
-        self.i_n = red.row(lr.counts)
+        self.name = f"rollout_rs_{criterion.criterion}"
+        self.k1 = criterion.statistic == "k1"
+        lo, hi = _stat_bounds(criterion)
         self.i_stat = red.row(stat_sum)
         self.i_clamped = red.scalar(clamped_sum)
         self.i_clamped_sq = red.scalar(clamped_sq_sum)
         self.i_seq = red.row(seq_values)
         self.i_rejected = red.row(rejected)
         self.i_seq_rejected = red.row(seq_rejected)
-        self.seq_values = seq_values
-        self.i_seq_high = -1
-        self.i_seq_low = -1
-
-    def tokens(self) -> float:
-        return self.red.total(self.i_n)
+        # "high" / "low" follow the keep rule: for k1 (statistic -log r) r above U is the
+        # statistic below lo, r below L the statistic above hi.
+        self.i_seq_high = red.row(seq_values < lo if self.k1 else seq_values > hi)
+        self.i_seq_low = red.row(seq_values > hi) if self.k1 else -1
 
     def mean(self) -> float:
-        return self.red.total(self.i_stat) / self.tokens()
+        return self.red.total(self.i_stat) / self.red.tokens()
 
     def std(self) -> float:
         """Std over valid tokens of the statistic clamped to the keep interval (as verl)."""
-        red, tokens = self.red, self.tokens()
+        red = self.red
+        tokens = red.tokens()
         if tokens <= 1:
             return 0.0
         mean = red.value(self.i_clamped) / tokens
         return math.sqrt(max(red.value(self.i_clamped_sq) / tokens - mean * mean, 0.0))
 
-    def add_common(self, name: str, criterion: RSCriterion, lo: float, hi: float) -> None:
-        """Masked fractions and the ``_seq_*`` statistics of the per-sequence values."""
-        red, i_seq = self.red, self.i_seq
-        k1 = criterion.statistic == "k1"
-        values = self.seq_values
-        # For k1 the statistic is -log r: "high" (r above U) is the statistic below lo.
-        high = values < lo if k1 else values > hi
-        self.i_seq_high = red.row(high.to(values.dtype))
-        if k1:
-            self.i_seq_low = red.row((values > hi).to(values.dtype))
-        red.add(f"{name}_masked_fraction", lambda: red.total(self.i_rejected) / self.tokens())
+    def add_common(self) -> None:
+        """Mean, std, masked fractions and the ``_seq_*`` statistics of the per-sequence values."""
+        red, name, i_seq = self.red, self.name, self.i_seq
+        red.add(f"{name}_mean", self.mean)
+        red.add(f"{name}_std", self.std)
+        red.add(f"{name}_masked_fraction", lambda: red.total(self.i_rejected) / red.tokens())
         red.add(f"{name}_seq_masked_fraction", lambda: red.seq_mean(self.i_seq_rejected))
         red.add(f"{name}_seq_mean", lambda: red.seq_mean(i_seq))
         red.add(f"{name}_seq_std", lambda: red.seq_std(i_seq))
@@ -832,5 +817,5 @@ class _CriterionRows:
             lambda: max(abs(red.seq_max(i_seq)), abs(red.seq_min(i_seq))),
         )
         red.add(f"{name}_seq_fraction_high", lambda: red.seq_mean(self.i_seq_high))
-        if k1:
+        if self.k1:
             red.add(f"{name}_seq_fraction_low", lambda: red.seq_mean(self.i_seq_low))
