@@ -37,7 +37,14 @@ from rcx.models import (
 from rcx.rewards import exact_match_score
 from rcx.rollout import SamplingParams
 from rcx.rollout.hf import HFRolloutEngine
-from rcx.tasks import BuiltinTask, Example, batch_indices, builtin_examples
+from rcx.tasks import (
+    BUILTIN_TASKS,
+    BuiltinTask,
+    Example,
+    as_file_list,
+    batch_indices,
+    builtin_examples,
+)
 
 CACHE_FORMAT = 1
 DEFAULT_WARM_START_STEPS = 300  # actor_rollout_ref.model.warm_start_steps default (see bench)
@@ -133,6 +140,42 @@ def ensure_warm_start(
     return target
 
 
+def resolve_model_path(
+    model_path: str,
+    warm_start_steps: int,
+    train_files: str | list[str],
+    builtin: BuiltinTask | None = None,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> str:
+    """The model directory the trainer should load for `actor_rollout_ref.model.path`.
+
+    `builtin:tiny` with `warm_start_steps > 0` becomes its warm-start directory (trained on the
+    first built-in task of `data.train_files`, with `data.builtin.*` from `builtin`); anything
+    else is returned unchanged (`builtin:tiny` with 0 steps is the untrained model).
+    """
+    if model_path != BUILTIN_TINY or warm_start_steps == 0:
+        return model_path
+    names = [f for f in as_file_list(train_files) if f in BUILTIN_TASKS]
+    if not names:
+        raise ValueError(
+            "actor_rollout_ref.model.path=builtin:tiny warm-starts on a built-in task, but "
+            f"data.train_files={train_files!r} names none: set "
+            "actor_rollout_ref.model.warm_start_steps=0, or name your own model directory"
+        )
+    settings = builtin or BuiltinTask()
+    task = BuiltinTask(
+        names[0], settings.digits, settings.num_train, settings.num_val, settings.seed
+    )
+    return str(ensure_warm_start(task, warm_start_steps, seed, cache_dir, progress))
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The `warm_start.json` of a warm-start directory (time, loss, accuracies)."""
+    return json.loads((Path(path) / METADATA_FILE).read_text())
+
+
 def write_atomically(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path, metadata: dict
 ) -> None:
@@ -162,7 +205,8 @@ def sft_batch(
     rows, targets = [], []
     for example in examples:
         prompt = tokenizer(example.prompt)["input_ids"]
-        answer = tokenizer(example.ground_truth)["input_ids"] + [tokenizer.eos_token_id]
+        answer = tokenizer(example.ground_truth, add_special_tokens=False)["input_ids"]
+        answer = answer + [tokenizer.eos_token_id]
         rows.append(prompt + answer)
         targets.append([-100] * len(prompt) + answer)
     width = max(len(r) for r in rows)

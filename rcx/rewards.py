@@ -23,6 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 ScoreFn = Callable[..., Any]
 
 
@@ -173,6 +175,28 @@ class RewardScorer:
                 f"(data_source={data_source!r})"
             ) from err
         return parse_score(result, self.custom_label)
+
+
+def score_responses(
+    scorer: RewardScorer, texts: list[str], examples: list[Any]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Score decoded responses against their examples (`data_source`, `ground_truth`,
+    `extra_info` attributes, e.g. `rcx.tasks.Example`); one example per text.
+
+    Returns `(scores (B,) float32, extras)`; an extra key missing for some response is 0 there.
+    """
+    if len(texts) != len(examples):
+        raise ValueError(f"{len(texts)} responses but {len(examples)} examples")
+    scores, extras = [], []
+    for text, example in zip(texts, examples, strict=True):
+        score, extra = scorer.score(
+            example.data_source, text, example.ground_truth, example.extra_info
+        )
+        scores.append(score)
+        extras.append(extra)
+    keys = sorted({k for extra in extras for k in extra})
+    columns = {k: torch.tensor([e.get(k, 0.0) for e in extras]) for k in keys}
+    return torch.tensor(scores, dtype=torch.float32), columns
 
 
 def parse_score(result: Any, label: str) -> tuple[float, dict[str, float]]:

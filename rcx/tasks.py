@@ -77,6 +77,11 @@ class BuiltinTask:
                 f"{self.num_train} and {self.num_val}"
             )
 
+    @classmethod
+    def from_config(cls, name: str, builtin: Any) -> BuiltinTask:
+        """From a task name and the `data.builtin` config object (digits, num_train, ...)."""
+        return cls(name, builtin.digits, builtin.num_train, builtin.num_val, builtin.seed)
+
 
 @dataclass
 class PromptDataset:

@@ -117,3 +117,18 @@ def test_default_warm_start_lands_in_target_band(tmp_path):
     metadata = json.loads((path / METADATA_FILE).read_text())
     assert 0.2 <= metadata["val_sampled_accuracy"] <= 0.5
     assert metadata["seconds"] <= 90
+
+
+def test_resolve_model_path(tmp_path):
+    from rcx.pretrain import resolve_model_path
+
+    assert resolve_model_path("/my/model", 300, "builtin:arith") == "/my/model"
+    assert resolve_model_path("builtin:tiny", 0, "builtin:arith") == "builtin:tiny"
+    with pytest.raises(ValueError, match="warm_start_steps=0"):
+        resolve_model_path("builtin:tiny", 5, ["data/train.parquet"])
+    path = resolve_model_path(
+        "builtin:tiny", 2, ["builtin:reverse"], ONE_DIGIT, cache_dir=tmp_path, progress=False
+    )
+    assert "reverse-d1-2-" in path and pretrain.read_metadata(path)["task"]["name"] == (
+        "builtin:reverse"
+    )

@@ -127,3 +127,20 @@ def test_custom_hook_bad_return_values(tmp_path, returned, message):
     path = write_hook(tmp_path, f"def f(d, s, g, e=None):\n    return {returned}\n")
     with pytest.raises(RewardError, match=message):
         RewardScorer(path, "f").score("d", "s", "g")
+
+
+def test_score_responses_batches_scores_and_extras(tmp_path):
+    from rcx.rewards import score_responses
+    from rcx.tasks import Example
+
+    examples = [Example("1+2=", "3", "builtin:arith"), Example("q", "4", "openai/gsm8k")]
+    scores, extras = score_responses(RewardScorer(), ["3", "#### 5"], examples)
+    assert scores.tolist() == [1.0, 0.0] and extras == {}
+    path = write_hook(
+        tmp_path,
+        "def f(d, s, g, e=None):\n    return {'score': 1.0, 'len': len(s)} if s else 0.0\n",
+    )
+    scores, extras = score_responses(RewardScorer(path, "f"), ["abc", ""], examples)
+    assert scores.tolist() == [1.0, 0.0] and extras["len"].tolist() == [3.0, 0.0]
+    with pytest.raises(ValueError, match="2 examples"):
+        score_responses(RewardScorer(), ["x"], examples)

@@ -141,6 +141,16 @@ def inner_model(llm: Any) -> Any:
     )
 
 
+def load_weights_into(llm: Any, weights: dict[str, torch.Tensor]) -> None:
+    """Push `weights` (HF parameter names) into vLLM's model: `LLM.apply_model` when the
+    version has it, else the in-process model object."""
+    items = list(weights.items())
+    if hasattr(llm, "apply_model"):
+        llm.apply_model(lambda model: model.load_weights(weights=items))
+    else:
+        inner_model(llm).load_weights(weights=items)
+
+
 class VLLMRolloutEngine:
     """Generate with vLLM from weights pushed from the trainer at each refreshing sync."""
 
@@ -190,7 +200,7 @@ class VLLMRolloutEngine:
     def push_weights(self, model: PreTrainedModel) -> None:
         """Load `model`'s current weights into the vLLM model."""
         state = {k: v.detach() for k, v in model.state_dict().items()}
-        inner_model(self.llm).load_weights(weights=list(state.items()))
+        load_weights_into(self.llm, state)
         self._last_weights = {k: v.cpu().clone() for k, v in state.items()}
 
     def sync_weights(self, model: PreTrainedModel, step: int, force: bool = False) -> bool:
@@ -207,7 +217,7 @@ class VLLMRolloutEngine:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Push the checkpointed weights back into vLLM."""
-        inner_model(self.llm).load_weights(weights=list(state["weights"].items()))
+        load_weights_into(self.llm, state["weights"])
         self._last_weights = state["weights"]
         self.weight_version = int(state["weight_version"])
 

@@ -122,3 +122,33 @@ def test_vllm_log_probs_match_teacher_forcing_and_weight_push(tmp_path):
             model, pushed.input_ids, pushed.attention_mask, pushed.response_length, sampling
         )
     assert ((recomputed - pushed.rollout_log_probs).abs() * pushed.response_mask).max() < 1e-3
+
+
+class FakeModel:
+    def __init__(self):
+        self.loaded = None
+
+    def load_weights(self, weights):
+        self.loaded = dict(weights)
+
+
+def test_weight_push_uses_apply_model_or_the_inner_model():
+    from rcx.rollout.vllm import load_weights_into
+
+    weights = {"w": torch.ones(2)}
+    model = FakeModel()
+    with_apply = SimpleNamespace(apply_model=lambda fn: fn(model))
+    load_weights_into(with_apply, weights)
+    assert model.loaded.keys() == {"w"}
+    older = FakeModel()
+    worker = SimpleNamespace(model_runner=SimpleNamespace(model=older))
+    legacy = SimpleNamespace(
+        llm_engine=SimpleNamespace(model_executor=SimpleNamespace(driver_worker=worker))
+    )
+    load_weights_into(legacy, weights)
+    assert torch.equal(older.loaded["w"], torch.ones(2))
+    unreachable = SimpleNamespace(
+        llm_engine=SimpleNamespace(model_executor=SimpleNamespace(driver_worker=None))
+    )
+    with pytest.raises(VLLMUnavailableError, match="weight pushes"):
+        load_weights_into(unreachable, weights)
