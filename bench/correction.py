@@ -308,14 +308,19 @@ def main() -> None:
     if args.memory_child:
         _memory_child(args.memory_child)
         return
+    if args.runs < 7:
+        parser.error("--runs must be at least 7")
     torch.set_num_threads(THREADS)
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, median of {args.runs} runs"
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, median of {args.runs} runs, "
+        f"load average before: {load} (other processes slow both columns alike)"
     )
     header = (
         f"{'shape':>12}  {'case':<32} {'rcx ms':>8} {'ref ms':>8} {'ref/rcx':>8} "
-        f"{'verl ms':>8} {'verl/rcx':>9} {'rcx +MiB':>9} {'ref +MiB':>9} {'inputs MiB':>10}"
+        f"{'verl ms':>8} {'verl/rcx':>9} {'rcx +MiB':>9} {'ref +MiB':>9} {'inputs MiB':>10} "
+        f"{'rcx/in':>7}"
     )
     print(header)
     print("-" * len(header))
@@ -340,8 +345,13 @@ def main() -> None:
             ref_mem = peak_extra_mib("ref", shape, case)
             print(
                 f"{str(shape):>12}  {case:<32} {rcx_ms:8.2f} {ref_ms:8.2f} {ref_ms / rcx_ms:7.2f}x "
-                f"{verl:>8} {verl_ratio:>9} {rcx_mem:9.1f} {ref_mem:9.1f} {input_mib:10.1f}"
+                f"{verl:>8} {verl_ratio:>9} {rcx_mem:9.1f} {ref_mem:9.1f} {input_mib:10.1f} "
+                f"{rcx_mem / input_mib:6.2f}x"
             )
+    print(
+        "targets (issue 3): >= 3x faster than verl (2x / 2.8x faster than the reference for "
+        "case 1 / 2), peak extra memory <= 2x the inputs"
+    )
 
 
 if __name__ == "__main__":
