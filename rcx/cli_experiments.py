@@ -245,7 +245,7 @@ def print_ranking(outcome: Any) -> None:
     plan = outcome.plan
     ranked = rank_trials(plan.trials, outcome.results, plan.metric, plan.mode)
     table = Table(title=f"sweep {plan.name}: ranked by {plan.metric} ({plan.mode})")
-    for col in ("rank", "trial", "status", plan.metric.rsplit("/", 1)[-1]):
+    for col in ("rank", "trial", "status", plan.metric):
         table.add_column(col)
     for axis in plan.axes:
         table.add_column(axis.key.rsplit(".", 1)[-1])

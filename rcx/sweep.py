@@ -550,12 +550,17 @@ def run_sweep(
     save_state(plan.out_dir, state)
     specs = [_spec(plan, t, parent.run_id) for t in plan.trials if t.name not in results]
 
+    earlier = {name: t["status"] for name, t in state["trials"].items()}  # before this session
+
     def record(result: TrialResult) -> None:
+        before = earlier[result.name]
         results[result.name] = result
         state["trials"][result.name].update(status=result.status, result=result.to_json())
         save_state(plan.out_dir, state)
         if result.status in ("FAILED", "KILLED") and parent.run_id:
-            mark_child_run(base_cfg.trainer.tracking_uri, parent, plan, result)
+            mark_child_run(parent, plan, result)
+        elif before in ("FAILED", "KILLED") and parent.run_id and result.run_id:
+            clear_error_tag(parent, result.run_id)  # a resumed trial that now finished
         error = f": {result.error.splitlines()[0]}" if result.error else ""
         on_event(f"{result.name} {result.status} in {result.seconds:.1f}s{error}")
 
@@ -628,9 +633,7 @@ def _open_parent(plan: SweepPlan, cfg: Any, resume_run_id: str | None) -> Any:
     return parent
 
 
-def mark_child_run(
-    tracking_uri: str | None, parent: Any, plan: SweepPlan, result: TrialResult
-) -> None:
+def mark_child_run(parent: Any, plan: SweepPlan, result: TrialResult) -> None:
     """Make sure a failed or killed trial has a child run with that status and its error.
 
     The trainer may have failed before it created its run: then one is created here.
@@ -652,6 +655,15 @@ def mark_child_run(
         client.set_tag(run_id, "rcx.error", result.error[:4900])
         client.log_text(run_id, result.error, "error.txt")
     client.set_terminated(run_id, status=result.status)
+
+
+def clear_error_tag(parent: Any, run_id: str) -> None:
+    """Drop the ``rcx.error`` tag of an earlier attempt from a run that has now finished."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=parent.uri)
+    if "rcx.error" in client.get_run(run_id).data.tags:
+        client.delete_tag(run_id, "rcx.error")
 
 
 def _find_child(client: Any, parent: Any, run_name: str) -> str | None:

@@ -216,7 +216,9 @@ def succeed(spec: TrialSpec) -> TrialResult:
         experiment_name=cfg.trainer.experiment_name,
         tracking_uri=cfg.trainer.tracking_uri,
         parent_run_id=spec.parent_run_id,
+        resume_run_id=_run_ids.get(spec.run_name),  # as the trainer resumes from a checkpoint
     )
+    _run_ids[spec.run_name] = tracker.run_id
     final = 1.0 / rc.rollout_is_threshold + (0.1 if rc.rollout_rs_threshold == "2.0" else 0.0)
     history = {"val/reward_mean": [(0, 0.1), (2, final)]}
     for step, value in history["val/reward_mean"]:
@@ -279,13 +281,27 @@ def test_sweep_records_parent_children_failure_ranking_and_plot(
 
 
 _calls: list[str] = []
+_run_ids: dict[str, str] = {}  # run name -> MLflow run id, like the trainer's checkpoints
 
 
 def interrupt_at_t02(spec: TrialSpec) -> TrialResult:
-    if spec.name == "t02":
-        raise KeyboardInterrupt
+    """t02 is interrupted as the trainer reports Ctrl-C: its run KILLED, a KILLED result."""
     _calls.append(spec.name)
-    return succeed(spec)
+    if spec.name != "t02":
+        return succeed(spec)
+    from rcx.tracking import open_tracker
+
+    cfg = spec.config
+    tracker = open_tracker(
+        logger=cfg.trainer.logger,
+        project_name=cfg.trainer.project_name,
+        experiment_name=cfg.trainer.experiment_name,
+        tracking_uri=cfg.trainer.tracking_uri,
+        parent_run_id=spec.parent_run_id,
+    )
+    _run_ids[spec.run_name] = tracker.run_id
+    tracker.finish("KILLED")
+    return TrialResult(spec.name, "KILLED", run_id=tracker.run_id, error="training ended KILLED")
 
 
 def counting(spec: TrialSpec) -> TrialResult:
@@ -302,12 +318,16 @@ def test_ctrl_c_keeps_finished_trials_and_resume_skips_them(
     _calls.clear()
     with pytest.raises(KeyboardInterrupt):
         run_sweep(plan, trial_fn=interrupt_at_t02)
-    assert _calls == ["t00", "t01"]
+    assert _calls == ["t00", "t01", "t02"]  # t03 never started
     state = json.loads((plan.out_dir / "sweep.json").read_text())
     statuses = [t["status"] for t in state["trials"].values()]
     assert statuses == ["FINISHED", "FINISHED", "KILLED", "PENDING"]
     parent_id = state["parent_run_id"]
-    assert runs_of(mlflow_uri, parent_id)["parent"].info.status == "KILLED"
+    runs = runs_of(mlflow_uri, parent_id)
+    assert runs["parent"].info.status == "KILLED"
+    killed = runs[f"{run_name}-t02"]
+    assert killed.info.status == "KILLED"
+    assert killed.data.tags["rcx.error"] == "training ended KILLED"
 
     with pytest.raises(SweepError, match="pass --resume"):
         run_sweep(plan, trial_fn=counting)
@@ -321,6 +341,10 @@ def test_ctrl_c_keeps_finished_trials_and_resume_skips_them(
     runs = runs_of(mlflow_uri, parent_id)
     assert runs["parent"].info.status == "FINISHED"
     assert len(runs) == 1 + 3  # t03 of `counting` logs no run of its own
+    resumed = runs[f"{run_name}-t02"]  # the same run, continued and finished
+    assert resumed.info.run_id == killed.info.run_id
+    assert resumed.info.status == "FINISHED"
+    assert "rcx.error" not in resumed.data.tags
 
     changed = plan_sweep(
         base_raw(tmp_path, mlflow_uri),
