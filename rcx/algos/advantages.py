@@ -103,7 +103,10 @@ def grpo(
 
 
 def rloo(scores: torch.Tensor, mask: torch.Tensor, group_ids: GroupIds) -> torch.Tensor:
-    """RLOO: ``A_i = s_i - (sum_g - s_i) / (n_g - 1)``, the mean of the other responses. ``(B, T)``."""
+    """RLOO: ``A_i = s_i - (sum_g - s_i) / (n_g - 1)``, minus the mean of the other responses.
+
+    Returns ``(B, T)``, constant along each response, 0 at padding.
+    """
     sizes, sums, index = _group_stats(scores, group_ids, "rloo")
     baseline = (sums[index] - scores) / (sizes[index] - 1)  # (B,)
     return _broadcast(scores - baseline, mask)

@@ -206,7 +206,8 @@ def policy_loss(
         - decoupled: ``ppo_clip_loss(old, new, A, response_mask, is_weights=is_weights)``.
         - bypass: first ``compute_rollout_correction(log_probs.detach(), old_log_probs,
           response_mask, **rollout_correction)`` gives weights w and the RS mask m' (no gradient
-          through either; recomputed for every call, i.e. every micro-batch). Then
+          through either; recomputed for every call, i.e. every micro-batch, as verl does, so
+          ``rollout_is_batch_normalize`` normalises within the micro-batch). Then
           ``ppo_clip``: PPO-clip on pi_theta/pi_rollout over m', w NOT multiplied in (the ratio
           already is the correction; w only feeds metrics); ``reinforce``:
           ``agg(-w * A * log_probs)`` over m' (w = 1 when IS is off).
@@ -215,10 +216,11 @@ def policy_loss(
         ``(loss, metrics)``. ``loss`` is a scalar to ``backward()``; it is 0 when no token is
         left (RS rejected all), which the caller should log and may skip. ``metrics``:
         ``actor/pg_loss``, ``actor/pg_clipfrac``, ``actor/pg_clipfrac_lower``, ``actor/ppo_kl``
-        (PPO-clip), ``actor/is_weight_mean``/``_max`` when weights are multiplied in,
-        and in bypass mode ``actor/kept_token_fraction`` (share of the response tokens left in
-        the loss) plus every ``rollout_corr/*`` metric of this micro-batch. Entropy bonus and KL loss are not
-        included: add ``agg_loss`` of :func:`entropy_from_logits` / :func:`kl_penalty`.
+        (PPO-clip), ``actor/is_weight_mean``/``_max`` when weights are multiplied in, and in
+        bypass mode ``actor/kept_token_fraction`` (share of the response tokens left in the
+        loss) plus every ``rollout_corr/*`` metric of this micro-batch. Entropy bonus and KL
+        loss are not included: add ``agg_loss`` of :func:`entropy_from_logits` /
+        :func:`kl_penalty`.
 
     Raises:
         ValueError: unknown ``loss_type``, ``is_weights`` given in bypass mode, or what
