@@ -103,7 +103,7 @@ def grpo(
 
 
 def rloo(scores: torch.Tensor, mask: torch.Tensor, group_ids: GroupIds) -> torch.Tensor:
-    """RLOO: ``A_i = s_i - (sum_g - s_i) / (n_g - 1)``, minus the mean of the other responses.
+    """RLOO: ``A_i = s_i - (sum_g - s_i) / (n_g - 1)``, the score minus the others' mean.
 
     Returns ``(B, T)``, constant along each response, 0 at padding.
     """
