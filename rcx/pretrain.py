@@ -13,6 +13,7 @@ lr 3e-3 with 50 linear warm-up steps then constant, betas (0.9, 0.98), weight de
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -98,7 +99,8 @@ def warm_start_dir(
     """Where the warm start for these settings is (or would be) cached."""
     slug = task.name.removeprefix("builtin:")
     key = warm_start_key(task, steps, seed, settings)
-    return cache_root(cache_dir) / "warm_start" / f"{slug}-d{task.digits}-{steps}-{key}"
+    size = f"d{task.digits}" if task.name == "builtin:arith" else f"l{task.length}"
+    return cache_root(cache_dir) / "warm_start" / f"{slug}-{size}-{steps}-{key}"
 
 
 def ensure_warm_start(
@@ -165,9 +167,7 @@ def resolve_model_path(
             "actor_rollout_ref.model.warm_start_steps=0, or name your own model directory"
         )
     settings = builtin or BuiltinTask()
-    task = BuiltinTask(
-        names[0], settings.digits, settings.num_train, settings.num_val, settings.seed
-    )
+    task = dataclasses.replace(settings, name=names[0])
     return str(ensure_warm_start(task, warm_start_steps, seed, cache_dir, progress))
 
 

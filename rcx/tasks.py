@@ -4,7 +4,7 @@ Built-in tasks (`data.train_files: builtin:arith` or `builtin:reverse`):
 
 - `builtin:arith`: `"a+b="` → `"a+b"` with `a`, `b` uniform on `digits`-digit numbers
   (0 … 10**digits - 1).
-- `builtin:reverse`: `"rev abc="` → `"cba"`, lowercase strings of `digits` … `2*digits` letters.
+- `builtin:reverse`: `"rev abcde="` → `"edcba"`, lowercase strings of exactly `length` letters.
 
 Train and validation splits are disjoint by construction: a problem belongs to the validation
 split when the CRC32 of its prompt is divisible by 5, so the split does not depend on the seed
@@ -65,12 +65,15 @@ class BuiltinTask:
     num_train: int = 5000
     num_val: int = 200
     seed: int = 0
+    length: int = 5  # builtin:reverse only
 
     def __post_init__(self) -> None:
         if self.name not in BUILTIN_TASKS:
             raise DataError(f"unknown built-in task {self.name!r}: expected one of {BUILTIN_TASKS}")
         if not 1 <= self.digits <= 9:
             raise DataError(f"data.builtin.digits must be in 1..9, got {self.digits}")
+        if not 1 <= self.length <= 32:
+            raise DataError(f"data.builtin.length must be in 1..32, got {self.length}")
         if self.num_train < 1 or self.num_val < 1:
             raise DataError(
                 "data.builtin.num_train and data.builtin.num_val must be >= 1, got "
@@ -80,7 +83,14 @@ class BuiltinTask:
     @classmethod
     def from_config(cls, name: str, builtin: Any) -> BuiltinTask:
         """From a task name and the `data.builtin` config object (digits, num_train, ...)."""
-        return cls(name, builtin.digits, builtin.num_train, builtin.num_val, builtin.seed)
+        return cls(
+            name,
+            builtin.digits,
+            builtin.num_train,
+            builtin.num_val,
+            builtin.seed,
+            getattr(builtin, "length", 5),
+        )
 
 
 @dataclass
@@ -104,15 +114,15 @@ def is_validation_problem(prompt: str) -> bool:
     return zlib.crc32(prompt.encode()) % 5 == 0
 
 
-def arith_problem(rng: random.Random, digits: int) -> tuple[str, str]:
+def arith_problem(rng: random.Random, task: BuiltinTask) -> tuple[str, str]:
     """`("a+b=", "sum")` with `a`, `b` uniform on `[0, 10**digits)`."""
-    a, b = rng.randrange(10**digits), rng.randrange(10**digits)
+    a, b = rng.randrange(10**task.digits), rng.randrange(10**task.digits)
     return f"{a}+{b}=", str(a + b)
 
 
-def reverse_problem(rng: random.Random, digits: int) -> tuple[str, str]:
-    """`("rev abc=", "cba")` for a random lowercase string of `digits..2*digits` letters."""
-    word = "".join(rng.choices(string.ascii_lowercase, k=rng.randint(digits, 2 * digits)))
+def reverse_problem(rng: random.Random, task: BuiltinTask) -> tuple[str, str]:
+    """`("rev abcde=", "edcba")` for a random lowercase string of `length` letters."""
+    word = "".join(rng.choices(string.ascii_lowercase, k=task.length))
     return f"rev {word}=", word[::-1]
 
 
@@ -129,14 +139,15 @@ def builtin_examples(task: BuiltinTask, split: str) -> list[Example]:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     count = task.num_train if split == "train" else task.num_val
     want_val = split == "val"
-    rng = random.Random(f"{task.name}|{task.digits}|{task.seed}|{split}")
+    size = task.digits if task.name == "builtin:arith" else task.length
+    rng = random.Random(f"{task.name}|{size}|{task.seed}|{split}")
     examples: list[Example] = []
     attempts = 0
     while len(examples) < count:
         attempts += 1
         if attempts > 1000 * count + 10_000:
-            raise DataError(f"{task.name} with digits={task.digits} has no {split} problems")
-        prompt, answer = PROBLEMS[task.name](rng, task.digits)
+            raise DataError(f"{task.name} of size {size} has no {split} problems")
+        prompt, answer = PROBLEMS[task.name](rng, task)
         if is_validation_problem(prompt) == want_val:
             examples.append(Example(prompt, answer, task.name, {"split": split}))
     return examples
@@ -249,7 +260,9 @@ def load_prompts(
     for entry in as_file_list(files):
         if entry.startswith("builtin:"):
             task = builtin or BuiltinTask()
-            task = BuiltinTask(entry, task.digits, task.num_train, task.num_val, task.seed)
+            task = BuiltinTask(
+                entry, task.digits, task.num_train, task.num_val, task.seed, task.length
+            )
             rows = [
                 (e.prompt, e.ground_truth, e.data_source, e.extra_info)
                 for e in builtin_examples(task, split)

@@ -129,6 +129,6 @@ def test_resolve_model_path(tmp_path):
     path = resolve_model_path(
         "builtin:tiny", 2, ["builtin:reverse"], ONE_DIGIT, cache_dir=tmp_path, progress=False
     )
-    assert "reverse-d1-2-" in path and pretrain.read_metadata(path)["task"]["name"] == (
+    assert "reverse-l5-2-" in path and pretrain.read_metadata(path)["task"]["name"] == (
         "builtin:reverse"
     )

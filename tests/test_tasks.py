@@ -36,10 +36,10 @@ def test_arith_examples_are_correct_sums_with_configured_digits():
 
 
 def test_reverse_examples():
-    examples = builtin_examples(BuiltinTask("builtin:reverse", digits=2, num_val=50), "val")
+    examples = builtin_examples(BuiltinTask("builtin:reverse", length=4, num_val=50), "val")
     for example in examples:
         word = example.prompt.removeprefix("rev ").removesuffix("=")
-        assert example.ground_truth == word[::-1] and 2 <= len(word) <= 4
+        assert example.ground_truth == word[::-1] and len(word) == 4
 
 
 @pytest.mark.parametrize("name", ["builtin:arith", "builtin:reverse"])
@@ -59,6 +59,16 @@ def test_builtin_task_rejects_bad_settings():
         BuiltinTask("builtin:sudoku")
     with pytest.raises(DataError, match="digits"):
         BuiltinTask(digits=0)
+    with pytest.raises(DataError, match="length"):
+        BuiltinTask("builtin:reverse", length=0)
+
+
+def test_builtin_task_from_config():
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(digits=3, num_train=10, num_val=4, seed=2, length=7)
+    task = BuiltinTask.from_config("builtin:reverse", cfg)
+    assert (task.name, task.digits, task.length, task.num_train) == ("builtin:reverse", 3, 7, 10)
 
 
 def test_batch_indices_cover_each_epoch_once_and_are_reproducible():
