@@ -14,11 +14,12 @@ How a proposal is made, and why:
    statistic itself. Each candidate is evaluated exactly (with :mod:`rcx.correction`, through the
    what-if) and the *tightest* bound whose masked fraction stays within the criterion's share of
    the budget (``max_masked / number of criteria``) is proposed: it removes the most extreme
-   tokens the budget allows. Since a token is rejected when any criterion rejects it, the joint
+   tokens the budget allows, but never goes tighter than ``rcx validate`` accepts without its
+   "rejects almost everything" warning (RCX-W007, ``|log r| < 0.02``). Since a token is rejected when any criterion rejects it, the joint
    masked fraction is at most the sum of the shares, so the combined proposal meets the target.
 2. **IS cap.** Truncating at a lower cap raises the ESS but biases the estimate more; the
-   proposal is the *largest* candidate cap whose ESS meets ``min_ess`` (least truncation that
-   does). ESS does not depend on RS (it is taken over all valid tokens, SPEC §3.3).
+   proposal is the *largest* candidate cap (at most 10) whose ESS meets ``min_ess`` (least
+   truncation that does). ESS does not depend on RS (it is taken over all valid tokens, SPEC §3.3).
 3. The combined config is replayed once more and reported: every number printed is measured on
    the dump, not predicted.
 """
@@ -33,6 +34,7 @@ from typing import Literal
 
 import torch
 
+from rcx.config.findings import TIGHT_LOG_RATIO
 from rcx.config.thresholds import CRITERIA, resolve_rs_criteria
 from rcx.whatif import CorrectionSettings, DumpStack, Replayer, WhatifResult
 
@@ -40,11 +42,10 @@ from rcx.whatif import CorrectionSettings, DumpStack, Replayer, WhatifResult
 REJECTION_LEVELS = tuple(
     float(f"{x:.3g}") for x in torch.logspace(-4, math.log10(0.5), 28).tolist()
 )
-#: Candidate IS caps (besides quantiles of the ratios).
-# fmt: off
-IS_CAPS = (1.01, 1.02, 1.05, 1.1, 1.2, 1.3, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0, 7.5, 10.0,
-           20.0, 50.0, 100.0)
-# fmt: on
+#: Candidate IS caps (besides quantiles of the ratios). Nothing above MAX_CAP is proposed: a cap
+#: that high hardly truncates, and when even it meets the ESS target, so does any lower one.
+IS_CAPS = (1.01, 1.02, 1.05, 1.1, 1.2, 1.3, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0, 7.5, 10.0)
+MAX_CAP = 10.0
 IsLevel = Literal["token", "sequence"]
 
 
@@ -82,6 +83,7 @@ class RsPoint:
     masked_fraction: float
     masked_fraction_max: float  # worst step
     seq_masked_fraction: float
+    too_tight: bool = False  # tighter than rcx validate accepts without RCX-W007: never proposed
 
 
 @dataclass
@@ -161,26 +163,45 @@ def _round_up(x: float) -> float:
     return math.ceil(x * scale - 1e-9) / scale
 
 
+def tightest_sane_value(criterion: str) -> float:
+    """The floor of a criterion's statistic bound: the validator's RCX-W007 limit.
+
+    ``rcx validate`` warns when a bound keeps only tokens with ``|log r| < TIGHT_LOG_RATIO``
+    (it would reject almost everything at typical mismatch); calibration never proposes a bound
+    tighter than that, even when the rejection budget would allow it. In the statistic's space:
+    ``|log r|`` itself for k1, ``0.5 log_r^2`` for k2, ``r - 1 - log r`` at ``log r = +limit``
+    for k3.
+    """
+    statistic = CRITERIA[criterion][1]
+    x = TIGHT_LOG_RATIO * 1.001  # strictly outside the warning, after rounding too
+    if statistic == "k1":
+        return x
+    if statistic == "k2":
+        return 0.5 * x * x
+    return math.expm1(x) - x
+
+
 def candidate_entries(replayer: Replayer, criterion: str) -> list[tuple[str, float]]:
-    """(threshold entry, U) candidates from quantiles of the criterion's statistic, loosest first."""
+    """(threshold entry, U) candidates from quantiles of the criterion's statistic, loosest first.
+
+    The floor :func:`tightest_sane_value` is always a candidate; candidates tighter than it are
+    kept (the curve shows them) but :func:`rs_curve` marks them ``too_tight``.
+    """
     values = criterion_statistic(replayer, criterion)
     if values.numel() == 0:
         return []
     levels = torch.tensor([1.0 - q for q in REJECTION_LEVELS], dtype=torch.float64)
-    quantiles = torch.quantile(values, levels).tolist()
+    floor = tightest_sane_value(criterion)
+    quantiles = [q for q in torch.quantile(values, levels).tolist() if q > 0] + [floor]
     k1 = CRITERIA[criterion][1] == "k1"
     out: dict[str, float] = {}
     for q in quantiles:
         if k1:
             upper = _round_up(math.exp(min(q, 20.0)))
-            if upper <= 1.0:
-                continue
             # 1/U is written rounded down so the interval is never narrower than [1/U, U].
             entry = f"{_fmt_down(1.0 / upper)}_{_fmt(upper)}"
         else:
             upper = _round_up(q)
-            if upper <= 0.0:
-                continue
             entry = _fmt(upper)
         out.setdefault(entry, upper)
     return sorted(out.items(), key=lambda kv: -kv[1])
@@ -203,6 +224,8 @@ def _fmt_down(x: float) -> str:
 def rs_curve(replayer: Replayer, criterion: str) -> list[RsPoint]:
     """Masked fractions of every candidate bound of one criterion, loosest first."""
     points = []
+    floor = tightest_sane_value(criterion)
+    floor_bound = _round_up(math.exp(floor)) if CRITERIA[criterion][1] == "k1" else _round_up(floor)
     for entry, upper in candidate_entries(replayer, criterion):
         rejected, seq_rejected = replayer.criterion_stats(criterion, entry)
         sh = replayer.shared
@@ -214,6 +237,7 @@ def rs_curve(replayer: Replayer, criterion: str) -> list[RsPoint]:
                 masked_fraction=float(rejected.sum() / sh.tokens_per_step.sum()),
                 masked_fraction_max=float(per_step.max()),
                 seq_masked_fraction=float(seq_rejected.sum() / sh.seqs_per_step.sum()),
+                too_tight=upper < floor_bound,
             )
         )
     return points
@@ -228,7 +252,8 @@ def is_curve(replayer: Replayer, level: IsLevel) -> list[IsPoint]:
         units = sh.seq_log_ratio[sh.seq_valid].to(torch.float64)
     levels = torch.tensor([0.5, 0.75, 0.9, 0.95, 0.99, 0.999], dtype=torch.float64)
     from_data = [math.exp(q) for q in torch.quantile(units, levels).tolist()]
-    caps = sorted({_round_up(c) for c in (*IS_CAPS, *from_data) if c > 1.0 + 1e-6}, reverse=True)
+    caps = {_round_up(c) for c in (*IS_CAPS, *from_data) if 1.0 + 1e-6 < c <= MAX_CAP}
+    caps = sorted(caps, reverse=True)
     points = []
     for cap in caps:
         r = replayer.replay(CorrectionSettings(rollout_is=level, rollout_is_threshold=cap))
@@ -242,8 +267,9 @@ def is_curve(replayer: Replayer, level: IsLevel) -> list[IsPoint]:
 
 
 def choose_rs(points: Sequence[RsPoint], budget: float, key: str) -> RsPoint | None:
-    """The tightest bound (most rejection) whose masked fraction is within ``budget``."""
-    fitting = [p for p in points if getattr(p, key) <= budget]
+    """The tightest bound (most rejection) whose masked fraction is within ``budget``, among the
+    points that are not ``too_tight``."""
+    fitting = [p for p in points if getattr(p, key) <= budget and not p.too_tight]
     return min(fitting, key=lambda p: p.bound) if fitting else None
 
 
@@ -298,6 +324,14 @@ def calibrate(
             )
         if pick is None:
             notes.append(f"{name}: no mismatch measurable on this dump; no bound proposed")
+        tighter = [p for p in curve if pick is not None and p.bound < pick.bound]
+        if tighter and all(p.too_tight for p in tighter) and budget > 0:
+            fits = [p for p in tighter if getattr(p, masked_key) <= budget]
+            if fits:
+                notes.append(
+                    f"{name}: the budget allows tighter bounds, but {pick.entry} is the tightest "
+                    f"rcx validate accepts without RCX-W007 (|log r| < {TIGHT_LOG_RATIO})"
+                )
         chosen[name] = pick
         if pick is not None:
             entries.append((name, pick.entry))
@@ -359,8 +393,18 @@ def plot_calibration(cal: Calibration, path: Path) -> Path | None:
         if pick is not None:
             ax.plot([pick.bound], [getattr(pick, key)], "o", color="red", label=pick.entry)
         k1 = CRITERIA[name][1] == "k1"
+        tight = [p for p in curve if p.too_tight]
+        if tight:
+            ax.plot(
+                [p.bound for p in tight],
+                [getattr(p, key) for p in tight],
+                "x",
+                color="gray",
+                label="too tight (RCX-W007)",
+            )
         ax.set_xscale("log")
         ax.set_yscale("symlog", linthresh=1e-4)
+        ax.set_ylim(bottom=0)
         ax.set_xlabel("U (keeps r in [1/U, U])" if k1 else "U (upper bound)")
         ax.set_ylabel(key.replace("_", " "))
         ax.set_title(name)

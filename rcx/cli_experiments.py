@@ -457,7 +457,7 @@ def rs_table(cal: Any, name: str) -> Table:
         table.add_column(col, justify="right")
     chosen = cal.rs_chosen.get(name)
     for p in cal.rs_curves[name]:
-        mark = "<- proposed" if chosen is p else ""
+        mark = "<- proposed" if chosen is p else ("too tight (W007)" if p.too_tight else "")
         table.add_row(
             p.entry,
             f"{p.masked_fraction:.3%}",

@@ -214,3 +214,18 @@ def test_cli_exit_1_when_a_target_cannot_be_met(dump_dir: Path, tmp_path: Path) 
     assert result.exit_code == 1
     assert "does NOT meet every target" in result.output
     assert "Traceback" not in result.output
+
+
+def test_tiny_mismatch_never_gets_a_bound_the_validator_warns_about(tmp_path: Path) -> None:
+    write_synthetic_dumps(
+        tmp_path, steps=3, batch=64, length=8, log_ratio_std=0.002, outlier_share=0.0
+    )
+    stack = load_dumps([tmp_path])
+    cal = calibrate(stack, criteria=["token_k1", "seq_max_k2"], targets=Targets(0.05, 0.9))
+    # The budget would allow |log r| ~ 0.003 bounds; the proposal stops at the W007 floor.
+    assert cal.proposal.rollout_rs_threshold == "0.9794_1.021,0.0002005"
+    report = validate_sources(overrides=cal.overrides())
+    assert report.valid
+    assert not [f for f in report.findings if f.code == "RCX-W007"], report.findings
+    assert sum("RCX-W007" in note for note in cal.notes) == 2
+    assert cal.proposal.rollout_is_threshold == 10.0  # ESS met everywhere: least truncation
