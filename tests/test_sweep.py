@@ -703,3 +703,20 @@ def test_trainer_sweep_failing_trial_then_resume_skips_the_finished_one(
     resumed = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     assert resumed["parent_run_id"] == state["parent_run_id"]
     assert resumed["trials"]["t00"]["result"] == state["trials"]["t00"]["result"]
+
+
+def test_cli_sweep_file_dry_run(tmp_path: Path) -> None:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(
+        "name: from-file\npreset: grpo-multi-rs\n"
+        f"grid:\n  {RS_AXIS}: ['0.6_1.6,2.5', '0.5_2,3.0', '0.7_1.4,5']\n"
+        "metric: reward/mean\nmode: min\n"
+    )
+    result = CliRunner().invoke(
+        make_app(),
+        ["sweep", "--sweep", str(path), "--grid", f"{IS_AXIS}=1.5,2", "--dry-run"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "sweep from-file: 6 trials" in result.output
+    assert "0.5_2,3.0" in result.output and "0.7_1.4,5" in result.output
+    assert "dry run: 6 valid trials" in result.output
