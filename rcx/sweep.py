@@ -689,7 +689,9 @@ def run_in_processes(
 
     A process that dies without a result (a crash, a kill) is recorded FAILED with its exit code.
     On Ctrl-C (which the terminal also delivers to the children) running trials get up to 30 s to
-    record their own interruption before they are terminated.
+    record their own interruption before they are terminated. A trial that reports KILLED (the
+    trainer caught Ctrl-C) also stops the sweep: no new trial starts, the running ones are
+    awaited, then ``KeyboardInterrupt`` is raised, even if this process never saw the signal.
     """
     import multiprocessing as mp
 
@@ -699,20 +701,18 @@ def run_in_processes(
     results_dir = Path(out_dir) / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
 
-    def collect(name: str) -> None:
+    def collect(name: str) -> TrialResult:
         proc, spec, path = running.pop(name)
         proc.join()
         if path.is_file():
-            record(TrialResult.from_json(json.loads(path.read_text())))
+            result = TrialResult.from_json(json.loads(path.read_text()))
         else:
-            record(
-                TrialResult(
-                    spec.name,
-                    "FAILED",
-                    error=f"trial process exited with code {proc.exitcode} without a result",
-                )
-            )
+            error = f"trial process exited with code {proc.exitcode} without a result"
+            result = TrialResult(spec.name, "FAILED", error=error)
+        record(result)
+        return result
 
+    interrupted = False
     try:
         while queue or running:
             while queue and len(running) < parallel:
@@ -724,8 +724,12 @@ def run_in_processes(
                 running[spec.name] = (proc, spec, path)
                 on_event(f"{spec.name} started in process {proc.pid}")
             for name in [n for n, (p, _, _) in running.items() if not p.is_alive()]:
-                collect(name)
+                if collect(name).status == "KILLED":
+                    interrupted = True
+                    queue.clear()
             time.sleep(0.05)
+        if interrupted:
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
         deadline = time.monotonic() + 30
         for proc, _, _ in running.values():

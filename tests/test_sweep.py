@@ -389,6 +389,32 @@ def test_parallel_processes_isolate_crashes_and_failures(tmp_path: Path) -> None
     assert len(pids) == 3  # each trial in its own process, none in this one
 
 
+def killed_first(spec: TrialSpec) -> TrialResult:
+    """t00 reports what the trainer reports after Ctrl-C; the others take a moment."""
+    import time
+
+    if spec.name == "t00":
+        return TrialResult(spec.name, "KILLED", error="training ended KILLED at step 3")
+    time.sleep(1.0)
+    return TrialResult(spec.name, "FINISHED")
+
+
+def test_a_killed_trial_in_a_process_stops_the_sweep(tmp_path: Path) -> None:
+    plan = plan_sweep(
+        base_raw(tmp_path, None), [parse_grid(f"{IS_AXIS}=1.5,2,3,4")], name="k", out_dir=tmp_path
+    )
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(plan, trial_fn=killed_first, parallel=2)
+    state = json.loads((tmp_path / "sweep.json").read_text())
+    # t01 ran alongside t00 and was awaited; t02 and t03 never started.
+    assert [t["status"] for t in state["trials"].values()] == [
+        "KILLED",
+        "FINISHED",
+        "PENDING",
+        "PENDING",
+    ]
+
+
 class FakeRef:
     """An object ref (hashable by identity, like Ray's)."""
 
