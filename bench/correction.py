@@ -6,7 +6,8 @@ Run with ``make bench`` (or ``python bench/correction.py [--quick]``). Two threa
 1. token IS (C=2) + RS ``token_k1,seq_max_k2`` with ``0.5_2.0,2.5``
 2. sequence IS (C=2) + batch normalisation
 
-Time: median of >= 7 runs after a warm-up, rcx and the reference interleaved in one process.
+Time: median of >= 7 runs after a warm-up, rcx and the reference interleaved in one process;
+wall-clock ms, and CPU ms of the process (less disturbed when other processes share the cores).
 Peak extra memory: in a fresh subprocess (after a warm-up call on smaller inputs), VmHWM after
 resetting it through ``/proc/self/clear_refs`` minus VmRSS before the call, outputs included, with
 ``MALLOC_MMAP_THRESHOLD_`` fixed so that RSS tracks the live tensor buffers.
@@ -250,11 +251,14 @@ def make_inputs(
     return train, rollout, mask
 
 
-def time_ms(fn, inputs: tuple[torch.Tensor, ...], kwargs: dict) -> float:
-    """Wall time of one call, in ms."""
-    start = time.perf_counter()
+def time_ms(fn, inputs: tuple[torch.Tensor, ...], kwargs: dict) -> tuple[float, float]:
+    """Wall time and CPU time (all threads of this process) of one call, in ms.
+
+    CPU time is the less disturbed figure when other processes compete for the cores.
+    """
+    wall, cpu = time.perf_counter(), time.process_time()
     fn(*inputs, **kwargs)
-    return (time.perf_counter() - start) * 1e3
+    return (time.perf_counter() - wall) * 1e3, (time.process_time() - cpu) * 1e3
 
 
 def _status_kib(field: str) -> int:
@@ -318,9 +322,9 @@ def main() -> None:
         f"load average before: {load} (other processes slow both columns alike)"
     )
     header = (
-        f"{'shape':>12}  {'case':<32} {'rcx ms':>8} {'ref ms':>8} {'ref/rcx':>8} "
-        f"{'verl ms':>8} {'verl/rcx':>9} {'rcx +MiB':>9} {'ref +MiB':>9} {'inputs MiB':>10} "
-        f"{'rcx/in':>7}"
+        f"{'shape':>12}  {'case':<31} {'rcx ms':>7} {'ref ms':>7} {'ref/rcx':>7} "
+        f"{'verl ms':>8} {'verl/rcx':>9} {'rcx cpu':>7} {'ref cpu':>7} {'ref/rcx':>7} "
+        f"{'rcx+MiB':>7} {'ref+MiB':>7} {'in MiB':>6} {'rcx/in':>6}"
     )
     print(header)
     print("-" * len(header))
@@ -336,7 +340,8 @@ def main() -> None:
             for _ in range(args.runs):  # interleaved
                 rcx_times.append(time_ms(compute_rollout_correction, inputs, kwargs))
                 ref_times.append(time_ms(reference_correction, inputs, kwargs))
-            rcx_ms, ref_ms = statistics.median(rcx_times), statistics.median(ref_times)
+            rcx_ms, rcx_cpu = (statistics.median(t) for t in zip(*rcx_times, strict=True))
+            ref_ms, ref_cpu = (statistics.median(t) for t in zip(*ref_times, strict=True))
             verl = VERL_MS.get((shape, case), "-")
             verl_ratio = "-"
             if verl != "-":
@@ -344,9 +349,9 @@ def main() -> None:
             rcx_mem = peak_extra_mib("rcx", shape, case)
             ref_mem = peak_extra_mib("ref", shape, case)
             print(
-                f"{str(shape):>12}  {case:<32} {rcx_ms:8.2f} {ref_ms:8.2f} {ref_ms / rcx_ms:7.2f}x "
-                f"{verl:>8} {verl_ratio:>9} {rcx_mem:9.1f} {ref_mem:9.1f} {input_mib:10.1f} "
-                f"{rcx_mem / input_mib:6.2f}x"
+                f"{str(shape):>12}  {case:<31} {rcx_ms:7.2f} {ref_ms:7.2f} {ref_ms / rcx_ms:6.2f}x "
+                f"{verl:>8} {verl_ratio:>9} {rcx_cpu:7.2f} {ref_cpu:7.2f} {ref_cpu / rcx_cpu:6.2f}x "
+                f"{rcx_mem:7.1f} {ref_mem:7.1f} {input_mib:6.1f} {rcx_mem / input_mib:5.2f}x"
             )
     print(
         "targets (issue 3): >= 3x faster than verl (2x / 2.8x faster than the reference for "
