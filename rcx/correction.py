@@ -14,6 +14,19 @@ with mask m[i,t], ``log_r = clamp(lp_train - lp_rollout, -20, 20)`` and ``r = ex
 Tokens whose log-ratio is NaN or +-inf at a valid position are dropped from the returned mask,
 counted in ``rollout_corr/nonfinite_fraction`` and left out of every other statistic. Every
 statistic is taken over the remaining valid tokens; a sequence with none is ignored everywhere.
+
+Where rcx differs from verl's ``rollout_corr_helper`` on purpose (same weights, masks and metrics
+otherwise, for symmetric k1 bounds and every k2/k3 criterion):
+
+- k1 bounds apply to r (``L <= r <= U``); verl bounds 1/r. Same set when ``L = 1/U``.
+- ``_fraction_high`` / ``_fraction_low`` of a k1 criterion are the shares with r above U / below
+  L (verl: -log r above log U / below log L, i.e. the two swapped for symmetric bounds).
+- ``rollout_is_eff_sample_size`` is of the applied (truncated) weights; verl first clamps them to
+  [1/C, C]. ``rollout_is_std`` is of the raw ratios; verl's is of ratios clamped to [1/C, C].
+- Per-sequence log-ratio sums are clamped to +-20 everywhere (seq_sum_k1, sequence IS, chi2_seq),
+  and kl / k3_kl / log_ppl_diff use the clamped per-token log-ratio; verl clamps only before exp.
+- Sequences without a valid token are left out of every per-sequence statistic (verl counts
+  them in some: ``rollout_rs_seq_masked_fraction``, the ppl metrics, the IS fractions).
 """
 
 from __future__ import annotations
