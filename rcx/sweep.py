@@ -6,7 +6,7 @@ The pieces, in the order a sweep uses them::
     plan = plan_sweep(base_raw, axes, name="thr", out_dir=Path("sweeps/thr"))  # cartesian product
     bad = invalid_trials(plan)          # every trial validated before anything runs
     outcome = run_sweep(plan, trial_fn=run_trainer_trial, parallel=1)
-    ranked = rank_trials(outcome.trials, metric, mode)   # the summary table
+    ranked = rank_trials(plan.trials, outcome.results, plan.metric, plan.mode)  # the table
 
 Contracts:
 
@@ -22,8 +22,11 @@ Contracts:
   (same name and grid) reruns only trials that are not ``FINISHED``.
 * **Failures.** A trial that raises is recorded ``FAILED`` (in the state file and as a FAILED
   child run carrying the error in the tag ``rcx.error`` and the artifact ``error.txt``); the
-  others go on. Ctrl-C marks running trials ``KILLED``, the parent run ``KILLED``, keeps every
-  finished trial, and re-raises ``KeyboardInterrupt``.
+  others go on. Ctrl-C (or a trial reporting ``KILLED``: the trainer caught Ctrl-C and saved a
+  checkpoint) starts no further trial, marks running trials ``KILLED``, the parent run
+  ``KILLED``, keeps every finished trial, and re-raises ``KeyboardInterrupt``. On resume, a
+  KILLED trial continues from its checkpoint in the same MLflow run (the trainer's
+  ``resume_mode: auto``).
 * **Executors.** ``local`` runs trials one after another in this process (``parallel=1``) or in
   N spawned processes; ``ray`` submits each trial as a task to an existing Ray cluster. Ray is an
   optional extra: it is imported only when asked for.
@@ -40,7 +43,7 @@ import json
 import os
 import time
 import traceback
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -392,8 +395,9 @@ def call_trial(trial_fn: TrialFn, spec: TrialSpec) -> TrialResult:
 def run_trainer_trial(spec: TrialSpec) -> TrialResult:
     """The default trial: one :func:`rcx.trainer.train` run, nested under the sweep's parent run.
 
-    The final metrics and the ranking metric's curve are read back from MLflow when the trainer
-    logged there, else taken from what ``train`` returned.
+    The result carries the last value of every metric, the ranking metric's curve, the status
+    (FINISHED, or KILLED after Ctrl-C) and the MLflow run id. An exception propagates: the sweep
+    records it as FAILED (the trainer has already marked its own run FAILED).
     """
     from rcx.trainer import train  # lazy: torch is heavy
 
@@ -402,34 +406,16 @@ def run_trainer_trial(spec: TrialSpec) -> TrialResult:
         parent_run_id=spec.parent_run_id,
         tags={"rcx.sweep.trial": spec.name, "rcx.sweep.params": json.dumps(spec.params)[:4000]},
     )
-    history = {k: list(v) for k, v in out.history.items()}
     final = dict(out.metrics)
-    for key, points in history.items():
+    for key, points in out.history.items():
         if points:
-            final[key] = max(points)[1]
+            final[key] = max(points)[1]  # the value at the last step it was logged
+    # Only the ranking metric's curve is kept (the full history is in MLflow).
+    history = {spec.metric: list(out.history.get(spec.metric, []))}
     error = None if out.status == "FINISHED" else f"training ended {out.status} at step {out.step}"
     return TrialResult(
         spec.name, out.status, run_id=out.run_id, final=final, history=history, error=error
     )
-
-
-def read_run_metrics(
-    tracking_uri: str | None, run_id: str, curves: Iterable[str]
-) -> tuple[dict[str, float], dict[str, list[tuple[int, float]]]]:
-    """(latest value of every metric of the run, full history of each metric in ``curves``)."""
-    from mlflow.tracking import MlflowClient
-
-    from rcx.tracking import resolve_tracking_uri
-
-    client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
-    run = client.get_run(run_id)
-    final = {k: float(v) for k, v in run.data.metrics.items()}
-    history = {}
-    for key in curves:
-        points = client.get_metric_history(run_id, key)
-        if points:
-            history[key] = sorted((int(m.step), float(m.value)) for m in points)
-    return final, history
 
 
 # ------------------------------------------------------------------------------------ state ---
