@@ -356,6 +356,19 @@ def test_combined_criteria_keep_the_intersection():
     assert metric(out, "rollout_rs_seq_max_k2_masked_fraction") == approx(2 / 8)
 
 
+def test_is_and_rs_together_report_what_each_reports_alone():
+    # IS with C = 2 and token_k1 with 0.5_2 share their comparisons internally
+    both = compute_rollout_correction(
+        *batch(THREE_ROWS), rollout_is="token", rollout_is_threshold=2.0,
+        rollout_rs="token_k1,seq_max_k2", rollout_rs_threshold="0.5_2,0.25",
+    )  # fmt: skip
+    is_only = compute_rollout_correction(*batch(THREE_ROWS), rollout_is="token")
+    rs_only = rs("token_k1,seq_max_k2", "0.5_2,0.25")
+    assert both.metrics == {**is_only.metrics, **rs_only.metrics}
+    assert torch.equal(both.mask, rs_only.mask)
+    assert torch.equal(both.weights, is_only.weights)
+
+
 def test_shared_threshold_entry_and_float_threshold():
     a = rs("seq_sum_k2,seq_mean_k2", "0.5")
     b = rs("seq_sum_k2,seq_mean_k2", "0.5,0.5")
