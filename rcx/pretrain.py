@@ -7,8 +7,13 @@ model config, tokenizer, task settings, steps, seed and optimiser settings, so a
 a new one. The directory is written under a temporary name and renamed into place, so an
 interrupted run never leaves a half-written cache entry.
 
-Recipe (SFT on the task's training split, loss on the answer and EOS only): batch 128, AdamW
-lr 3e-3 with 50 linear warm-up steps then constant, betas (0.9, 0.98), weight decay 0.01.
+Recipe (SFT on the first 5000 problems of the task's training split, loss on the answer and
+EOS only): batch 128, AdamW lr 3e-3 with 50 linear warm-up steps then constant, betas
+(0.9, 0.98), weight decay 0.01. The learning curve of 2-digit addition is a plateau followed by
+a sharp rise (measured: ~5 % sampled accuracy at 300 steps, ~15 % at 500, ~40 % at 600, ~60 %
+at 700), whose position varies with the data; so `steps` is a maximum and training stops as
+soon as a probe of 128 training problems, sampled at temperature 1 every 50 steps, reaches
+30 % exact match: RL starts with signal and room to improve.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -48,7 +54,7 @@ from rcx.tasks import (
 )
 
 CACHE_FORMAT = 1
-DEFAULT_WARM_START_STEPS = 300  # actor_rollout_ref.model.warm_start_steps default (see bench)
+DEFAULT_WARM_START_STEPS = 1000  # a maximum: the probe usually stops it at 550-650 steps
 METADATA_FILE = "warm_start.json"
 
 
@@ -63,6 +69,23 @@ class SFTSettings:
     beta2: float = 0.98
     weight_decay: float = 0.01
     max_grad_norm: float = 0.0  # 0 = no clipping
+    schedule: str = "constant"  # after warm-up: "constant", or "cosine" down to min_lr_ratio
+    min_lr_ratio: float = 0.1
+    pool_size: int = 5000  # SFT draws from the first pool_size training problems
+    target_accuracy: float = 0.3  # stop once the probe's sampled accuracy reaches it (0: off)
+    probe_every: int = 50
+    probe_size: int = 128
+
+
+def lr_factor(step: int, steps: int, settings: SFTSettings) -> float:
+    """The learning-rate multiplier at `step` of `steps`: linear warm-up, then the schedule."""
+    warmup = min(1.0, (step + 1) / max(1, settings.warmup_steps))
+    if settings.schedule == "constant":
+        return warmup
+    if settings.schedule != "cosine":
+        raise ValueError(f"unknown warm-start schedule {settings.schedule!r}")
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, steps))))
+    return warmup * (settings.min_lr_ratio + (1 - settings.min_lr_ratio) * cosine)
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -80,13 +103,22 @@ def warm_start_key(task: BuiltinTask, steps: int, seed: int, settings: SFTSettin
         "format": CACHE_FORMAT,
         "model": config,
         "chars": TINY_CHARS,
-        "task": asdict(task),
+        "task": sft_task_key(task),
         "steps": steps,
         "seed": seed,
         "sft": asdict(settings),
     }
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def sft_task_key(task: BuiltinTask) -> dict:
+    """The task fields the warm start depends on (not num_train / num_val: the SFT pool and
+    probe have their own sizes)."""
+    key = asdict(task)
+    key.pop("num_train")
+    key.pop("num_val")
+    return key
 
 
 def warm_start_dir(
@@ -111,7 +143,8 @@ def ensure_warm_start(
     progress: bool = True,
     settings: SFTSettings = SFTSettings(),
 ) -> Path:
-    """The HF model directory of `builtin:tiny` warm-started on `task` for `steps` SFT steps.
+    """The HF model directory of `builtin:tiny` warm-started on `task` for at most `steps`
+    SFT steps (see `supervised_finetune` for the early stop).
 
     Cached: a second call with the same arguments returns at once. `steps` must be >= 1 (with
     `warm_start_steps: 0` the trainer uses the untrained `builtin:tiny` instead).
@@ -123,18 +156,22 @@ def ensure_warm_start(
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     model, tokenizer = build_tiny_model(seed)
-    started = time.perf_counter()
-    losses = supervised_finetune(model, tokenizer, task, steps, seed, settings, progress)
-    seconds = time.perf_counter() - started
+    started, cpu_started = time.perf_counter(), time.process_time()
+    result = supervised_finetune(model, tokenizer, task, steps, seed, settings, progress)
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     val = builtin_examples(task, "val")
     metadata = {
         "model": BUILTIN_TINY,
         "task": asdict(task),
         "steps": steps,
+        "steps_run": result.steps_run,
+        "probes": result.probes,
         "seed": seed,
         "sft": asdict(settings),
-        "final_loss": sum(losses[-10:]) / len(losses[-10:]),
+        "final_loss": sum(result.losses[-10:]) / len(result.losses[-10:]),
         "seconds": round(seconds, 2),
+        "cpu_seconds": round(cpu_seconds, 2),  # ~ wall time on an idle machine at 1 thread
+        "threads": torch.get_num_threads(),
         "val_sampled_accuracy": sampled_accuracy(model, tokenizer, val, seed=seed),
         "val_greedy_accuracy": sampled_accuracy(model, tokenizer, val, seed=seed, greedy=True),
     }
@@ -235,6 +272,30 @@ def answer_loss(
     )
 
 
+@dataclass
+class SFTResult:
+    """What a warm start did: losses per step, and the probe accuracies it stopped on."""
+
+    losses: list[float]
+    probes: list[tuple[int, float]]  # (steps done, sampled accuracy on the probe set)
+
+    @property
+    def steps_run(self) -> int:
+        return len(self.losses)
+
+
+def sft_pool(task: BuiltinTask, settings: SFTSettings) -> list[Example]:
+    """The warm start's training examples: the first `pool_size` of the task's train stream
+    (a subset of RL's training prompts, whatever `num_train` is)."""
+    return builtin_examples(dataclasses.replace(task, num_train=settings.pool_size), "train")
+
+
+def probe_set(task: BuiltinTask, settings: SFTSettings) -> list[Example]:
+    """Training-split problems drawn with another seed: the early-stopping probe."""
+    probe = dataclasses.replace(task, num_train=settings.probe_size, seed=task.seed + 7919)
+    return builtin_examples(probe, "train")
+
+
 def supervised_finetune(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -243,30 +304,35 @@ def supervised_finetune(
     seed: int = 0,
     settings: SFTSettings = SFTSettings(),
     progress: bool = False,
-) -> list[float]:
-    """Train `model` in place for `steps` SFT steps on `task`'s training split; the losses."""
-    examples = builtin_examples(task, "train")
+) -> SFTResult:
+    """Train `model` in place on `task` for at most `steps` SFT steps.
+
+    Every `settings.probe_every` steps the sampled (temperature 1) accuracy on a probe set of
+    training problems is measured; training stops as soon as it reaches
+    `settings.target_accuracy` (0 disables the early stop), so RL starts from a policy that is
+    right part of the time, whatever the shape of the learning curve.
+    """
+    examples = sft_pool(task, settings)
+    probe = probe_set(task, settings) if settings.target_accuracy > 0 else []
     optimizer = torch.optim.AdamW(
         model.parameters(),
         lr=settings.lr,
         betas=(settings.beta1, settings.beta2),
         weight_decay=settings.weight_decay,
     )
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / max(1, settings.warmup_steps))
-    )
-    model.train()
-    losses: list[float] = []
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, settings))
+    result = SFTResult([], [])
     with Progress(
         TextColumn("warm start {task.fields[name]}"),
         BarColumn(),
-        TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"),
+        TextColumn("{task.completed}/{task.total} loss {task.fields[loss]} acc {task.fields[acc]}"),
         TimeElapsedColumn(),
         disable=not progress,
         transient=False,
     ) as bar:
-        bar_task = bar.add_task("sft", total=steps, name=task.name, loss="-")
+        bar_task = bar.add_task("sft", total=steps, name=task.name, loss="-", acc="-")
         for step in range(steps):
+            model.train()
             indices = batch_indices(len(examples), step, settings.batch_size, seed)
             batch = sft_batch([examples[i] for i in indices], tokenizer)
             loss = answer_loss(model, *batch)
@@ -276,10 +342,17 @@ def supervised_finetune(
                 torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
             optimizer.step()
             schedule.step()
-            losses.append(loss.item())
+            result.losses.append(loss.item())
             bar.update(bar_task, advance=1, loss=f"{loss.item():.3f}")
+            if probe and (step + 1) % settings.probe_every == 0:
+                accuracy = sampled_accuracy(model, tokenizer, probe, seed=seed + step)
+                result.probes.append((step + 1, accuracy))
+                bar.update(bar_task, acc=f"{accuracy:.0%}")
+                if accuracy >= settings.target_accuracy:
+                    bar.update(bar_task, total=step + 1)
+                    break
     model.eval()
-    return losses
+    return result
 
 
 def sampled_accuracy(

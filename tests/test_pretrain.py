@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -23,7 +24,7 @@ from rcx.pretrain import (
 from rcx.tasks import BuiltinTask, Example, builtin_examples
 
 ONE_DIGIT = BuiltinTask("builtin:arith", digits=1, num_train=500, num_val=64)
-SMALL = SFTSettings(batch_size=64, lr=3e-3, warmup_steps=10)
+SMALL = SFTSettings(batch_size=64, lr=3e-3, warmup_steps=10, pool_size=500, target_accuracy=0)
 
 
 @pytest.fixture(autouse=True)
@@ -50,10 +51,26 @@ def test_small_warm_start_lowers_loss_and_raises_accuracy():
     model, tokenizer = build_tiny_model(0)
     val = builtin_examples(ONE_DIGIT, "val")
     before = sampled_accuracy(model, tokenizer, val, seed=0, greedy=True)
-    losses = supervised_finetune(model, tokenizer, ONE_DIGIT, 60, seed=0, settings=SMALL)
+    losses = supervised_finetune(model, tokenizer, ONE_DIGIT, 60, seed=0, settings=SMALL).losses
     after = sampled_accuracy(model, tokenizer, val, seed=0, greedy=True)
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
     assert before < 0.05 and after > before + 0.2
+
+
+def test_warm_start_stops_once_the_probe_reaches_the_target():
+    model, tokenizer = build_tiny_model(0)
+    settings = SFTSettings(
+        batch_size=64,
+        warmup_steps=10,
+        pool_size=500,
+        target_accuracy=0.2,
+        probe_every=10,
+        probe_size=32,
+    )
+    result = supervised_finetune(model, tokenizer, ONE_DIGIT, 300, seed=0, settings=settings)
+    assert result.steps_run < 300 and result.steps_run % 10 == 0
+    assert result.probes[-1] == (result.steps_run, result.probes[-1][1])
+    assert result.probes[-1][1] >= 0.2 > max(acc for _, acc in result.probes[:-1] or [(0, 0)])
 
 
 def test_cache_key_depends_on_every_input():
@@ -66,6 +83,10 @@ def test_cache_key_depends_on_every_input():
         warm_start_key(BuiltinTask("builtin:reverse", digits=1, num_train=500), 10, 0, SMALL),
         warm_start_key(ONE_DIGIT, 10, 0, SFTSettings(lr=1e-3)),
     }
+    # RL's num_train / num_val do not change the warm start (it has its own pool and probe).
+    assert (
+        warm_start_key(dataclasses.replace(ONE_DIGIT, num_train=9, num_val=3), 10, 0, SMALL) == base
+    )
     assert base not in others and len(others) == 5
 
 
@@ -132,3 +153,16 @@ def test_resolve_model_path(tmp_path):
     assert "reverse-l5-2-" in path and pretrain.read_metadata(path)["task"]["name"] == (
         "builtin:reverse"
     )
+
+
+def test_lr_schedules():
+    from rcx.pretrain import lr_factor
+
+    constant = SFTSettings(warmup_steps=10)
+    assert lr_factor(0, 100, constant) == pytest.approx(0.1)
+    assert lr_factor(50, 100, constant) == 1.0
+    cosine = SFTSettings(warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
+    assert lr_factor(50, 100, cosine) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(100, 100, cosine) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="schedule"):
+        lr_factor(0, 10, SFTSettings(schedule="step"))
