@@ -62,7 +62,13 @@ def _masked(x: torch.Tensor, keep: torch.Tensor, fill: float | torch.Tensor = 0.
 
 
 def _masked_mean(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Mean over the masked-in entries; 0 for an empty mask."""
     return _masked(x, keep).sum() / keep.sum().clamp_min(1)
+
+
+def _masked_max(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Max over the masked-in entries; 0 for an empty mask."""
+    return torch.where(keep.any(), _masked(x, keep, -torch.inf).amax(), 0.0)
 
 
 def ppo_clip_loss(
@@ -125,7 +131,7 @@ def ppo_clip_loss(
         ]
         names = ["actor/pg_loss", "actor/pg_clipfrac", "actor/pg_clipfrac_lower", "actor/ppo_kl"]
         if is_weights is not None:
-            stats += [_masked_mean(weights, keep), _masked(weights, keep, -torch.inf).amax()]
+            stats += [_masked_mean(weights, keep), _masked_max(weights, keep)]
             names += ["actor/is_weight_mean", "actor/is_weight_max"]
         values = torch.stack([s.to(torch.float64) for s in stats]).tolist()
     return loss, dict(zip(names, values, strict=True))
@@ -156,7 +162,7 @@ def reinforce_loss(
         stats = [loss.detach()]
         names = ["actor/pg_loss"]
         if is_weights is not None:
-            stats += [_masked_mean(weights, keep), _masked(weights, keep, -torch.inf).amax()]
+            stats += [_masked_mean(weights, keep), _masked_max(weights, keep)]
             names += ["actor/is_weight_mean", "actor/is_weight_max"]
         values = torch.stack([s.to(torch.float64) for s in stats]).tolist()
     return loss, dict(zip(names, values, strict=True))

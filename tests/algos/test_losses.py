@@ -231,7 +231,7 @@ def test_bypass_without_correction_config_still_logs_diagnostics():
 
 def test_bypass_rejecting_everything_gives_zero_loss_and_gradient():
     log_probs, rollout, adv, mask = micro_batch(3)
-    cfg = correction_cfg(rollout_rs="seq_max_k2", rollout_rs_threshold="1e-9")
+    cfg = correction_cfg(rollout_is="token", rollout_rs="seq_max_k2", rollout_rs_threshold="1e-9")
     loss, metrics = policy_loss(
         log_probs, rollout, adv, mask, bypass_mode=True, loss_type="reinforce",
         rollout_correction=cfg,
@@ -241,6 +241,7 @@ def test_bypass_rejecting_everything_gives_zero_loss_and_gradient():
     assert torch.all(log_probs.grad == 0)
     assert metrics["actor/kept_token_fraction"] == 0.0
     assert metrics["rollout_corr/rollout_rs_masked_fraction"] == 1.0
+    assert all(math.isfinite(v) for v in metrics.values())
 
 
 def test_policy_loss_argument_errors():
