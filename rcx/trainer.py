@@ -161,13 +161,28 @@ def train(
 # =========================================================================== setup helpers
 
 
+class DeviceError(RuntimeError):
+    """The requested device is not available."""
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> CUDA when available, else CPU; ``cuda`` without CUDA is an error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("trainer.device=cuda but no CUDA device is available; use auto or cpu")
+        raise DeviceError("trainer.device=cuda but no CUDA device is available; use auto or cpu")
     return torch.device(name)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions :func:`train` raises for problems the user must fix (bad path, server down,
+    unusable data, ...): the CLI prints their message without a traceback and exits 1."""
+    from rcx.models import ModelLoadError
+    from rcx.rewards import RewardError
+    from rcx.tasks import DataError
+    from rcx.tracking import TrackingError
+
+    return (TrackingError, CheckpointError, DeviceError, ModelLoadError, DataError, RewardError)
 
 
 def configure_threads(num_threads: int | None) -> int:
@@ -317,8 +332,12 @@ class Trainer:
             parent_run_id=parent_run_id,
             tags=tags,
         )
+        self.console.print(self.tracker.describe(), markup=False, highlight=False)
         try:
             self._build()
+        except KeyboardInterrupt:
+            self.tracker.finish("KILLED")
+            raise
         except BaseException:
             self.tracker.finish("FAILED")
             raise
@@ -834,19 +853,18 @@ class Trainer:
 
         notes = self.tracker.log_params(flatten_config(self.cfg.model_dump(mode="json")))
         self.tracker.log_text(dump_yaml(self.cfg.model_dump(mode="json")), "config.yaml")
-        if self.show:
-            mode = "bypass" if self.rc.bypass_mode else "decoupled"
-            self.console.print(
-                f"rcx train: {self.total_steps} steps, {mode} mode, "
-                f"{self.cfg.algorithm.adv_estimator}, device {self.device} "
-                f"({self.threads} thread{'s' * (self.threads != 1)})"
-            )
-            self.console.print(self.tracker.describe(), markup=False)
-            self.console.print(f"checkpoints: {self.ckpt_dir}", markup=False)
-            if self.resumed_from:
-                self.console.print(f"resumed from step {self.resumed_from} ({self.resume_path})")
-            for note in notes:
-                self.console.print(f"[yellow]{note}[/]")
+        mode = "bypass" if self.rc.bypass_mode else "decoupled"
+        self.console.print(
+            f"rcx train: {self.total_steps} steps, {mode} mode, "
+            f"{self.cfg.algorithm.adv_estimator}, device {self.device} "
+            f"({self.threads} thread{'s' * (self.threads != 1)}); "
+            f"checkpoints in {self.ckpt_dir}",
+            markup=False,
+        )
+        if self.resumed_from:
+            self.console.print(f"resumed from step {self.resumed_from} ({self.resume_path})")
+        for note in notes:
+            self.console.print(f"[yellow]{note}[/]")
 
     def _log(self, metrics: Mapping[str, float], step: int) -> None:
         clean = {k: float(v) for k, v in metrics.items()}

@@ -18,7 +18,15 @@ from rcx import trainer as trainer_mod
 from rcx.checkpoint import latest_checkpoint, load_checkpoint
 from rcx.models import build_tiny_model
 from rcx.tracking import TrackingError
-from rcx.trainer import derive_seed, resolve_device, total_steps, train, warmup_lambda
+from rcx.trainer import (
+    DeviceError,
+    derive_seed,
+    resolve_device,
+    total_steps,
+    train,
+    user_errors,
+    warmup_lambda,
+)
 
 PRESETS = ["rloo-seq-is", "grpo-multi-rs", "gae-seq-is-rs", "grpo-rs-only"]
 #: Logged by every preset at every step (issue 5 item 3).
@@ -87,7 +95,7 @@ def test_seeds_warmup_steps_and_device() -> None:
     assert resolve_device("cpu").type == "cpu"
     if not torch.cuda.is_available():
         assert resolve_device("auto").type == "cpu"
-        with pytest.raises(RuntimeError, match="trainer.device=cuda"):
+        with pytest.raises(DeviceError, match="trainer.device=cuda"):
             resolve_device("cuda")
 
 
@@ -256,9 +264,10 @@ def test_unreachable_tracking_server_fails_before_loading(tiny_config) -> None:
         port = s.getsockname()[1]
     cfg = tiny_config("grpo-multi-rs", f"trainer.tracking_uri=http://127.0.0.1:{port}")
     start = time.monotonic()
-    with pytest.raises(TrackingError, match="not reachable"):
+    with pytest.raises(TrackingError, match="not reachable") as info:
         train(cfg)
     assert time.monotonic() - start < 10
+    assert isinstance(info.value, user_errors())  # the CLI prints it without a traceback
     assert latest_checkpoint(Path(cfg.trainer.default_local_dir)) is None
 
 
