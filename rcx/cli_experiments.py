@@ -331,34 +331,71 @@ def whatif_command(
         f"{len(stack.sources)} dump file(s), steps {stack.steps[0]}..{stack.steps[-1]}, "
         f"{int(stack.response_mask.sum())} response tokens"
     )
-    console.print(whatif_table(results))
+    for part in whatif_tables(results):
+        console.print(part)
     if per_step:
         for r in results:
             console.print(whatif_steps_table(r))
 
 
-def whatif_table(results: list[Any]) -> Table:
+#: Short column headers of the what-if tables.
+WHATIF_HEADERS = {
+    "masked_fraction": "masked",
+    "seq_masked_fraction": "seq masked",
+    "masked_fraction_max": "masked worst",
+    "ess": "ESS",
+    "ess_min": "ESS worst",
+    "weight_mean": "w mean",
+    "weight_max": "w max",
+    "truncated_fraction": "truncated",
+    "norm_factor": "norm factor",
+}
+
+
+def whatif_tables(results: list[Any]) -> list[Any]:
+    """The legend of configs, the overall table, and the per-criterion table (if any RS)."""
+    from rich.text import Text
+
     from rcx.whatif import format_stat, stat_columns
 
-    cols = stat_columns(results)
-    table = Table(title="what-if: overall (fractions pooled over steps, ESS averaged)")
-    table.add_column("#")
-    table.add_column("config")
+    legend = Text("\n".join(f"#{i}: {r.settings.label}" for i, r in enumerate(results)))
+    cols = [c for c in stat_columns(results) if "/" not in c]
+    overall = Table(title="what-if, overall (fractions pooled over steps; ESS: mean over steps)")
+    overall.add_column("#")
     for c in cols:
-        table.add_column(c.replace("/", "\n"), justify="right")
+        overall.add_column(WHATIF_HEADERS.get(c, c), justify="right")
     for i, r in enumerate(results):
-        table.add_row(str(i), r.settings.label, *(format_stat(r.overall.get(c)) for c in cols))
-    return table
+        overall.add_row(f"#{i}", *(format_stat(r.overall.get(c)) for c in cols))
+    out: list[Any] = [legend, overall]
+    criteria = sorted({k.split("/")[0] for r in results for k in r.overall if "/" in k})
+    if criteria:
+        per = Table(title="per criterion alone (masked / seq masked)")
+        per.add_column("#")
+        for name in criteria:
+            per.add_column(name, justify="right")
+        for i, r in enumerate(results):
+            cells = []
+            for name in criteria:
+                tok = r.overall.get(f"{name}/masked_fraction")
+                seq = r.overall.get(f"{name}/seq_masked_fraction")
+                cells.append("-" if tok is None else f"{format_stat(tok)} / {format_stat(seq)}")
+            per.add_row(f"#{i}", *cells)
+        out.append(per)
+    return out
 
 
 def whatif_steps_table(result: Any) -> Table:
-    from rcx.whatif import format_stat
+    from rcx.whatif import STAT_KEYS, format_stat
 
-    cols = list(result.per_step)
+    main = [c for c in (*STAT_KEYS, "norm_factor") if c in result.per_step]
+    # Per criterion, only the token share fits a terminal (--format json has everything).
+    cols = main + sorted(c for c in result.per_step if c.endswith("/masked_fraction"))
     table = Table(title=f"per step: {result.settings.label}")
     table.add_column("step")
     for c in cols:
-        table.add_column(c.replace("/", "\n"), justify="right")
+        name, _, stat = c.rpartition("/")
+        header = WHATIF_HEADERS.get(stat, stat)
+        table.add_column(f"{name}\n{header}" if name else header, justify="right")
     for k, step in enumerate(result.steps):
         table.add_row(str(step), *(format_stat(result.per_step[c][k]) for c in cols))
     return table

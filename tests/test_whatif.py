@@ -262,8 +262,9 @@ def test_cli_whatif_text_tables(dumps: Path) -> None:
         make_app(), ["whatif", str(dumps), "-g", "rollout_is=token,sequence", "--per-step"]
     )
     assert result.exit_code == 0, result.output
-    assert "what-if: overall" in result.output
-    assert "is=sequence C=2" in result.output
+    assert "what-if, overall" in result.output
+    assert "#1: is=sequence C=2 rs=token_k1@0.5_2.0" in result.output  # base from the dump
+    assert "per criterion alone" in result.output
     assert result.output.count("per step:") == 2
 
 
