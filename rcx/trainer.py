@@ -314,7 +314,9 @@ class Trainer:
         self.last_metrics: dict[str, float] = {}
         self.step = 0
         self.resumed_from = 0
-        self._updating = False  # True while a step's optimiser updates are half-applied
+        # True from a step's first weight update until its metrics are logged: the weights then
+        # belong to no completed step, so a hard interrupt must not checkpoint them.
+        self._dirty = False
         self._stop_requested = False
 
         # Resume target first (cheap: only its meta.json), so that the MLflow run can be reopened
@@ -414,7 +416,7 @@ class Trainer:
             )
         except KeyboardInterrupt:
             status = "KILLED"
-            if not self._updating:
+            if not self._dirty:
                 self._save()
             self.console.print(f"[yellow]interrupted at step {self.step + 1}[/]")
         finally:
@@ -454,6 +456,7 @@ class Trainer:
                         self.val_end = val
                 self.step = step
                 self._log(metrics, step=step)
+                self._dirty = False
                 if not last and t.save_freq > 0 and step % t.save_freq == 0:
                     self._save()
                 progress.update(bar, completed=step, info=progress_info(metrics))
@@ -526,8 +529,8 @@ class Trainer:
             metrics.update(correction.metrics)
 
         # 9. Actor update: ppo_epochs passes over mini-batches of ppo_mini_batch_size prompts.
-        #    From here until the step ends, the weights are half-updated (no checkpoint).
-        self._updating = True
+        #    From here until the step is logged, the weights belong to no completed step.
+        self._dirty = True
         with timer("update_actor"):
             actor_metrics, dumped_train_lp = self.update_actor(
                 step, batch, old_log_probs, advantages, is_weights, train_mask, ref_log_probs
@@ -545,7 +548,6 @@ class Trainer:
                 metrics.update(self.update_critic(batch, values, returns, response_mask))
             step_scheduler(self.critic_scheduler)
         step_scheduler(self.scheduler)
-        self._updating = False
 
         # 11. Metrics: timing, throughput; optional log-prob dump.
         if self.cfg.trainer.dump_log_probs:

@@ -258,6 +258,28 @@ def test_hard_interrupt_mid_update_never_checkpoints_a_half_update(
     assert client.get_run(result.run_id).info.status == "KILLED"
 
 
+def test_hard_interrupt_in_validation_after_an_update_keeps_the_last_checkpoint(
+    tiny_config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = trainer_mod.Trainer.validate
+
+    def interrupt_at_step_2(self, step):
+        if step == 2:  # step 2's update is applied but the step is not logged yet
+            raise KeyboardInterrupt
+        return original(self, step)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "validate", interrupt_at_step_2)
+    cfg = tiny_config(
+        "grpo-rs-only",
+        "trainer.save_freq=1",
+        "trainer.test_freq=2",
+        "trainer.total_training_steps=3",
+    )
+    result = train(cfg)
+    assert result.status == "KILLED" and result.step == 1
+    assert result.checkpoint is not None and result.checkpoint.name == "global_step_1"
+
+
 def test_unreachable_tracking_server_fails_before_loading(tiny_config) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
