@@ -188,8 +188,11 @@ class _LogRatios:
         mask_bool = mask if mask.dtype == torch.bool else mask.bool()
 
         log_ratio = train - rollout  # (B, T)
+        # One (B, T) scratch buffer serves three steps in turn (each fresh buffer costs page
+        # faults comparable to the arithmetic): |x| <= max, the masked train log-probs, r - 1.
+        scratch = torch.abs(log_ratio)
         # |x| <= max is False for NaN and +-inf: one comparison finds both.
-        valid = torch.abs(log_ratio).le_(_FLOAT_MAX[dtype]).bool() & mask_bool  # (B, T)
+        valid = scratch.le_(_FLOAT_MAX[dtype]).bool() & mask_bool  # (B, T)
         self.num_masked = torch.count_nonzero(mask_bool)
         log_ratio.masked_fill_(~valid, 0.0)
         self.raw_sum = log_ratio.sum(-1)  # (B,) before the safety clamp: log-ppl metrics
@@ -205,10 +208,11 @@ class _LogRatios:
         self.safe_counts = self.counts.clamp_min(1.0)  # (B,) divisor that is never 0
         self.sum = log_ratio.sum(-1)  # (B,) S_i of clamped tokens
         self.seq_log_ratio = self.sum.clamp(-SAFETY_BOUND, SAFETY_BOUND)  # (B,)
-        self.train_sum = torch.where(valid, train, 0.0).sum(-1)  # (B,)
+        zero = torch.zeros((), dtype=dtype, device=log_ratio.device)
+        self.train_sum = torch.where(valid, train, zero, out=scratch).sum(-1)  # (B,)
         # r - 1 per token (exact for r in [0.5, 2]): small deviations keep their precision in
         # the sums below, where mean(r^2) - mean(r)^2 would cancel.
-        self.ratio_minus_one = torch.exp(log_ratio).sub_(1.0)  # (B, T), 0 at invalid
+        self.ratio_minus_one = torch.exp(log_ratio, out=scratch).sub_(1.0)  # (B, T), 0 at invalid
         flat = self.ratio_minus_one.view(-1)
         self.dev_sum = self.ratio_minus_one.sum(-1)  # (B,) sum (r - 1)
         self.dev_sq_total = torch.dot(flat, flat)  # sum (r - 1)^2
@@ -218,6 +222,18 @@ class _LogRatios:
         self._below: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
         self._k2: torch.Tensor | None = None
         self._k3: torch.Tensor | None = None
+        self._spare: torch.Tensor | None = None
+
+    def spare(self) -> torch.Tensor:
+        """A (B, T) scratch buffer for a temporary that dies before the next call."""
+        if self._spare is None:
+            self._spare = torch.empty_like(self.log_ratio)
+        return self._spare
+
+    def take_ratio_buffer(self) -> torch.Tensor:
+        """Hand the ``r - 1`` buffer over (for the weights) once its statistics are taken."""
+        buffer, self.ratio_minus_one = self.ratio_minus_one, None
+        return buffer
 
     def release_statistics(self) -> None:
         """Drop the cached k2/k3 tensors once the criteria are done with them."""
@@ -500,7 +516,8 @@ def _token_is(
     i_dev = red.row(lr.dev_sum)
     # Two-pass variance: one-pass moments of ratios up to e^20 would cancel catastrophically.
     mean_dev = lr.dev_sum.sum() / lr.num_tokens
-    centred = (lr.ratio_minus_one - mean_dev).masked_fill_(~lr.valid, 0.0)  # (B, T)
+    centred = torch.sub(lr.ratio_minus_one, mean_dev, out=lr.spare())  # (B, T)
+    centred.masked_fill_(~lr.valid, 0.0)
     i_sq_dev = red.scalar(torch.dot(centred.view(-1), centred.view(-1)))
     del centred
     i_max = red.scalar(hi)
@@ -509,8 +526,8 @@ def _token_is(
     i_high = red.scalar(lr.above(log_c)[1])
     i_low = red.scalar(lr.below(-log_c)[1])
 
-    lr.release_ratio()  # its memory goes to the weights
-    weights = torch.exp(lr.log_ratio).clamp_(max=threshold).masked_fill_(~lr.valid, 0.0)  # (B, T)
+    weights = torch.exp(lr.log_ratio, out=lr.take_ratio_buffer())  # (B, T)
+    weights.clamp_(max=threshold).masked_fill_(~lr.valid, 0.0)
     w_sum = weights.sum()
     i_w_sum = red.scalar(w_sum)
     i_w_sq = red.scalar(torch.dot(weights.view(-1), weights.view(-1)))
@@ -660,7 +677,7 @@ def _token_criterion(lr: _LogRatios, red: _Reductions, criterion: RSCriterion) -
         n_low: torch.Tensor | None = n_low_all
         if log_lower > 0.0:
             n_low = torch.count_nonzero(below & valid)
-        bounded = lr.log_ratio.clamp(log_lower, log_upper)  # (B, T) -stat, clamped
+        bounded = torch.clamp(lr.log_ratio, log_lower, log_upper, out=lr.spare())  # (B, T)
         if not log_lower <= 0.0 <= log_upper:
             bounded.masked_fill_(~valid, 0.0)
         stat_row = -lr.sum  # (B,) sum of -log r
@@ -670,7 +687,7 @@ def _token_criterion(lr: _LogRatios, red: _Reductions, criterion: RSCriterion) -
     else:
         stat = lr.statistic(criterion.statistic)  # (B, T), 0 at invalid
         keep = stat <= hi
-        bounded = stat.clamp(lo, hi)
+        bounded = torch.clamp(stat, lo, hi, out=lr.spare())  # (B, T)
         stat_row = stat.sum(-1)
         clamped_sum = bounded.sum()
         # k2 >= 0 exactly, so the zeros at invalid tokens cannot be its maximum; k3 can round
