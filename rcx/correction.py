@@ -223,12 +223,25 @@ class _LogRatios:
         self._k2: torch.Tensor | None = None
         self._k3: torch.Tensor | None = None
         self._spare: torch.Tensor | None = None
+        self._free: list[torch.Tensor] = []  # (B, T) buffers no longer needed, for reuse
+
+    # Each fresh (B, T) buffer costs page faults comparable to the arithmetic done in it, so
+    # buffers whose contents are no longer needed are handed on to later temporaries and outputs.
 
     def spare(self) -> torch.Tensor:
         """A (B, T) scratch buffer for a temporary that dies before the next call."""
         if self._spare is None:
-            self._spare = torch.empty_like(self.log_ratio)
+            self._spare = self.reuse(self.dtype)
+            if self._spare is None:
+                self._spare = torch.empty_like(self.log_ratio)
         return self._spare
+
+    def reuse(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """A released (B, T) buffer of ``dtype``, or None."""
+        for i, buffer in enumerate(self._free):
+            if buffer.dtype == dtype:
+                return self._free.pop(i)
+        return None
 
     def take_ratio_buffer(self) -> torch.Tensor:
         """Hand the ``r - 1`` buffer over (for the weights) once its statistics are taken."""
@@ -236,16 +249,24 @@ class _LogRatios:
         return buffer
 
     def release_statistics(self) -> None:
-        """Drop the cached k2/k3 tensors once the criteria are done with them."""
+        """Drop the cached k2/k3 tensors and free the spare once the criteria are done."""
         self._k2 = self._k3 = None
+        self.release_spare()
+
+    def release_spare(self) -> None:
+        if self._spare is not None:
+            self._free.append(self._spare)
+            self._spare = None
 
     def release_comparisons(self) -> None:
         self._above.clear()
         self._below.clear()
 
     def release_ratio(self) -> None:
-        """Drop the ``r - 1`` buffer once every statistic that needs it has been taken."""
-        self.ratio_minus_one = None  # type: ignore[assignment]
+        """Free the ``r - 1`` buffer once every statistic that needs it has been taken."""
+        if self.ratio_minus_one is not None:
+            self._free.append(self.ratio_minus_one)
+            self.ratio_minus_one = None  # type: ignore[assignment]
 
     def log_ratio_extremes(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Max and min of log_r over valid tokens (0-dim tensors)."""
@@ -401,7 +422,8 @@ def compute_rollout_correction(
             else:
                 weights = _sequence_is(lr, red, threshold, rollout_is_batch_normalize)
         lr.release_comparisons()
-        mask = _apply_keep(response_mask, keep)
+        lr.release_spare()
+        mask = _apply_keep(response_mask, keep, lr.reuse(response_mask.dtype))
         red.sync()
         # Checked after the computation so that the whole call needs a single host sync.
         if red.value(i_masked) == 0:
@@ -448,11 +470,14 @@ def _check_unique(criteria: list[RSCriterion]) -> None:
             )
 
 
-def _apply_keep(response_mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+def _apply_keep(
+    response_mask: torch.Tensor, keep: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """The response mask with every entry outside ``keep`` zeroed, in its own dtype. (B, T)"""
     if response_mask.dtype == torch.bool:
         return keep if keep is not response_mask else keep.clone()
-    return torch.where(keep, response_mask, torch.zeros((), dtype=response_mask.dtype))
+    zero = torch.zeros((), dtype=response_mask.dtype, device=response_mask.device)
+    return torch.where(keep, response_mask, zero, out=out)
 
 
 # ------------------------------------------------------------------------- off-policy diagnostics
@@ -588,7 +613,8 @@ def _sequence_is(
         applied = applied / factor
         i_factor = red.scalar(factor)
         red.add("rollout_is_batch_norm_factor", lambda: red.value(i_factor))
-    weights = torch.where(lr.valid, applied[:, None], 0.0)  # (B, T)
+    zero = torch.zeros((), dtype=lr.dtype, device=applied.device)
+    weights = torch.where(lr.valid, applied[:, None], zero, out=lr.reuse(lr.dtype))  # (B, T)
 
     def mean_dev() -> float:
         return red.total(i_dev) / red.tokens()

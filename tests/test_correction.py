@@ -497,6 +497,22 @@ def test_dtypes_are_kept_and_half_precision_is_computed_in_float32():
     assert half.weights.dtype == torch.float32
 
 
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_outputs_own_their_memory(level):
+    # internal buffers are recycled into the outputs: they must not alias each other or inputs
+    train, rollout, mask = batch(THREE_ROWS, dtype=torch.float32)
+    out = compute_rollout_correction(
+        train, rollout, mask, rollout_is=level, rollout_rs="token_k1,token_k2",
+        rollout_rs_threshold="0.6_3,0.3",
+    )  # fmt: skip
+    pointers = {t.data_ptr() for t in (out.weights, out.mask, train, rollout, mask)}
+    assert len(pointers) == 5
+    weights = out.weights.clone()
+    mask[:] = 7.0  # writing to the input must not change the outputs
+    assert torch.equal(out.weights, weights)
+    assert kept(out) == [[1, 0, 1], [0, 1, 0], [1, 1, 1]]
+
+
 def test_float32_agrees_with_float64():
     g = torch.Generator().manual_seed(5)
     train = -torch.rand(16, 64, generator=g, dtype=torch.float64) * 3
