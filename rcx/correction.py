@@ -188,8 +188,8 @@ class _LogRatios:
         mask_bool = mask if mask.dtype == torch.bool else mask.bool()
 
         log_ratio = train - rollout  # (B, T)
-        # One (B, T) scratch buffer serves three steps in turn (each fresh buffer costs page
-        # faults comparable to the arithmetic): |x| <= max, the masked train log-probs, r - 1.
+        # One (B, T) buffer serves three steps in turn (see "fresh buffer" below): the finite
+        # check, the masked train log-probs, then r - 1.
         scratch = torch.abs(log_ratio)
         # |x| <= max is False for NaN and +-inf: one comparison finds both.
         valid = scratch.le_(_FLOAT_MAX[dtype]).bool() & mask_bool  # (B, T)
@@ -225,8 +225,9 @@ class _LogRatios:
         self._spare: torch.Tensor | None = None
         self._free: list[torch.Tensor] = []  # (B, T) buffers no longer needed, for reuse
 
-    # Each fresh (B, T) buffer costs page faults comparable to the arithmetic done in it, so
-    # buffers whose contents are no longer needed are handed on to later temporaries and outputs.
+    # Each fresh (B, T) buffer costs page faults comparable to the arithmetic done in it (the
+    # allocator returns large blocks to the OS), so buffers whose contents are no longer needed
+    # are handed on to later temporaries and to the outputs.
 
     def spare(self) -> torch.Tensor:
         """A (B, T) scratch buffer for a temporary that dies before the next call."""
