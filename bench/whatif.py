@@ -1,6 +1,7 @@
 """Benchmark: ``rcx whatif`` with 100 configs over 100 dumped steps of the default preset.
 
-Target (issue 6): under 10 s on 2 cores, end to end (reading the dumps, validating every config,
+Target (issue 6): under 10 s on 2 cores (wall time; CPU time is printed too, as it is robust to
+other processes sharing the cores), end to end (reading the dumps, validating every config,
 replaying them, the per-step and overall statistics). The dumps are synthetic but have the default
 preset's shape: 32 prompts x 8 responses = 256 sequences of up to 8 response tokens per step,
 written in the trainer's ``dump_log_probs`` format.
@@ -43,18 +44,19 @@ def main() -> None:
     ]
     with tempfile.TemporaryDirectory() as folder:
         write_synthetic_dumps(folder, steps=args.steps, batch=256, length=8, seed=0)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         stack = load_dumps([folder])
         t_load = time.perf_counter() - start
         configs, invalid = build_settings({}, grid)
         t_validate = time.perf_counter() - start - t_load
         results = replay(stack, configs)
         total = time.perf_counter() - start
+        cpu = time.process_time() - cpu_start
     assert not invalid and len(results) == len(configs)
     print(
         f"whatif: {len(configs)} configs x {stack.num_steps} steps "
         f"({stack.response_mask.shape[0]} sequences x {stack.response_mask.shape[1]} tokens), "
-        f"{args.threads} threads: {total:.2f} s total "
+        f"{args.threads} threads: {total:.2f} s wall, {cpu:.2f} s CPU "
         f"(load {t_load:.2f} s, validate {t_validate:.2f} s, replay {total - t_load - t_validate:.2f} s)"
     )
 
