@@ -36,6 +36,9 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/correction.py
+	$(BIN)/python bench/rollout.py
+	$(BIN)/python bench/step.py
+	$(BIN)/python bench/whatif.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
