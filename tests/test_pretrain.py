@@ -137,7 +137,8 @@ def test_default_warm_start_lands_in_target_band(tmp_path):
     )
     metadata = json.loads((path / METADATA_FILE).read_text())
     assert 0.2 <= metadata["val_sampled_accuracy"] <= 0.5
-    assert metadata["seconds"] <= 90
+    # CPU time, not wall time: other processes on a shared machine stretch the wall clock.
+    assert metadata["cpu_seconds"] <= 90 * metadata["threads"]
 
 
 def test_resolve_model_path(tmp_path):
