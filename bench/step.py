@@ -121,7 +121,7 @@ def main() -> None:
 
     table = Table(title=f"bench/step.py: {args.preset}, {args.steps} timed steps per mode")
     for column in ("mode", "step (s)", "correction (ms)", "correction share", "old_log_prob (s)"):
-        table.add_column(column, justify="right")
+        table.add_column(column, justify="right", no_wrap=True)
     for mode in ("bypass", "decoupled"):
         r = results[mode]
         own_mark = " (preset)" if (mode == "bypass") == own_bypass else ""
