@@ -513,6 +513,14 @@ def test_outputs_own_their_memory(level):
     assert kept(out) == [[1, 0, 1], [0, 1, 0], [1, 1, 1]]
 
 
+def test_no_gradient_flows_through_weights_or_mask():
+    train, rollout, mask = batch(TWO_ROWS)
+    train = train.nan_to_num().requires_grad_(True)
+    out = compute_rollout_correction(train, rollout, mask, rollout_is="token")
+    assert not out.weights.requires_grad and not out.mask.requires_grad
+    assert out.weights.grad_fn is None
+
+
 def test_float32_agrees_with_float64():
     g = torch.Generator().manual_seed(5)
     train = -torch.rand(16, 64, generator=g, dtype=torch.float64) * 3
