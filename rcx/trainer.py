@@ -489,9 +489,11 @@ class Trainer:
 
         # 3. Rewards: the outcome score sits on each response's last valid token.
         with timer("reward"):
-            scores = self.score(batch, [examples[i] for i in batch.prompt_index.tolist()])  # (B,)
+            per_response = [examples[i] for i in batch.prompt_index.tolist()]
+            scores, extras = self.score(batch, per_response)  # (B,), {name: (B,)}
             token_rewards = token_rewards_from_scores(scores, response_mask)  # (B, T)
         metrics.update(reward_metrics(scores, "reward"))
+        metrics.update({f"reward/extra/{k}": float(v.float().mean()) for k, v in extras.items()})
         metrics.update(length_metrics(batch, self.eos_ids, cfg.data.max_response_length))
 
         # 4. pi_old. Decoupled: one extra forward of the training model. Bypass: the rollout's.
@@ -739,14 +741,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ rewards & validation
 
-    def score(self, batch: Any, examples: Sequence[Any]) -> torch.Tensor:
-        """Outcome reward of each response, (B,) float32, from the decoded response text."""
-        texts = decode_responses(self.tokenizer, batch)
-        scores = [
-            self.scorer.score(e.data_source, text, e.ground_truth, e.extra_info)[0]
-            for text, e in zip(texts, examples, strict=True)
-        ]
-        return torch.tensor(scores, dtype=torch.float32, device=self.device)
+    def score(
+        self, batch: Any, examples: Sequence[Any]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Outcome reward of each response, (B,) float32, from the decoded response text, and
+        the reward hook's extra values (each (B,)), if any."""
+        from rcx.rewards import score_responses
+
+        scores, extras = score_responses(
+            self.scorer, decode_responses(self.tokenizer, batch), examples
+        )
+        return scores.to(self.device), extras
 
     @torch.no_grad()
     def validate(self, step: int) -> dict[str, float]:
@@ -766,7 +771,7 @@ class Trainer:
                 seed = derive_seed(self.cfg.trainer.seed, name, s)
                 batch = self.val_engine.generate(prompts, sampling, seed=seed)
                 per_sample = [examples[i] for i in batch.prompt_index.tolist()]
-                all_scores.append(self.score(batch, per_sample))
+                all_scores.append(self.score(batch, per_sample)[0])
             scores = torch.cat(all_scores)
             prefix = "val/" if name == "val" else "val/sampled_"
             metrics[f"{prefix}reward_mean"] = float(scores.mean())
@@ -951,21 +956,18 @@ def _read_run_id(path: Path) -> str | None:
 
 def load_policy(cfg: RcxConfig, device: torch.device, show: bool = True):
     """The policy model (float32, eval mode) and tokenizer; warm-starts builtin:tiny if asked."""
-    from rcx.models import BUILTIN_TINY, load_model_and_tokenizer
+    from rcx.models import load_model_and_tokenizer
+    from rcx.pretrain import resolve_model_path
 
     model_cfg = cfg.actor_rollout_ref.model
-    path = model_cfg.path
-    if path == BUILTIN_TINY and model_cfg.warm_start_steps > 0:
-        from rcx.pretrain import ensure_warm_start
-
-        path = str(
-            ensure_warm_start(
-                builtin_task(cfg),
-                model_cfg.warm_start_steps,
-                seed=cfg.data.builtin.seed,
-                progress=show,
-            )
-        )
+    path = resolve_model_path(
+        model_cfg.path,
+        model_cfg.warm_start_steps,
+        cfg.data.train_files,
+        builtin=builtin_task(cfg),
+        seed=cfg.data.builtin.seed,
+        progress=show,
+    )
     model, tokenizer = load_model_and_tokenizer(
         path, dtype="float32", device=device, seed=cfg.trainer.seed
     )
@@ -974,14 +976,11 @@ def load_policy(cfg: RcxConfig, device: torch.device, show: bool = True):
 
 
 def builtin_task(cfg: RcxConfig) -> Any:
-    """The built-in task named by ``data.train_files`` with ``data.builtin.*``."""
-    from rcx.tasks import BuiltinTask, as_file_list
+    """The built-in task named by ``data.train_files`` (default arith) with ``data.builtin.*``."""
+    from rcx.tasks import BUILTIN_TASKS, BuiltinTask, as_file_list
 
-    names = [f for f in as_file_list(cfg.data.train_files) if f.startswith("builtin:")]
-    b = cfg.data.builtin
-    return BuiltinTask(
-        names[0] if names else "builtin:arith", b.digits, b.num_train, b.num_val, b.seed
-    )
+    names = [f for f in as_file_list(cfg.data.train_files) if f in BUILTIN_TASKS]
+    return BuiltinTask.from_config(names[0] if names else BUILTIN_TASKS[0], cfg.data.builtin)
 
 
 def load_data(cfg: RcxConfig, tokenizer: Any) -> tuple[Any, Any, Any]:
