@@ -17,6 +17,7 @@ the engine itself has NOT yet run on a GPU.
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import Any
 
 import torch
@@ -170,7 +171,14 @@ class VLLMRolloutEngine:
             raise VLLMUnavailableError(
                 "actor_rollout_ref.rollout.name=vllm needs a CUDA GPU; use rollout.name=hf"
             )
-        if not model_path or not os.path.isdir(model_path):
+        if model_path is None:
+            # No directory (builtin:tiny built in memory): give vLLM one to read the
+            # architecture from; the weights are pushed right after anyway.
+            from rcx.models import save_model_dir
+
+            self._tempdir = tempfile.TemporaryDirectory(prefix="rcx-vllm-")
+            model_path = str(save_model_dir(model, tokenizer, self._tempdir.name, builtin=True))
+        if not os.path.isdir(model_path):
             raise VLLMUnavailableError(
                 "actor_rollout_ref.rollout.name=vllm needs a local HF model directory "
                 f"(got model_path={model_path!r})"
