@@ -73,3 +73,16 @@ def test_directory_without_config_is_refused(tmp_path):
 def test_unknown_dtype_is_refused():
     with pytest.raises(ValueError, match="unknown dtype"):
         load_model_and_tokenizer("builtin:tiny", dtype="float8")
+
+
+def test_broken_model_directory_is_a_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match="could not load"):
+        load_model_and_tokenizer(str(tmp_path))
+
+
+def test_plain_hf_directory_loads_through_auto_classes(tmp_path):
+    model, tokenizer = build_tiny_model(seed=0)
+    save_model_dir(model, tokenizer, tmp_path / "plain", builtin=False)
+    loaded, loaded_tok = load_model_and_tokenizer(str(tmp_path / "plain"))
+    assert loaded.config.model_type == "qwen2" and loaded_tok.pad_token_id is not None
