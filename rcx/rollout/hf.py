@@ -28,15 +28,21 @@ from rcx.rollout.quant import fake_quantize_model_
 
 
 def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Every token id that ends a response: the tokenizer's EOS plus the model config's."""
+    """Every token id that ends a response: the tokenizer's EOS plus those of the model config
+    and of its generation config (chat models list several, e.g. `<|im_end|>` and
+    `<|endoftext|>`)."""
     ids: set[int] = set()
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
-    configured = getattr(model.config, "eos_token_id", None)
-    if isinstance(configured, int):
-        ids.add(configured)
-    elif configured:
-        ids.update(int(i) for i in configured)
+    generation = getattr(model, "generation_config", None)
+    for configured in (
+        getattr(model.config, "eos_token_id", None),
+        getattr(generation, "eos_token_id", None),
+    ):
+        if isinstance(configured, int):
+            ids.add(configured)
+        elif configured:
+            ids.update(int(i) for i in configured)
     if not ids:
         raise ValueError("the tokenizer and the model config define no EOS token")
     return sorted(ids)

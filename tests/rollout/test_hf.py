@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -114,8 +116,6 @@ def test_seeded_generation_is_reproducible_and_leaves_global_rng(tiny, prompts):
 
 def perturbed(model, scale: float, seed: int):
     """A copy of `model` after a small random update (a stand-in for an optimiser step)."""
-    import copy
-
     moved = copy.deepcopy(model)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -255,3 +255,14 @@ def test_batch_to_device_keeps_fields(tiny, prompts):
     )
     moved = batch.to("cpu")
     assert isinstance(moved, RolloutBatch) and torch.equal(moved.input_ids, batch.input_ids)
+
+
+def test_eos_ids_include_generation_config_ones(tiny):
+    from transformers import GenerationConfig
+
+    from rcx.rollout.hf import eos_token_ids
+
+    model, tokenizer = tiny
+    chat_model = copy.deepcopy(model)
+    chat_model.generation_config = GenerationConfig(eos_token_id=[tokenizer.eos_token_id, 7])
+    assert eos_token_ids(chat_model, tokenizer) == sorted({tokenizer.eos_token_id, 7})
