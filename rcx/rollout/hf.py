@@ -97,24 +97,33 @@ class HFRolloutEngine:
         return True
 
     def state_dict(self) -> dict[str, Any]:
-        """The rollout copy (as used for sampling) and its version, for exact resume."""
+        """The rollout copy (as used for sampling) and its version, for exact resume.
+
+        With `weight_sync_interval == 1` every step refreshes the copy before sampling, so the
+        weights are not needed to resume and are left out (`"weights": None`).
+        """
+        weights = None
+        if self.weight_sync_interval > 1:
+            weights = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         return {
             "weight_version": self.weight_version,
-            "weights": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            "weights": weights,
             "dtype": str(self.dtype),
             "quantization": self.quantization,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a copy saved by `state_dict` (already cast and quantised: loaded as is)."""
+        """Restore a copy saved by `state_dict` (already cast and quantised: loaded as is;
+        without weights, only the version: the next `sync_weights` refreshes the copy)."""
         if state.get("dtype") != str(self.dtype) or state.get("quantization") != self.quantization:
             raise ValueError(
                 "the checkpointed rollout copy was made with "
                 f"dtype={state.get('dtype')}, quantization={state.get('quantization')}; this run "
                 f"uses dtype={self.dtype}, quantization={self.quantization}"
             )
-        with torch.no_grad():
-            self.model.load_state_dict(state["weights"])
+        if state["weights"] is not None:
+            with torch.no_grad():
+                self.model.load_state_dict(state["weights"])
         self.weight_version = int(state["weight_version"])
 
     def generation_config(self, sampling: SamplingParams) -> GenerationConfig:

@@ -191,9 +191,11 @@ def test_state_dict_round_trip_restores_stale_copy(tiny, prompts):
     b = restored.generate(prompts, sampling, seed=9)
     assert torch.equal(a.response_ids, b.response_ids)
     assert torch.equal(a.rollout_log_probs, b.rollout_log_probs)
-    float32 = make_rollout_engine("hf", model, tokenizer)
+    float32 = make_rollout_engine("hf", model, tokenizer, weight_sync_interval=3)
     with pytest.raises(ValueError, match="dtype"):
         float32.load_state_dict(state)
+    synced_every_step = make_rollout_engine("hf", model, tokenizer)
+    assert synced_every_step.state_dict()["weights"] is None  # the next sync refreshes anyway
 
 
 def test_rollout_copy_is_separate_from_trainer(tiny):
