@@ -220,13 +220,16 @@ class VLLMRolloutEngine:
         return True
 
     def state_dict(self) -> dict[str, Any]:
-        """The last pushed weights (trainer precision) and their version."""
-        return {"weight_version": self.weight_version, "weights": self._last_weights}
+        """The last pushed weights (trainer precision) and their version (weights left out when
+        every step refreshes them, `weight_sync_interval == 1`)."""
+        weights = self._last_weights if self.weight_sync_interval > 1 else None
+        return {"weight_version": self.weight_version, "weights": weights}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Push the checkpointed weights back into vLLM."""
-        load_weights_into(self.llm, state["weights"])
-        self._last_weights = state["weights"]
+        if state["weights"] is not None:  # None: k == 1, the next sync pushes anyway
+            load_weights_into(self.llm, state["weights"])
+            self._last_weights = state["weights"]
         self.weight_version = int(state["weight_version"])
 
     def generate(
