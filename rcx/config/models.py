@@ -67,7 +67,6 @@ class DataConfig(Section):
         ge=1,
         description="Prompts per validation batch (null: the whole validation set at once).",
     )
-    shuffle: bool = Field(True, description="Shuffle training prompts every epoch.")
     builtin: BuiltinTaskConfig = Field(
         default_factory=BuiltinTaskConfig, description="Options of the built-in synthetic tasks."
     )
@@ -154,13 +153,11 @@ class ModelConfig(Section):
         "builtin:tiny",
         description="builtin:tiny or a local Hugging Face model directory (never downloaded).",
     )
-    tokenizer_path: str | None = Field(
-        None, description="Tokenizer directory (null: same as model.path)."
-    )
     warm_start_steps: int = Field(
-        300,
+        1000,
         ge=0,
-        description="builtin:tiny: supervised warm-start steps before RL (0: none); cached.",
+        description="builtin:tiny: most supervised warm-start steps before RL, stopped early at "
+        "~30% sampled accuracy (0: none); cached.",
     )
 
 
@@ -218,7 +215,8 @@ class RolloutConfig(Section):
     top_k: int = Field(-1, ge=-1, description="Top-k sampling (-1: off).")
     do_sample: bool = Field(True, description="Sample (true) or decode greedily (false).")
     calculate_log_probs: bool = Field(
-        True, description="Return rollout log-probs (needed by any correction)."
+        True,
+        description="Rollout log-probs are needed (any correction, bypass); false forbids both.",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Precision of the rollout copy of the weights (a mismatch source)."
