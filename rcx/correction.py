@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from rcx.config import RSCriterion, check_is_threshold, parse_rs_thresholds
-from rcx.config.thresholds import is_off
+from rcx.config.thresholds import check_is_level
 
 SAFETY_BOUND = 20.0
 PREFIX = "rollout_corr/"
@@ -349,14 +349,10 @@ def _check_inputs(
 
 def _check_is_args(rollout_is: Any, rollout_is_threshold: Any) -> str | None:
     """Canonical IS level (or None when off); raises ValueError for invalid settings."""
-    if is_off(rollout_is):
-        return None
-    if rollout_is not in ("token", "sequence"):
-        raise ValueError(f"rollout_is must be 'token', 'sequence' or null, got {rollout_is!r}")
-    if isinstance(rollout_is_threshold, bool) or not isinstance(rollout_is_threshold, (int, float)):
-        raise ValueError(f"rollout_is_threshold must be a number > 1, got {rollout_is_threshold!r}")
-    check_is_threshold(float(rollout_is_threshold))
-    return rollout_is
+    level = check_is_level(rollout_is)
+    if level is not None:
+        check_is_threshold(rollout_is_threshold)
+    return level
 
 
 # ------------------------------------------------------------------------------- public entries
@@ -400,7 +396,6 @@ def compute_rollout_correction(
     """
     is_level = _check_is_args(rollout_is, rollout_is_threshold)
     criteria = parse_rs_thresholds(rollout_rs, rollout_rs_threshold)
-    _check_unique(criteria)
     _check_inputs(train_log_probs, rollout_log_probs, response_mask)
 
     with torch.no_grad():
@@ -459,16 +454,6 @@ def compute_rollout_correction_from_config(
         rollout_rs=cfg.rollout_rs,
         rollout_rs_threshold=cfg.rollout_rs_threshold,
     )
-
-
-def _check_unique(criteria: list[RSCriterion]) -> None:
-    names = [c.criterion for c in criteria]
-    for name in names:
-        if names.count(name) > 1:
-            raise ValueError(
-                f"rollout_rs lists {name!r} more than once (after resolving aliases); list each "
-                f"criterion once"
-            )
 
 
 def _apply_keep(

@@ -75,14 +75,20 @@ def warning(code: str, path: str, message: str) -> Finding:
     return Finding(code, "warning", path, message)
 
 
-def check_is_threshold(threshold: float) -> None:
-    """Raise ConfigValueError RCX-E005 unless the IS cap C is finite and > 1."""
+def check_is_threshold(threshold: object) -> float:
+    """The IS cap C as a float; ConfigValueError RCX-E005 unless it is a finite number > 1."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise ConfigValueError(
+            "RCX-E005", f"rollout_is_threshold must be a number > 1, got {threshold!r}"
+        )
+    threshold = float(threshold)
     if not (math.isfinite(threshold) and threshold > 1.0):
         raise ConfigValueError(
             "RCX-E005",
             f"rollout_is_threshold must be > 1 (a cap at or below 1 makes every weight a "
             f"constant), got {threshold}",
         )
+    return threshold
 
 
 def parse_rs_findings(

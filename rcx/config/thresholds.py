@@ -128,8 +128,25 @@ def resolve_rs_criteria(rollout_rs: object) -> tuple[list[str], list[tuple[str, 
             name = LEGACY_ALIASES[name]
         if name not in CRITERIA:
             raise ConfigValueError("RCX-E002", _unknown_criterion_message(name, rollout_rs))
+        if name in names:
+            raise ConfigValueError(
+                "RCX-E002",
+                f"rollout_rs lists {name!r} more than once (after resolving aliases); list each "
+                f"criterion once",
+            )
         names.append(name)
     return names, aliases
+
+
+def check_is_level(rollout_is: object) -> str | None:
+    """The IS level ``token`` / ``sequence``, or None when off; RCX-E009 otherwise."""
+    if is_off(rollout_is):
+        return None
+    if rollout_is not in ("token", "sequence"):
+        raise ConfigValueError(
+            "RCX-E009", f"rollout_is must be 'token', 'sequence' or null, got {rollout_is!r}"
+        )
+    return str(rollout_is)
 
 
 def _unknown_criterion_message(name: str, rollout_rs: object) -> str:

@@ -93,6 +93,7 @@ def test_canonical_names_do_not_warn():
         ("token_k1", "0.5_1_2", "RCX-E004", "expected 'L_U'"),
         ("token_k1,seq_max_k2", "0.5_2,", "RCX-E004", "missing threshold entry"),
         ("token_k1", True, "RCX-E004", "number or a string"),
+        ("token_k1,token", "2", "RCX-E002", "more than once"),
     ],
 )
 def test_malformed_forms_raise_with_code(rs, threshold, code, fragment):
@@ -151,3 +152,12 @@ def test_random_inputs_parse_or_give_a_finding(rs, threshold):
             assert 0 < c.lower < c.upper
         else:
             assert c.lower is None
+
+
+def test_is_level_check_matches_validator_wording():
+    from rcx.config.thresholds import check_is_level
+
+    assert check_is_level("token") == "token" and check_is_level("null") is None
+    with pytest.raises(ConfigValueError, match="'token', 'sequence' or null") as info:
+        check_is_level("tokens")
+    assert info.value.code == "RCX-E009"
