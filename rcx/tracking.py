@@ -37,6 +37,7 @@ Decisions (SPEC §9, issue 5 item 4):
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -61,14 +62,14 @@ TRUNCATION_MARKER = "...[truncated]"
 CHECK_TIMEOUT_S = 5
 RUN_HTTP_RETRIES = 2
 RUN_HTTP_TIMEOUT_S = 30
-# Curves drawn in the end-of-run PNG, in this order, when they were logged.
-PLOT_KEYS = (
-    "reward/mean",
-    "val/accuracy",
-    "rollout_corr/kl",
-    "rollout_corr/rollout_is_eff_sample_size",
-    "rollout_corr/rollout_rs_masked_fraction",
-    "actor/pg_clipfrac",
+# Panels of the end-of-run PNG, in this order: each a tuple of curves drawn together.
+PLOT_PANELS: tuple[tuple[str, ...], ...] = (
+    ("reward/mean",),
+    ("val/accuracy", "val/sampled_accuracy"),
+    ("rollout_corr/kl",),
+    ("rollout_corr/rollout_is_eff_sample_size",),
+    ("rollout_corr/rollout_rs_masked_fraction",),
+    ("actor/pg_clipfrac",),
 )
 
 
@@ -274,6 +275,9 @@ class MlflowTracker:
         """
         uri = resolve_tracking_uri(tracking_uri)
         check_reachable(uri)
+        # A new SQLite store announces its schema migrations at INFO; rcx prints the store itself.
+        for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+            logging.getLogger(name).setLevel(logging.WARNING)
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(RUN_HTTP_RETRIES))
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(RUN_HTTP_TIMEOUT_S))
         from mlflow.exceptions import MlflowException
@@ -423,29 +427,32 @@ def open_tracker(
 
 
 def plot_history(history: Mapping[str, Sequence[tuple[int, float]]], path: Path) -> Path | None:
-    """Draw the :data:`PLOT_KEYS` curves present in ``history`` (key -> [(step, value)]) as a PNG.
-
-    Returns the path written, or None when none of the keys was logged. Uses the Agg backend, so
-    it works without a display.
+    """Draw the :data:`PLOT_PANELS` curves present in ``history`` (key -> [(step, value)]) as a
+    PNG, one panel per group. Returns the path written, or None when none of the keys was logged.
+    Uses the Agg backend, so it works without a display.
     """
-    keys = [k for k in PLOT_KEYS if history.get(k)]
-    if not keys:
+    panels = [[k for k in panel if history.get(k)] for panel in PLOT_PANELS]
+    panels = [keys for keys in panels if keys]
+    if not panels:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cols = 2 if len(keys) > 1 else 1
-    rows = math.ceil(len(keys) / cols)
+    cols = 2 if len(panels) > 1 else 1
+    rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3 * rows), squeeze=False)
-    for ax, key in zip(axes.flat, keys, strict=False):
-        steps, values = zip(*history[key], strict=True)
-        ax.plot(steps, values, marker="." if len(steps) < 30 else None)
-        ax.set_title(key, fontsize=10)
+    for ax, keys in zip(axes.flat, panels, strict=False):
+        for key in keys:
+            steps, values = zip(*sorted(history[key]), strict=True)
+            ax.plot(steps, values, marker="." if len(steps) < 30 else None, label=key)
+        ax.set_title(", ".join(keys), fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(keys) :]:
+        if len(keys) > 1:
+            ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -352,9 +352,6 @@ class Trainer:
         self.device = resolve_device(cfg.trainer.device)
         self.threads = configure_threads(cfg.trainer.num_threads)
         seed_everything(cfg.trainer.seed)
-        self.autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None
-        )
         self.model, self.tokenizer = load_policy(cfg, self.device, show=self.show)
         self.ref_model = None
         if arr.actor.use_kl_loss:
@@ -706,7 +703,7 @@ class Trainer:
         length = batch.response_length
         chunk = len(rows) if grad else self._forward_chunk()
         out_lp, out_ent = [], []
-        with torch.set_grad_enabled(grad), self.autocast or nullcontext():
+        with torch.set_grad_enabled(grad), self._autocast():
             for s in range(0, len(rows), chunk):
                 ids, am = input_ids[s : s + chunk], attention_mask[s : s + chunk]
                 logits = model(
@@ -731,9 +728,15 @@ class Trainer:
         )
         am = batch.attention_mask[rows]
         length = batch.response_length
-        with torch.set_grad_enabled(grad), self.autocast or nullcontext():
+        with torch.set_grad_enabled(grad), self._autocast():
             values = self.critic(batch.input_ids[rows], am, position_ids_from_mask(am))
         return values[:, -length - 1 : -1].float()  # (b, T)
+
+    def _autocast(self) -> Any:
+        """bf16 autocast on CUDA (SPEC §7.2), nothing on CPU; a fresh context per use."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
 
     def _forward_chunk(self) -> int:
         actor = self.cfg.actor_rollout_ref.actor

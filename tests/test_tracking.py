@@ -164,7 +164,12 @@ def test_sqlite_store_in_unwritable_place_is_a_clear_error(tmp_path: Path) -> No
 
 
 def test_plot_history_draws_only_logged_keys(tmp_path: Path) -> None:
-    history = {"reward/mean": [(1, 0.2), (2, 0.4)], "rollout_corr/kl": [(1, 0.01), (2, 0.03)]}
+    history = {
+        "reward/mean": [(1, 0.2), (2, 0.4)],
+        "val/accuracy": [(0, 0.1), (2, 0.3)],
+        "val/sampled_accuracy": [(0, 0.05), (2, 0.2)],
+        "rollout_corr/kl": [(1, 0.01), (2, 0.03)],
+    }
     out = plot_history(history, tmp_path / "plots" / "metrics.png")
     assert out is not None and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot_history({"other": [(1, 1.0)]}, tmp_path / "none.png") is None
