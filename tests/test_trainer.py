@@ -317,3 +317,63 @@ def test_log_prob_dumps_and_console_without_mlflow(tiny_config, tmp_path: Path) 
     diff = (dump["train_log_probs"] - dump["rollout_log_probs"])[mask].abs().max()
     assert diff < 1e-4
     assert dump["rollout_correction"]["rollout_is"] == "sequence"
+
+
+def test_resume_path_mode_picks_the_named_checkpoint(tiny_config, tmp_path: Path) -> None:
+    from rcx.checkpoint import CheckpointError, save_checkpoint
+    from rcx.trainer import find_resume_checkpoint
+
+    elsewhere = tmp_path / "other"
+    for step in (1, 2):
+        save_checkpoint(elsewhere, step, {"x": torch.tensor(step)})
+    own_dir = tmp_path / "ckpt"
+    save_checkpoint(own_dir, 5, {"x": torch.tensor(5)})
+
+    auto = tiny_config("grpo-rs-only")
+    assert find_resume_checkpoint(auto, own_dir).name == "global_step_5"
+    assert (
+        find_resume_checkpoint(tiny_config("grpo-rs-only", "trainer.resume_mode=disable"), own_dir)
+        is None
+    )
+    by_root = tiny_config(
+        "grpo-rs-only", "trainer.resume_mode=resume_path", f"trainer.resume_from_path={elsewhere}"
+    )
+    assert find_resume_checkpoint(by_root, own_dir) == elsewhere / "global_step_2"
+    exact = tiny_config(
+        "grpo-rs-only",
+        "trainer.resume_mode=resume_path",
+        f"trainer.resume_from_path={elsewhere / 'global_step_1'}",
+    )
+    assert find_resume_checkpoint(exact, own_dir) == elsewhere / "global_step_1"
+    missing = tiny_config(
+        "grpo-rs-only", "trainer.resume_mode=resume_path", f"trainer.resume_from_path={tmp_path}/x"
+    )
+    with pytest.raises(CheckpointError, match="holds no complete checkpoint"):
+        find_resume_checkpoint(missing, own_dir)
+
+
+@pytest.mark.slow
+def test_default_preset_learns_on_the_embedded_task(tiny_config) -> None:
+    """The product run (`rcx train --preset grpo-multi-rs`): warm start + 100 GRPO steps on CPU.
+
+    Measured here: greedy validation accuracy 0.41 -> 0.64, sampled 0.29 -> 0.47, ~2.5 min on
+    2 cores including the warm start (cached in ~/.cache/rcx afterwards).
+    """
+    cfg = tiny_config(
+        "grpo-multi-rs",
+        *[f"{k}=null" for k in ("custom_reward_function.path",)],
+        "trainer.total_training_steps=100",
+        "actor_rollout_ref.model.warm_start_steps=1000",
+        "actor_rollout_ref.rollout.n=8",
+        "actor_rollout_ref.actor.ppo_mini_batch_size=32",
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=null",
+        "data.train_batch_size=32",
+        "data.val_batch_size=null",
+        "data.builtin.num_train=20000",
+        "data.builtin.num_val=256",
+        "trainer.test_freq=10",
+    )
+    result = train(cfg)
+    assert result.status == "FINISHED"
+    assert result.val_end["val/accuracy"] >= result.val_start["val/accuracy"] + 0.1
+    assert result.val_end["val/sampled_accuracy"] > result.val_start["val/sampled_accuracy"]
