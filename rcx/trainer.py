@@ -66,6 +66,7 @@ import copy
 import dataclasses
 import os
 import random
+import re
 import signal
 import time
 import warnings
@@ -1027,7 +1028,7 @@ def step_scheduler(scheduler: Any) -> None:
     """One lr-schedule step per training step, also after a step whose update was skipped
     (torch warns about that order; here it is intended: the schedule counts training steps)."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+        warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler"))
         scheduler.step()
 
 
