@@ -29,6 +29,8 @@ Choices and simplifications, each deliberate:
   the weights through momentum and weight decay); a step in which no mini-batch survives logs
   ``rollout_corr/skipped_update = 1`` and a warning. The critic still learns from such a batch:
   value targets do not depend on the policy mismatch.
+* The entropy bonus and the KL loss are aggregated over the plain response mask: they are
+  regularisers, not part of the off-policy correction, so RS does not switch them off.
 * The learning rate is constant after a linear warm-up over ``lr_warmup_steps`` training steps.
 * Sampling is seeded per step (``engine.generate(seed=...)``) and the prompt order is a pure
   function of ``(seed, step)``, so a resumed run replays exactly what an uninterrupted one does.
@@ -39,8 +41,9 @@ Choices and simplifications, each deliberate:
   ``accuracy`` is the share of responses with score >= 1 (full credit).
 
 Ctrl-C: the first press finishes the current step, saves a checkpoint, marks the MLflow run
-KILLED and returns a :class:`TrainResult` with ``exit_code == 130``; a second press stops at once
-(a checkpoint is saved only if no update was half-applied).
+KILLED and returns a :class:`TrainResult` with ``exit_code == 130``; a second press stops at once,
+and saves a checkpoint only if the interrupted step had not yet touched the weights (from its
+first update until it is logged, the weights belong to no completed step).
 
 Log-prob dumps (``trainer.dump_log_probs: true``) — one file per step,
 ``<run dir>/log_probs/step_000001.pt`` (run dir = the checkpoint folder), also uploaded to MLflow
