@@ -1073,11 +1073,11 @@ def reward_metrics(scores: torch.Tensor, prefix: str) -> dict[str, float]:
 
 def length_metrics(batch: Any, eos_ids: torch.Tensor, max_length: int) -> dict[str, float]:
     """response_length/{mean,max,min,clip_ratio}; clipped = hit max length without EOS."""
-    lengths = batch.response_mask.sum(-1).float()  # (B,)
-    last = (lengths.long() - 1).clamp(min=0)
-    last_token = batch.response_ids[torch.arange(len(lengths)), last].cpu()
+    lengths = batch.response_mask.sum(-1).float().cpu()  # (B,)
+    last = (lengths.long() - 1).clamp(min=0)  # (B,)
+    last_token = batch.response_ids.cpu()[torch.arange(len(lengths)), last]  # (B,)
     ended = torch.isin(last_token, eos_ids)
-    clipped = (lengths.cpu() >= max_length) & ~ended
+    clipped = (lengths >= max_length) & ~ended
     return {
         "response_length/mean": float(lengths.mean()),
         "response_length/max": float(lengths.max()),
