@@ -356,7 +356,7 @@ class Trainer:
         self.device = resolve_device(cfg.trainer.device)
         self.threads = configure_threads(cfg.trainer.num_threads)
         seed_everything(cfg.trainer.seed)
-        self.model, self.tokenizer = load_policy(cfg, self.device, show=self.show)
+        self.model, self.tokenizer, self.model_path = load_policy(cfg, self.device, self.show)
         self.ref_model = None
         if arr.actor.use_kl_loss:
             self.ref_model = copy.deepcopy(self.model).requires_grad_(False)
@@ -382,7 +382,7 @@ class Trainer:
             quantization=rollout.quantization,
             weight_sync_interval=rollout.weight_sync_interval,
             device=self.device,
-            model_path=None if arr.model.path.startswith("builtin:") else arr.model.path,
+            model_path=None if self.model_path.startswith("builtin:") else self.model_path,
             gpu_memory_utilization=rollout.gpu_memory_utilization,
             seed=cfg.trainer.seed,
         )
@@ -961,8 +961,9 @@ def _read_run_id(path: Path) -> str | None:
         raise CheckpointError(f"cannot read {path / 'meta.json'}: {exc}") from exc
 
 
-def load_policy(cfg: RcxConfig, device: torch.device, show: bool = True):
-    """The policy model (float32, eval mode) and tokenizer; warm-starts builtin:tiny if asked."""
+def load_policy(cfg: RcxConfig, device: torch.device, show: bool = True) -> tuple[Any, Any, str]:
+    """(model, tokenizer, resolved path): the policy in float32 and eval mode; builtin:tiny is
+    warm-started (or taken from the cache) first, and the path is then its directory."""
     from rcx.models import load_model_and_tokenizer
     from rcx.pretrain import resolve_model_path
 
@@ -979,7 +980,7 @@ def load_policy(cfg: RcxConfig, device: torch.device, show: bool = True):
         path, dtype="float32", device=device, seed=cfg.trainer.seed
     )
     model.eval()
-    return model, tokenizer
+    return model, tokenizer, path
 
 
 def builtin_task(cfg: RcxConfig) -> Any:
