@@ -814,6 +814,8 @@ class Trainer:
             state,
             config_yaml=dump_yaml(self.cfg.model_dump(mode="json")),
             mlflow_run_id=self.tracker.run_id,
+            # verl's key; not in the config tree yet (keep every checkpoint until it is).
+            keep_last=getattr(self.cfg.trainer, "max_actor_ckpt_to_keep", None),
         )
 
     def _restore(self, path: Path) -> None:
