@@ -280,6 +280,30 @@ def test_hard_interrupt_in_validation_after_an_update_keeps_the_last_checkpoint(
     assert result.checkpoint is not None and result.checkpoint.name == "global_step_1"
 
 
+def test_crash_marks_the_run_failed_and_keeps_earlier_checkpoints(
+    tiny_config, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = trainer_mod.Trainer.train_step
+
+    def crash_at_step_2(self, step):
+        if step == 2:
+            raise RuntimeError("boom")
+        return original(self, step)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", crash_at_step_2)
+    cfg = tiny_config("grpo-rs-only", "trainer.save_freq=1", "trainer.total_training_steps=3")
+    with pytest.raises(RuntimeError, match="boom"):
+        train(cfg)
+    assert latest_checkpoint(Path(cfg.trainer.default_local_dir)).name == "global_step_1"
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    runs = client.search_runs(
+        [client.get_experiment_by_name("rcx-tests").experiment_id],
+        filter_string=f"attributes.run_name = '{cfg.trainer.experiment_name}'",
+    )
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert set(_history(client, runs[0].info.run_id, "reward/mean")) == {1}
+
+
 def test_unreachable_tracking_server_fails_before_loading(tiny_config) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
