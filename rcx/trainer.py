@@ -559,7 +559,11 @@ class Trainer:
         metrics.update(timer.metrics())
         metrics["timing/step"] = time.perf_counter() - step_start
         tokens = float(batch.response_mask.sum() + batch.prompt_mask.sum())
-        metrics["perf/tokens_per_s"] = tokens / max(metrics["timing/step"], 1e-9)
+        metrics["perf/tokens_per_s"] = tokens / max(
+            metrics["timing/step"], 1e-9
+        )  # prompt + response
+        if self.device.type == "cuda":
+            metrics["perf/max_memory_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
         return metrics
 
     # ------------------------------------------------------------------ updates
