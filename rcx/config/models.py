@@ -294,6 +294,9 @@ class TrainerConfig(Section):
     default_local_dir: str | None = Field(
         None, description="Checkpoint folder (null: checkpoints/<project_name>/<experiment_name>)."
     )
+    max_actor_ckpt_to_keep: int | None = Field(
+        None, ge=1, description="Keep only the newest k checkpoints (null: keep all)."
+    )
     resume_mode: Literal["auto", "disable", "resume_path"] = Field(
         "auto",
         description="auto: continue from the latest checkpoint; disable: start fresh; resume_path: use resume_from_path.",
