@@ -96,6 +96,7 @@ def _record(study, source: str, arm: str, seed: int, acc: float) -> dict:
         "masked_mean": None,
         "kl_mean": 0.1,
         "wall_s": 1.0,
+        "curves": {"val_acc": [(90, acc), (100, acc)]},
     }
 
 
@@ -113,5 +114,6 @@ def test_gap_recovered_uses_the_shared_reference(study) -> None:
     assert rows["reference"]["final_val_acc_std"] == pytest.approx(math.sqrt(0.0008))
     assert rows["token_tis"]["gap_recovered"] == pytest.approx(0.75)
     assert rows["token_tis"]["delta_vs_uncorrected"] == pytest.approx(0.30)
+    assert rows["token_tis"]["late_val_acc"] == pytest.approx(0.50)  # mean of the last evals
     assert math.isnan(rows["uncorrected"]["gap_recovered"])
     assert study.best_corrected(records, "stale8", list(study.ARMS)) == "token_tis"
