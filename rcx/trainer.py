@@ -24,7 +24,8 @@ Choices and simplifications, each deliberate:
 * Micro-batches (``ppo_micro_batch_size_per_gpu`` responses) accumulate gradients, each scaled
   by its share of the mini-batch's responses (verl's rule); with the default (no
   micro-batching) the aggregation is exact. In bypass mode the correction is computed per
-  micro-batch, from the same forward that carries the gradient (no extra forward).
+  micro-batch, from the same forward that carries the gradient (no extra forward); its
+  ``rollout_corr/*`` metrics are then means over the step's micro-batches and epochs.
 * A mini-batch in which RS rejects every token takes no optimiser step (AdamW would still move
   the weights through momentum and weight decay); a step in which no mini-batch survives logs
   ``rollout_corr/skipped_update = 1`` and a warning. The critic still learns from such a batch:
