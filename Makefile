@@ -24,11 +24,10 @@ test: setup
 test-all: setup
 	$(BIN)/python -m pytest -q -m ''
 
+# The main job: GRPO + token IS + multi-criterion RS on the embedded default (tiny model, 2-digit
+# addition), warm start included, tracked in ./mlflow.db. Extra overrides: make run ARGS='k=v ...'
 run: setup
-	$(BIN)/rcx validate --explain --preset rloo-seq-is
-	$(BIN)/rcx validate --explain --preset grpo-multi-rs
-	$(BIN)/rcx validate --explain --preset gae-seq-is-rs
-	$(BIN)/rcx validate --explain --preset grpo-rs-only
+	$(BIN)/rcx train --preset grpo-multi-rs $(ARGS)
 
 lint: setup
 	$(BIN)/ruff check rcx tests bench

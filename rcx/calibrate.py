@@ -36,6 +36,7 @@ import torch
 
 from rcx.config.findings import TIGHT_LOG_RATIO
 from rcx.config.thresholds import CRITERIA, resolve_rs_criteria
+from rcx.errors import RcxError
 from rcx.whatif import CorrectionSettings, DumpStack, Replayer, WhatifResult
 
 #: Rejection levels whose quantiles give the candidate RS bounds (share of units beyond it).
@@ -49,7 +50,7 @@ MAX_CAP = 10.0
 IsLevel = Literal["token", "sequence"]
 
 
-class CalibrationError(ValueError):
+class CalibrationError(RcxError, ValueError):
     """Calibration cannot run (bad criteria or targets); the message says what is accepted."""
 
 

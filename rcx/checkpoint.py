@@ -36,6 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from rcx.errors import RcxError
+
 FORMAT_VERSION = 1
 STEP_DIR_PREFIX = "global_step_"
 STATE_FILE = "state.pt"
@@ -44,7 +46,7 @@ META_FILE = "meta.json"
 _STEP_DIR_RE = re.compile(rf"^{STEP_DIR_PREFIX}(\d+)$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RcxError, RuntimeError):
     """A checkpoint is missing, incomplete or unreadable; the message names the path."""
 
 

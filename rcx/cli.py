@@ -32,6 +32,7 @@ from rcx.config.loading import (  # noqa: E402
     presets_dir,
 )
 from rcx.config.yamlio import dump_commented_yaml  # noqa: E402
+from rcx.errors import RcxError  # noqa: E402
 
 app = typer.Typer(
     name="rcx",
@@ -140,25 +141,6 @@ def report_json(report: ValidationReport) -> dict[str, Any]:
     }
 
 
-def user_errors() -> tuple[type[Exception], ...]:
-    """The exceptions that mean "fix your input", printed as one line instead of a traceback."""
-    from rcx.checkpoint import CheckpointError
-    from rcx.models import ModelLoadError
-    from rcx.rewards import RewardError
-    from rcx.rollout.vllm import VLLMUnavailableError
-    from rcx.tasks import DataError
-    from rcx.tracking import TrackingError
-
-    return (
-        CheckpointError,
-        DataError,
-        ModelLoadError,
-        RewardError,
-        TrackingError,
-        VLLMUnavailableError,
-    )
-
-
 def validated_config(preset: str | None, config: Path | None, args: list[str] | None) -> Any:
     """Validate first and print the findings; exit 1 before anything loads if invalid."""
     report = gather(preset, config, args)
@@ -184,7 +166,7 @@ def train(
 
     try:
         result = run_training(report.config, findings=report.findings, console=console)
-    except user_errors() as e:
+    except RcxError as e:
         console.print(f"[bold red]error[/] {e}", markup=True)
         raise typer.Exit(1) from None
     raise typer.Exit(result.exit_code)

@@ -28,6 +28,8 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from rcx.errors import RcxError
+
 BUILTIN_TINY = "builtin:tiny"
 MARKER_FILE = "rcx_model.json"
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
@@ -36,7 +38,7 @@ TINY_CHARS = "0123456789abcdefghijklmnopqrstuvwxyz +-*=?:,.\n"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(RcxError, ValueError):
     """A model path that cannot be served (not built in, not a local HF directory, broken)."""
 
 

@@ -25,10 +25,12 @@ from typing import Any
 
 import torch
 
+from rcx.errors import RcxError
+
 ScoreFn = Callable[..., Any]
 
 
-class RewardError(ValueError):
+class RewardError(RcxError, ValueError):
     """A reward that cannot be computed: unknown data_source, broken hook, bad return value."""
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rcx.errors import RcxError
+
 #: Metrics compared when none is named (those present in at least one run).
 DEFAULT_METRICS = (
     "val/reward_mean",
@@ -31,7 +33,7 @@ IGNORED_PARAMS = (
 )
 
 
-class RunsError(ValueError):
+class RunsError(RcxError, ValueError):
     """A run or store cannot be used; the message names it."""
 
 

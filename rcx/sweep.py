@@ -62,6 +62,7 @@ from rcx.config.loading import (
     validate_raw,
 )
 from rcx.config.yamlio import Yaml12Loader, load_yaml
+from rcx.errors import RcxError
 
 #: The metric a sweep is ranked by unless ``--metric`` says otherwise: the last validation reward.
 DEFAULT_METRIC = "val/reward_mean"
@@ -75,7 +76,7 @@ RESERVED_KEYS = ("trainer.experiment_name", "trainer.default_local_dir")
 SWEEP_FILE_KEYS = ("name", "preset", "config", "base", "overrides", "grid", "metric", "mode")
 
 
-class SweepError(ValueError):
+class SweepError(RcxError, ValueError):
     """A sweep cannot start or continue; the message says what was wrong and what is accepted."""
 
 

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from rcx.errors import RcxError
 from rcx.rewards import RewardScorer, unknown_source_message
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ BUILTIN_TASKS = ("builtin:arith", "builtin:reverse")
 SPLITS = ("train", "val")
 
 
-class DataError(ValueError):
+class DataError(RcxError, ValueError):
     """Data that cannot be used: missing file or column, empty data, no reward for a source."""
 
 

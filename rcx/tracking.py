@@ -48,6 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from rcx.errors import RcxError
+
 RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
 
 DEFAULT_DB_NAME = "mlflow.db"
@@ -73,7 +75,7 @@ PLOT_PANELS: tuple[tuple[str, ...], ...] = (
 )
 
 
-class TrackingError(RuntimeError):
+class TrackingError(RcxError, RuntimeError):
     """The tracking backend cannot be used; the message says why and what to do."""
 
 

@@ -99,6 +99,7 @@ from rcx.checkpoint import (
     save_checkpoint,
 )
 from rcx.config.models import RcxConfig
+from rcx.errors import RcxError
 from rcx.tracking import RunStatus, Tracker, flatten_config, open_tracker, plot_history
 
 DUMP_FORMAT = 1
@@ -166,7 +167,7 @@ def train(
 # =========================================================================== setup helpers
 
 
-class DeviceError(RuntimeError):
+class DeviceError(RcxError, RuntimeError):
     """The requested device is not available."""
 
 
@@ -177,17 +178,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise DeviceError("trainer.device=cuda but no CUDA device is available; use auto or cpu")
     return torch.device(name)
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions :func:`train` raises for problems the user must fix (bad path, server down,
-    unusable data, ...): the CLI prints their message without a traceback and exits 1."""
-    from rcx.models import ModelLoadError
-    from rcx.rewards import RewardError
-    from rcx.tasks import DataError
-    from rcx.tracking import TrackingError
-
-    return (TrackingError, CheckpointError, DeviceError, ModelLoadError, DataError, RewardError)
 
 
 def configure_threads(num_threads: int | None) -> int:

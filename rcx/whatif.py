@@ -42,6 +42,7 @@ import torch
 from rcx.config.findings import Finding
 from rcx.config.loading import validate_raw
 from rcx.config.thresholds import parse_rs_thresholds, split_threshold_entries
+from rcx.errors import RcxError
 
 #: The correction settings a what-if can vary (leaf names of algorithm.rollout_correction).
 CORRECTION_KEYS = (
@@ -63,7 +64,7 @@ STAT_KEYS = (
 DUMP_SUFFIXES = (".pt",)
 
 
-class DumpError(ValueError):
+class DumpError(RcxError, ValueError):
     """A dump cannot be read or used; the message names the file and what was wrong."""
 
 

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from rcx.errors import RcxError
 import torch
 from mlflow.tracking import MlflowClient
 from rich.console import Console
@@ -24,7 +26,6 @@ from rcx.trainer import (
     resolve_device,
     total_steps,
     train,
-    user_errors,
     warmup_lambda,
 )
 
@@ -313,7 +314,7 @@ def test_unreachable_tracking_server_fails_before_loading(tiny_config) -> None:
     with pytest.raises(TrackingError, match="not reachable") as info:
         train(cfg)
     assert time.monotonic() - start < 10
-    assert isinstance(info.value, user_errors())  # the CLI prints it without a traceback
+    assert isinstance(info.value, RcxError)  # the CLI prints it without a traceback
     assert latest_checkpoint(Path(cfg.trainer.default_local_dir)) is None
 
 

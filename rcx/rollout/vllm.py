@@ -23,12 +23,13 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rcx.errors import RcxError
 from rcx.rollout import RolloutBatch, SamplingParams, left_pad, should_sync
 
 VLLM_QUANTIZATION = {"none": None, "fp8": "fp8"}
 
 
-class VLLMUnavailableError(RuntimeError):
+class VLLMUnavailableError(RcxError, RuntimeError):
     """vLLM or CUDA is missing, or the configuration cannot be served by vLLM."""
 
 
