@@ -13,18 +13,16 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import json  # noqa: E402
-from enum import Enum  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Annotated, Any  # noqa: E402
 
 import typer  # noqa: E402
-from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from rcx.cli_common import OutputFormat, console, fail, print_findings, split_args  # noqa: E402
 from rcx.cli_experiments import register as register_experiments  # noqa: E402
 from rcx.config import ValidationReport, validate_sources  # noqa: E402
 from rcx.config.explain import explain, explain_lines  # noqa: E402
-from rcx.config.findings import Finding  # noqa: E402
 from rcx.config.loading import (  # noqa: E402
     field_descriptions,
     list_presets,
@@ -46,14 +44,6 @@ presets_app = typer.Typer(
 )
 app.add_typer(presets_app, name="presets")
 
-console = Console(highlight=False, soft_wrap=True)
-
-
-class OutputFormat(str, Enum):
-    text = "text"
-    json = "json"
-
-
 ArgsArg = Annotated[
     list[str] | None,
     typer.Argument(
@@ -72,29 +62,9 @@ ConfigOpt = Annotated[
 ]
 
 
-def split_args(args: list[str] | None, config: Path | None) -> tuple[Path | None, list[str]]:
-    """Positional arguments: those with '=' are overrides; one without is the config FILE."""
-    overrides = [a for a in args or [] if "=" in a]
-    files = [a for a in args or [] if "=" not in a]
-    if len(files) + (config is not None) > 1:
-        given = [*([str(config)] if config else []), *files]
-        raise typer.BadParameter(
-            f"one config file at most, got {', '.join(given)}; overrides need KEY=VALUE"
-        )
-    return (config or (Path(files[0]) if files else None)), overrides
-
-
 def gather(preset: str | None, config: Path | None, args: list[str] | None) -> ValidationReport:
     config_file, overrides = split_args(args, config)
     return validate_sources(preset, config_file, overrides)
-
-
-def print_findings(findings: list[Finding]) -> None:
-    for f in findings:
-        style = "bold red" if f.level == "error" else "yellow"
-        console.print(
-            f"[{style}]{f.level:<7}[/] [bold]{f.code}[/] {f.path}: {f.message}", markup=True
-        )
 
 
 def summary_line(report: ValidationReport) -> str:
@@ -167,8 +137,7 @@ def train(
     try:
         result = run_training(report.config, findings=report.findings, console=console)
     except RcxError as e:
-        console.print(f"[bold red]error[/] {e}", markup=True)
-        raise typer.Exit(1) from None
+        raise fail(str(e)) from None
     raise typer.Exit(result.exit_code)
 
 

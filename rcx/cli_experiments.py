@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-console = Console(highlight=False, soft_wrap=True)
+from rcx.cli_common import OutputFormat, console, fail, print_findings, split_args
 
 
 class Executor(str, Enum):
@@ -29,11 +28,6 @@ class Executor(str, Enum):
 class Mode(str, Enum):
     max = "max"
     min = "min"
-
-
-class OutputFormat(str, Enum):
-    text = "text"
-    json = "json"
 
 
 class IsLevelOpt(str, Enum):
@@ -63,12 +57,6 @@ DumpArg = Annotated[
 FormatOpt = Annotated[
     OutputFormat, typer.Option("--format", help="text (tables) or json (one document).")
 ]
-
-
-def fail(message: str) -> typer.Exit:
-    """Print an error line and return the exit to raise (code 1)."""
-    console.print(f"[bold red]error[/] {message}", markup=True)
-    return typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:
@@ -149,7 +137,6 @@ def sweep_command(
     of its curve per trial, saved in the sweep folder and logged to the parent run.
     Exit 0 when every trial finished, 1 when any failed or was invalid, 130 on Ctrl-C.
     """
-    from rcx.cli import print_findings, split_args
     from rcx.config import ConfigError
     from rcx.sweep import (
         DEFAULT_METRIC,
@@ -295,7 +282,6 @@ def whatif_command(
     rollout_is_threshold, rollout_is_batch_normalize, rollout_rs, rollout_rs_threshold, with or
     without the algorithm.rollout_correction. prefix) varies it.
     """
-    from rcx.cli import print_findings
     from rcx.sweep import SweepError, parse_grid
     from rcx.whatif import (
         CORRECTION_KEYS,

@@ -10,14 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
-
-from rcx.errors import RcxError
 import torch
 from mlflow.tracking import MlflowClient
 from rich.console import Console
 
 from rcx import trainer as trainer_mod
 from rcx.checkpoint import latest_checkpoint, load_checkpoint
+from rcx.errors import RcxError
 from rcx.models import build_tiny_model
 from rcx.tracking import TrackingError
 from rcx.trainer import (

@@ -1,0 +1,48 @@
+"""What every ``rcx`` command shares: the console, output formats, argument splitting, findings.
+
+No torch here: commands that train import their machinery lazily.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from rcx.config.findings import Finding
+
+console = Console(highlight=False, soft_wrap=True)
+
+
+class OutputFormat(str, Enum):
+    text = "text"
+    json = "json"
+
+
+def split_args(args: list[str] | None, config: Path | None) -> tuple[Path | None, list[str]]:
+    """Positional arguments: those with '=' are overrides; one without is the config FILE."""
+    overrides = [a for a in args or [] if "=" in a]
+    files = [a for a in args or [] if "=" not in a]
+    if len(files) + (config is not None) > 1:
+        given = [*([str(config)] if config else []), *files]
+        raise typer.BadParameter(
+            f"one config file at most, got {', '.join(given)}; overrides need KEY=VALUE"
+        )
+    return (config or (Path(files[0]) if files else None)), overrides
+
+
+def print_findings(findings: list[Finding]) -> None:
+    """One line per finding: level, code, dotted key, message."""
+    for f in findings:
+        style = "bold red" if f.level == "error" else "yellow"
+        console.print(
+            f"[{style}]{f.level:<7}[/] [bold]{f.code}[/] {f.path}: {f.message}", markup=True
+        )
+
+
+def fail(message: str) -> typer.Exit:
+    """Print an error line and return the exit to raise (code 1)."""
+    console.print(f"[bold red]error[/] {message}", markup=True)
+    return typer.Exit(1)
