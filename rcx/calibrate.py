@@ -378,14 +378,11 @@ def plot_calibration(cal: Calibration, path: Path) -> Path | None:
     count = len(panels) + with_is
     if count == 0:
         return None
-    import matplotlib
+    from rcx.plots import panel_grid, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, count, figsize=(4.8 * count, 3.8), squeeze=False)
+    fig, axes = panel_grid(count, max_cols=count, panel_size=(4.8, 3.8))
     key = cal.targets.masked_key
-    for ax, name in zip(axes[0], panels, strict=False):
+    for ax, name in zip(axes, panels, strict=False):
         curve = cal.rs_curves[name]
         ax.plot([p.bound for p in curve], [getattr(p, key) for p in curve], marker=".")
         budget = cal.targets.max_masked / max(len(cal.criteria), 1)
@@ -412,7 +409,7 @@ def plot_calibration(cal: Calibration, path: Path) -> Path | None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     if with_is:
-        ax = axes[0][-1]
+        ax = axes[-1]
         ess_key = cal.targets.ess_key
         caps = [p.cap for p in cal.is_curve]
         ax.plot(caps, [getattr(p, ess_key) for p in cal.is_curve], marker=".", label=ess_key)
@@ -431,8 +428,4 @@ def plot_calibration(cal: Calibration, path: Path) -> Path | None:
         ax.set_title("IS truncation")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -154,28 +154,16 @@ def plot_comparison(comparison: Comparison, path: Path) -> Path | None:
     keys = [m for m in comparison.metrics if any(r.history.get(m) for r in comparison.runs)]
     if not keys:
         return None
-    import matplotlib
+    from rcx.plots import panel_grid, plot_curve, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cols = min(len(keys), 2)
-    rows = math.ceil(len(keys) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.6 * rows), squeeze=False)
-    for ax, key in zip(axes.flat, keys, strict=False):
+    fig, axes = panel_grid(len(keys), panel_size=(6.0, 3.6))
+    for ax, key in zip(axes, keys, strict=True):
         for run in comparison.runs:
             points = run.history.get(key)
             if points:
-                steps, values = zip(*points, strict=True)
-                ax.plot(steps, values, marker="." if len(steps) < 30 else None, label=run.name)
+                plot_curve(ax, points, run.name)
         ax.set_title(key, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(keys) :]:
-        ax.set_visible(False)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -852,25 +852,17 @@ def plot_trials(
     ]
     if not curves:
         return None
-    import matplotlib
+    from rcx.plots import panel_grid, plot_curve, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, (ax,) = panel_grid(1, panel_size=(8.0, 4.5))
     for trial, points in curves:
-        steps, values = zip(*sorted(points), strict=True)
-        ax.plot(steps, values, marker="o" if len(steps) < 30 else None, label=trial.name)
+        plot_curve(ax, points, trial.name)
     ax.set_xlabel("step")
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} per trial")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2 if len(curves) > 8 else 1)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def ranking_text(plan: SweepPlan, ranked: Sequence[RankedTrial]) -> str:

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 import warnings
@@ -437,27 +436,15 @@ def plot_history(history: Mapping[str, Sequence[tuple[int, float]]], path: Path)
     panels = [keys for keys in panels if keys]
     if not panels:
         return None
-    import matplotlib
+    from rcx.plots import panel_grid, plot_curve, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cols = 2 if len(panels) > 1 else 1
-    rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3 * rows), squeeze=False)
-    for ax, keys in zip(axes.flat, panels, strict=False):
+    fig, axes = panel_grid(len(panels))
+    for ax, keys in zip(axes, panels, strict=True):
         for key in keys:
-            steps, values = zip(*sorted(history[key]), strict=True)
-            ax.plot(steps, values, marker="." if len(steps) < 30 else None, label=key)
+            plot_curve(ax, history[key], key)
         ax.set_title(", ".join(keys), fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         if len(keys) > 1:
             ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(panels) :]:
-        ax.set_visible(False)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
