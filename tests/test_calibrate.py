@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
 from rcx.calibrate import (
@@ -22,23 +21,12 @@ from rcx.calibrate import (
     choose_rs,
     plot_calibration,
 )
-from rcx.cli_experiments import register
+from rcx.cli import app
 from rcx.config import validate_sources
 from rcx.correction import compute_rollout_correction
 from rcx.whatif import DumpStack, Replayer, load_dumps, write_synthetic_dumps
 
 P = "rollout_corr/"
-
-
-def make_app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def _root() -> None:
-        """test root"""
-
-    register(app)
-    return app
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +161,7 @@ def test_cli_prints_overrides_that_validate_and_meet_targets(
 ) -> None:
     png = tmp_path / "tradeoff.png"
     result = CliRunner().invoke(
-        make_app(),
+        app,
         [
             "calibrate",
             str(dump_dir),
@@ -208,7 +196,7 @@ def test_cli_prints_overrides_that_validate_and_meet_targets(
 
 def test_cli_exit_1_when_a_target_cannot_be_met(dump_dir: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(
-        make_app(),
+        app,
         ["calibrate", str(dump_dir), "--min-ess", "0.99999", "--plot", str(tmp_path / "p.png")],
     )
     assert result.exit_code == 1

@@ -6,23 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
-from rcx.cli_experiments import register, short_names
+from rcx.cli import app
+from rcx.cli_experiments import short_names
 from rcx.runs import RunsError, compare_runs, plot_comparison
 from rcx.tracking import open_tracker
-
-
-def make_app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def _root() -> None:
-        """test root"""
-
-    register(app)
-    return app
 
 
 def log_run(uri: str, name: str, params: dict[str, str], curve: list[float], parent=None) -> str:
@@ -97,7 +86,7 @@ def test_unknown_run_and_missing_store(mlflow_uri: str, tmp_path: Path) -> None:
 def test_cli_table_and_plot(mlflow_uri: str, sweep_runs: dict[str, str], tmp_path: Path) -> None:
     png = tmp_path / "runs.png"
     result = CliRunner().invoke(
-        make_app(),
+        app,
         [
             "runs",
             "compare",
@@ -122,9 +111,7 @@ def test_cli_table_and_plot(mlflow_uri: str, sweep_runs: dict[str, str], tmp_pat
 
 
 def test_cli_unknown_run_is_a_clear_error(mlflow_uri: str) -> None:
-    result = CliRunner().invoke(
-        make_app(), ["runs", "compare", "nope", "--tracking-uri", mlflow_uri]
-    )
+    result = CliRunner().invoke(app, ["runs", "compare", "nope", "--tracking-uri", mlflow_uri])
     assert result.exit_code == 1
     assert "no run 'nope'" in result.output
     assert "Traceback" not in result.output

@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
 import rcx.sweep as sweep_mod
-from rcx.cli_experiments import register
+from rcx.cli import app
 from rcx.sweep import (
     GridAxis,
     SweepError,
@@ -39,17 +38,6 @@ from rcx.sweep import (
 RC = "algorithm.rollout_correction"
 IS_AXIS = f"{RC}.rollout_is_threshold"
 RS_AXIS = f"{RC}.rollout_rs_threshold"
-
-
-def make_app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def _root() -> None:
-        """test root"""
-
-    register(app)
-    return app
 
 
 # ------------------------------------------------------------------------------ grid parsing
@@ -495,7 +483,7 @@ def test_ray_missing_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Monkey
     with pytest.raises(SweepError, match="pip install 'ray\\[default\\]'"):
         sweep_mod.import_ray()
     result = CliRunner().invoke(
-        make_app(),
+        app,
         [
             "sweep",
             "--preset",
@@ -544,7 +532,7 @@ def quick_ok(spec: TrialSpec) -> TrialResult:
 
 def test_cli_dry_run_lists_trials_and_starts_nothing(tmp_path: Path) -> None:
     result = CliRunner().invoke(
-        make_app(),
+        app,
         [
             "sweep",
             "--preset",
@@ -571,7 +559,7 @@ def test_cli_invalid_grid_value_aborts_before_anything_runs(
     ran: list[str] = []
     monkeypatch.setattr(sweep_mod, "run_trainer_trial", lambda spec: ran.append(spec.name))
     result = CliRunner().invoke(
-        make_app(),
+        app,
         [
             "sweep",
             "--preset",
@@ -601,7 +589,7 @@ def test_cli_invalid_grid_value_aborts_before_anything_runs(
     ],
 )
 def test_cli_bad_input_is_one_clear_message(tmp_path: Path, args: list[str], message: str) -> None:
-    result = CliRunner().invoke(make_app(), ["sweep", "--out", str(tmp_path / "s"), *args])
+    result = CliRunner().invoke(app, ["sweep", "--out", str(tmp_path / "s"), *args])
     assert result.exit_code == 1
     assert message in result.output
     assert "Traceback" not in result.output
@@ -612,7 +600,7 @@ def test_cli_sweep_with_injected_trials_prints_the_ranking(
 ) -> None:
     monkeypatch.setattr(sweep_mod, "run_trainer_trial", succeed)
     result = CliRunner().invoke(
-        make_app(),
+        app,
         [
             "sweep",
             "--preset",
@@ -658,7 +646,7 @@ def test_trainer_sweep_2x2_on_the_embedded_default(
 ) -> None:
     base = tiny_base_file(tiny_config, tmp_path)
     result = CliRunner().invoke(
-        make_app(),
+        app,
         [
             "sweep",
             str(base),
@@ -711,7 +699,7 @@ def test_trainer_sweep_failing_trial_then_resume_skips_the_finished_one(
         "--out",
         str(tmp_path / "sweep"),
     ]
-    first = CliRunner().invoke(make_app(), args)
+    first = CliRunner().invoke(app, args)
     assert first.exit_code == 1, first.output
     state = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     assert [t["status"] for t in state["trials"].values()] == ["FINISHED", "FAILED"]
@@ -721,7 +709,7 @@ def test_trainer_sweep_failing_trial_then_resume_skips_the_finished_one(
     assert failed.info.status == "FAILED"
     assert "this reward always fails" in failed.data.tags["rcx.error"]
 
-    again = CliRunner().invoke(make_app(), [*args, "--resume"])
+    again = CliRunner().invoke(app, [*args, "--resume"])
     assert again.exit_code == 1, again.output
     assert "t00 already FINISHED, not rerun" in again.output
     assert "t00 started" not in again.output
@@ -739,7 +727,7 @@ def test_cli_sweep_file_dry_run(tmp_path: Path) -> None:
         "metric: reward/mean\nmode: min\n"
     )
     result = CliRunner().invoke(
-        make_app(),
+        app,
         ["sweep", "--sweep", str(path), "--grid", f"{IS_AXIS}=1.5,2", "--dry-run"],
     )
     assert result.exit_code == 0, result.output

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import typer
 from typer.testing import CliRunner
 
-from rcx.cli_experiments import register
+from rcx.cli import app
 from rcx.correction import compute_rollout_correction
 from rcx.whatif import (
     CorrectionSettings,
@@ -30,17 +29,6 @@ from rcx.whatif import (
 )
 
 P = "rollout_corr/"
-
-
-def make_app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def _root() -> None:
-        """test root"""
-
-    register(app)
-    return app
 
 
 @pytest.fixture
@@ -229,7 +217,7 @@ def test_only_correction_keys_can_be_replayed() -> None:
 
 def test_cli_whatif_grid_over_the_dump_config(dumps: Path) -> None:
     result = CliRunner().invoke(
-        make_app(),
+        app,
         [
             "whatif",
             str(dumps.parent),  # the run folder holding log_probs/
@@ -259,7 +247,7 @@ def test_cli_whatif_grid_over_the_dump_config(dumps: Path) -> None:
 
 def test_cli_whatif_text_tables(dumps: Path) -> None:
     result = CliRunner().invoke(
-        make_app(), ["whatif", str(dumps), "-g", "rollout_is=token,sequence", "--per-step"]
+        app, ["whatif", str(dumps), "-g", "rollout_is=token,sequence", "--per-step"]
     )
     assert result.exit_code == 0, result.output
     assert "what-if, overall" in result.output
@@ -270,7 +258,7 @@ def test_cli_whatif_text_tables(dumps: Path) -> None:
 
 def test_cli_whatif_invalid_config_replays_nothing(dumps: Path) -> None:
     result = CliRunner().invoke(
-        make_app(), ["whatif", str(dumps), "--grid", "rollout_rs=seq_max_k2,token_k9"]
+        app, ["whatif", str(dumps), "--grid", "rollout_rs=seq_max_k2,token_k9"]
     )
     assert result.exit_code == 1
     assert "RCX-E002" in result.output
@@ -280,7 +268,7 @@ def test_cli_whatif_invalid_config_replays_nothing(dumps: Path) -> None:
 
 def test_cli_whatif_rejects_a_training_key(dumps: Path) -> None:
     result = CliRunner().invoke(
-        make_app(), ["whatif", str(dumps), "--grid", "actor_rollout_ref.actor.ppo_epochs=1,2"]
+        app, ["whatif", str(dumps), "--grid", "actor_rollout_ref.actor.ppo_epochs=1,2"]
     )
     assert result.exit_code == 1
     assert "cannot be replayed offline" in result.output
@@ -307,7 +295,7 @@ def test_whatif_reads_the_trainers_own_dumps(tiny_config, tmp_path: Path) -> Non
     assert stack.steps == [1, 2]
     assert stack.rollout_correction["rollout_rs"] == "token_k1,seq_max_k2"
     response = CliRunner().invoke(
-        make_app(),
+        app,
         [
             "whatif",
             cfg.checkpoint_dir(),
