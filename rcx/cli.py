@@ -163,7 +163,14 @@ def pretrain(
     path = ensure_warm_start(builtin_task(cfg), steps, seed=cfg.data.builtin.seed)
     meta = read_metadata(path)
     console.print(f"warm start: {path}")
-    for key in ("steps", "seconds", "final_loss", "val_sampled_accuracy", "val_greedy_accuracy"):
+    for key in (
+        "steps",
+        "steps_run",
+        "seconds",
+        "final_loss",
+        "val_sampled_accuracy",
+        "val_greedy_accuracy",
+    ):
         if key in meta:
             console.print(f"  {key}: {meta[key]}")
 

@@ -191,3 +191,62 @@ def test_validate_path_does_not_import_torch():
         "assert r.exit_code == 0, r.output; assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+TINY_RUN = [
+    "actor_rollout_ref.model.warm_start_steps=0",
+    "trainer.total_training_steps=1",
+    "data.train_batch_size=2",
+    "actor_rollout_ref.actor.ppo_mini_batch_size=2",
+    "actor_rollout_ref.rollout.n=2",
+    "data.builtin.num_val=4",
+    'trainer.logger=["console"]',
+    "trainer.val_before_train=false",
+]
+
+
+def test_train_refuses_an_invalid_config_before_loading_anything(tmp_path):
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--preset",
+            "grpo-multi-rs",
+            f"trainer.default_local_dir={tmp_path}",
+            "algorithm.gamma=3",
+        ],
+    )
+    assert result.exit_code == 1
+    assert "RCX-E009" in result.output and "nothing was started" in result.output
+    assert not any(tmp_path.iterdir())
+
+
+def test_train_runs_a_step_and_checkpoints(tmp_path):
+    args = [
+        "train",
+        "--preset",
+        "grpo-multi-rs",
+        *TINY_RUN,
+        f"trainer.default_local_dir={tmp_path}",
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "FINISHED" in result.output
+    assert (tmp_path / "global_step_1" / "meta.json").is_file()
+
+
+def test_train_user_error_is_one_line_exit_1(tmp_path):
+    args = [
+        "train", *TINY_RUN, f"trainer.default_local_dir={tmp_path}",
+        f"actor_rollout_ref.model.path={tmp_path / 'no-such-model'}",
+    ]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1
+    assert "RCX-W009" in result.output  # validate warned first
+    assert "error" in result.output and "no-such-model" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_pretrain_has_nothing_to_do_for_a_local_model():
+    result = runner.invoke(app, ["pretrain", "actor_rollout_ref.model.warm_start_steps=0"])
+    assert result.exit_code == 0 and "nothing to do" in result.output
