@@ -337,7 +337,7 @@ def aggregate(records: list[dict], sources: Sequence[str]) -> list[dict[str, Any
         ref = select(records, source, "reference")
         unc = select(records, source, "uncorrected")
         ref_acc = mean_std([r["final_val_acc"] for r in ref])[0] if ref else float("nan")
-        unc_acc = mean_std([r["final_val_acc"] for r in unc])[0] if unc else float("nan")
+        unc_acc, unc_sd = mean_std([r["final_val_acc"] for r in unc]) if unc else (math.nan,) * 2
         gap = ref_acc - unc_acc
         for arm in ARMS:
             runs = select(records, source, arm)
@@ -362,6 +362,10 @@ def aggregate(records: list[dict], sources: Sequence[str]) -> list[dict[str, Any
                     "val_auc": auc,
                     "val_auc_std": auc_sd,
                     "delta_vs_uncorrected": acc - unc_acc if arm != "uncorrected" else 0.0,
+                    # standard error of that difference of means (seed noise)
+                    "delta_se": math.sqrt(acc_sd**2 / len(runs) + unc_sd**2 / max(1, len(unc)))
+                    if arm != "uncorrected"
+                    else float("nan"),
                     "gap_recovered": recovered,
                     "grad_spikes": sum(r["grad_spikes"] for r in runs),
                     "ess_mean": mean_std([r["ess_mean"] for r in runs])[0],
@@ -388,6 +392,7 @@ CSV_COLUMNS = (
     "val_auc",
     "val_auc_std",
     "delta_vs_uncorrected",
+    "delta_se",
     "gap_recovered",
     "grad_spikes",
     "ess_mean",
@@ -434,9 +439,11 @@ def results_table(rows: list[dict]) -> list[str]:
     ]
     for r in rows:
         delta = r["delta_vs_uncorrected"]
-        delta = (
-            "—" if r["arm"] == "uncorrected" or not math.isfinite(delta) else f"{100 * delta:+.1f}"
-        )
+        if r["arm"] == "uncorrected" or not math.isfinite(delta):
+            delta = "—"
+        else:
+            se = r["delta_se"]
+            delta = f"{100 * delta:+.1f}" + (f" ± {100 * se:.1f}" if se > 0 else "")
         lines.append(
             f"| {r['source']} | {r['arm']} | {r['seeds']} "
             f"| {pct(r['final_val_acc'], sd(r, 'final_val_acc_std'))} "
@@ -553,7 +560,8 @@ def write_markdown(
         "(mean ± sample std over seeds); last-3: the mean of the evaluations at steps 80, 90 and "
         "100; sampled acc: one temperature-1 sample per prompt (final); "
         "val AUC: area under the validation accuracy curve (every 10 steps) divided by the "
-        "step budget; gap recovered: (arm − uncorrected) / (reference − uncorrected); grad "
+        "step budget; Δ vs uncorrected: difference of the final val acc means ± its standard "
+        "error from the seed spread; gap recovered: (arm − uncorrected) / (reference − uncorrected); grad "
         f"spikes: optimiser steps with grad norm > {SPIKE_FACTOR:g}× the run's median, summed "
         "over seeds; mean ESS / masked: mean over steps of `rollout_is_eff_sample_size` / "
         "`rollout_rs_masked_fraction` (— where the arm has no IS / RS); mean kl: "
