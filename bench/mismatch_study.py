@@ -1,8 +1,11 @@
 """The mismatch study (issue 7): on a CPU, when does rollout correction help, and by how much?
 
-    make study                                                     # the full study, ~45 min
-    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/mismatch_study.py --quick   # ~5 min
+    make study                                        # the full study: 65 runs, 22 min on 2 cores
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/mismatch_study.py --quick   # 2 runs, ~1 min
     .venv/bin/python bench/mismatch_study.py --smoke --out /tmp/s  # seconds: the test's path
+    .venv/bin/python bench/mismatch_study.py --report  # rewrite table/CSV/plot from the runs file
+
+(Add ~1.5 min the first time, to build the cached warm start.)
 
 What it measures. GRPO on the embedded task (2-digit addition, ``builtin:tiny`` warm-started by
 SFT until ~30 % sampled accuracy; 32 prompts x 8 samples, lr 3e-4, 100 steps), trained with a
