@@ -39,5 +39,9 @@ bench: setup
 	$(BIN)/python bench/step.py
 	$(BIN)/python bench/whatif.py
 
+# The mismatch study (issue 7): ~22 min on 2 cores; results in bench/results/. QUICK: make study ARGS=--quick
+study: setup
+	$(BIN)/python bench/mismatch_study.py $(ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info
