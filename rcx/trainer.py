@@ -19,6 +19,7 @@ Choices and simplifications, each deliberate:
 
 * The training side scores tokens under ``logits / temperature`` with **no** top-k/top-p
   truncation (what verl's actor does), so a truncated rollout is a real mismatch source (§7.3).
+  The temperature is the rollout's unless ``actor.temperature`` sets another (a mismatch source).
 * The policy stays in ``eval()`` mode (no dropout): pi_old and pi_theta must be the same function
   of the weights, or the PPO ratio would measure dropout noise.
 * Micro-batches (``ppo_micro_batch_size_per_gpu`` responses) accumulate gradients, each scaled
@@ -1006,13 +1007,17 @@ def load_data(cfg: RcxConfig, tokenizer: Any) -> tuple[Any, Any, Any]:
 
 
 def sampling_params(cfg: RcxConfig) -> tuple[Any, Any, Any]:
-    """(rollout sampling, validation sampling, training-side scoring: temperature only)."""
+    """(rollout sampling, validation sampling, training-side scoring: temperature only).
+
+    The trainer scores at ``actor.temperature`` when set, else at the rollout's temperature.
+    """
     from rcx.rollout import SamplingParams
 
     rollout, length = cfg.actor_rollout_ref.rollout, cfg.data.max_response_length
     sampling = SamplingParams.from_config(rollout, length)
     val = SamplingParams.from_config(rollout, length, validation=True)
-    scoring = SamplingParams(temperature=rollout.temperature, max_new_tokens=length)
+    temperature = cfg.actor_rollout_ref.actor.temperature or rollout.temperature
+    scoring = SamplingParams(temperature=temperature, max_new_tokens=length)
     return sampling, val, scoring
 
 

@@ -401,3 +401,16 @@ def test_default_preset_learns_on_the_embedded_task(tiny_config) -> None:
     assert result.status == "FINISHED"
     assert result.val_end["val/accuracy"] >= result.val_start["val/accuracy"] + 0.1
     assert result.val_end["val/sampled_accuracy"] > result.val_start["val/sampled_accuracy"]
+
+
+def test_trainer_temperature_differing_from_the_rollout_is_a_mismatch(tiny_config) -> None:
+    # Same weights, float32, synced: the only difference is the temperature the trainer scores at.
+    def step1_kl(*overrides: str) -> float:
+        cfg = tiny_config("gae-seq-is-rs", "trainer.total_training_steps=1", *overrides)
+        (point,) = train(cfg).history["rollout_corr/kl"]
+        return abs(point[1])
+
+    on_policy = step1_kl()
+    mismatched = step1_kl("actor_rollout_ref.actor.temperature=0.25", "trainer.resume_mode=disable")
+    assert on_policy < 1e-6
+    assert mismatched > 100 * max(on_policy, 1e-7)

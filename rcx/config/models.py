@@ -193,6 +193,12 @@ class ActorConfig(Section):
         "low_var_kl", description="KL estimator of the KL loss."
     )
     grad_clip: float = Field(1.0, gt=0.0, description="Max gradient norm.")
+    temperature: float | None = Field(
+        None,
+        gt=0.0,
+        description="Temperature the trainer scores tokens at (null: rollout.temperature); "
+        "a different value is a mismatch source.",
+    )
 
 
 class ValKwargsConfig(Section):
