@@ -28,10 +28,10 @@ three evaluations (steps 80-100) and the area under the whole curve.
 
 Simplifications, each deliberate:
 
-* Temperature: the trainer scores tokens at the rollout temperature (``logits / temperature``,
-  see ``rcx/trainer.py``), so a rollout temperature different from the trainer's is not a knob
-  rcx has. Top-p truncation (``top_p = 0.8``), which the trainer does not apply, stands in for
-  it: another sampling-side mismatch, one-sided (r <= 1 on every token).
+* Sampling-side sources: the rollout samples at temperature 0.8 while the trainer scores at 1.0
+  (``actor_rollout_ref.actor.temperature``), the classic temperature mismatch; and top-p
+  truncation (``top_p = 0.8``), which the trainer does not apply: one-sided, r <= 1 on every
+  token.
 * One PPO epoch, one mini-batch per step (the preset defaults): pi_theta = pi_old at the update,
   so "uncorrected" is exactly policy gradient that ignores the behaviour policy.
 * MLflow is off (``trainer.logger=["console"]`` with a silent console) and checkpoints go to a
@@ -132,7 +132,12 @@ SOURCES: dict[str, Source] = {
         Source("fp8", "fp8 rollout weights", (f"{ROLLOUT}.quantization=fp8",)),
         Source("int8", "int8 rollout weights", (f"{ROLLOUT}.quantization=int8",)),
         Source("bf16", "bfloat16 rollout", (f"{ROLLOUT}.dtype=bfloat16",)),
-        Source("top_p", "top-p 0.8 rollout (temperature stand-in)", (f"{ROLLOUT}.top_p=0.8",)),
+        Source("top_p", "top-p 0.8 rollout", (f"{ROLLOUT}.top_p=0.8",)),
+        Source(
+            "temp",
+            "rollout at T=0.8, trainer scores at T=1.0",
+            (f"{ROLLOUT}.temperature=0.8", "actor_rollout_ref.actor.temperature=1.0"),
+        ),
     )
 }
 STRONGEST = "stale8"
