@@ -117,8 +117,8 @@ def ppo_clip_loss(
     loss_dual = -adv * clip_ratio_c
     negative = adv < 0
     loss_mat = torch.where(negative, torch.minimum(loss_ppo, loss_dual), loss_ppo)
-    if is_weights is not None:
-        weights = _masked(is_weights.detach(), keep)
+    weights = None if is_weights is None else _masked(is_weights.detach(), keep)  # (B, T)
+    if weights is not None:
         loss_mat = loss_mat * weights
     loss = agg_loss(loss_mat, mask, loss_agg_mode)
 
@@ -130,11 +130,8 @@ def ppo_clip_loss(
             _masked_mean(-neg_kl, keep),
         ]
         names = ["actor/pg_loss", "actor/pg_clipfrac", "actor/pg_clipfrac_lower", "actor/ppo_kl"]
-        if is_weights is not None:
-            stats += [_masked_mean(weights, keep), _masked_max(weights, keep)]
-            names += ["actor/is_weight_mean", "actor/is_weight_max"]
-        values = torch.stack([s.to(torch.float64) for s in stats]).tolist()
-    return loss, dict(zip(names, values, strict=True))
+        metrics = _loss_metrics(names, stats, weights, keep)
+    return loss, metrics
 
 
 def reinforce_loss(
@@ -153,19 +150,25 @@ def reinforce_loss(
     """
     keep = mask.bool()
     coeff = _masked(advantages, keep)  # (B, T)
-    if is_weights is not None:
-        weights = _masked(is_weights.detach(), keep)
+    weights = None if is_weights is None else _masked(is_weights.detach(), keep)  # (B, T)
+    if weights is not None:
         coeff = coeff * weights
     loss_mat = -coeff.detach() * _masked(log_probs, keep)
     loss = agg_loss(loss_mat, mask, loss_agg_mode)
     with torch.no_grad():
-        stats = [loss.detach()]
-        names = ["actor/pg_loss"]
-        if is_weights is not None:
-            stats += [_masked_mean(weights, keep), _masked_max(weights, keep)]
-            names += ["actor/is_weight_mean", "actor/is_weight_max"]
-        values = torch.stack([s.to(torch.float64) for s in stats]).tolist()
-    return loss, dict(zip(names, values, strict=True))
+        metrics = _loss_metrics(["actor/pg_loss"], [loss.detach()], weights, keep)
+    return loss, metrics
+
+
+def _loss_metrics(
+    names: list[str], stats: list[torch.Tensor], weights: torch.Tensor | None, keep: torch.Tensor
+) -> dict[str, float]:
+    """Scalar stats -> metrics in one host sync, plus ``actor/is_weight_mean|max`` when weighted."""
+    if weights is not None:
+        names = [*names, "actor/is_weight_mean", "actor/is_weight_max"]
+        stats = [*stats, _masked_mean(weights, keep), _masked_max(weights, keep)]
+    values = torch.stack([s.to(torch.float64) for s in stats]).tolist()
+    return dict(zip(names, values, strict=True))
 
 
 def policy_loss(
