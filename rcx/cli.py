@@ -25,6 +25,7 @@ from rcx.config import ValidationReport, validate_sources  # noqa: E402
 from rcx.config.explain import explain, explain_lines  # noqa: E402
 from rcx.config.loading import (  # noqa: E402
     field_descriptions,
+    flatten_tree,
     list_presets,
     preset_description,
     presets_dir,
@@ -211,20 +212,10 @@ def keys(
     """Every config key with its default and description."""
     from rcx.config.models import RcxConfig
 
-    defaults = _flatten(RcxConfig().model_dump(mode="json"))
+    defaults = flatten_tree(RcxConfig().model_dump(mode="json"))
     for key, desc in field_descriptions().items():
         if key.startswith(prefix) and key in defaults:
             print(f"{key} = {json.dumps(defaults[key])}  # {desc}")
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def main() -> None:

@@ -578,7 +578,7 @@ def short_names(names: list[str]) -> list[str]:
 
 def comparison_table(comparison: Any) -> Table:
     """Final values: one column per run when there are few (fits a terminal), else one row each."""
-    from rcx.runs import final_value, format_value
+    from rcx.runs import final_value, format_metric
 
     runs = comparison.runs
     names = short_names([r.name for r in runs])
@@ -589,7 +589,7 @@ def comparison_table(comparison: Any) -> Table:
     def cell(run: Any, kind: str, key: str) -> str:
         if kind == "param":
             return run.params.get(key, "-")
-        return format_value(final_value(run, key))
+        return format_metric(final_value(run, key))
 
     def label(key: str) -> str:
         return key.replace("algorithm.rollout_correction.", "").replace("rollout_corr/", "")

@@ -143,7 +143,8 @@ def final_value(run: RunSummary, metric: str) -> float | None:
     return run.final.get(metric)
 
 
-def format_value(value: float | None) -> str:
+def format_metric(value: float | None) -> str:
+    """A metric value for a table: 4 significant digits, "-" when missing."""
     if value is None or math.isnan(value):
         return "-"
     return f"{value:.4g}"

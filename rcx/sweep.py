@@ -55,6 +55,7 @@ from rcx.config.loading import (
     ConfigError,
     ValidationReport,
     deep_merge,
+    get_dotted,
     merge_sources,
     parse_override,
     read_config_file,
@@ -209,15 +210,6 @@ class SweepPlan:
     mode: Mode = "max"
 
 
-def _get_dotted(tree: Mapping[str, Any], key: str) -> Any:
-    node: Any = tree
-    for part in key.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
 def plan_sweep(
     base_raw: Mapping[str, Any],
     axes: Sequence[GridAxis],
@@ -235,7 +227,7 @@ def plan_sweep(
     check_axes(axes)
     if mode not in ("max", "min"):
         raise SweepError(f"--mode must be max or min, got {mode!r}")
-    root = _get_dotted(base_raw, "trainer.default_local_dir") or str(out_dir / "checkpoints")
+    root = get_dotted(base_raw, "trainer.default_local_dir") or str(out_dir / "checkpoints")
     combos = list(itertools.product(*(axis.values for axis in axes)))
     width = max(2, len(str(len(combos) - 1)))
     trials = []

@@ -223,12 +223,10 @@ def flatten_config(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     lists are JSON. Values longer than :data:`MAX_PARAM_VALUE_LENGTH` are truncated and end with
     :data:`TRUNCATION_MARKER`.
     """
+    from rcx.config.loading import flatten_tree
+
     flat: dict[str, str] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten_config(value, prefix=f"{name}."))
-            continue
+    for name, value in flatten_tree(tree, prefix).items():
         text = value if isinstance(value, str) else json.dumps(value, default=str)
         if len(text) > MAX_PARAM_VALUE_LENGTH:
             text = text[: MAX_PARAM_VALUE_LENGTH - len(TRUNCATION_MARKER)] + TRUNCATION_MARKER

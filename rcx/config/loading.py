@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,6 +173,28 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
             child = node[part] = {}
         node = child
     node[leaf] = value
+
+
+def get_dotted(tree: Mapping[str, Any], key: str) -> Any:
+    """``tree[a][b][c]`` for ``key = "a.b.c"``, or None when any part is missing."""
+    node: Any = tree
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def flatten_tree(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; an empty mapping stays a leaf."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_tree(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

@@ -138,3 +138,12 @@ def test_every_preset_is_valid_with_no_errors(name):
     report = validate_sources(preset=name)
     assert report.valid, report.findings
     assert report.config.trainer.experiment_name == name
+
+
+def test_dotted_helpers_read_and_flatten_trees():
+    from rcx.config.loading import flatten_tree, get_dotted
+
+    tree = {"a": {"b": {"c": 1}, "e": {}}, "d": [1, 2]}
+    assert get_dotted(tree, "a.b.c") == 1
+    assert get_dotted(tree, "a.x.c") is None and get_dotted(tree, "d.0") is None
+    assert flatten_tree(tree) == {"a.b.c": 1, "a.e": {}, "d": [1, 2]}
