@@ -578,10 +578,8 @@ class Trainer:
         logged only), reinforce uses ``-w * A * log pi_theta``.
         """
         cfg, rc, actor = self.cfg, self.rc, self.cfg.actor_rollout_ref.actor
-        n = self.cfg.actor_rollout_ref.rollout.n
         size = batch.response_ids.shape[0]
-        mini = min(size, actor.ppo_mini_batch_size * n)
-        micro = min(mini, actor.ppo_micro_batch_size_per_gpu or mini)
+        mini, micro = self.batch_split(size, actor.ppo_micro_batch_size_per_gpu)
         response_mask = batch.response_mask.float()
         rollout_log_probs = batch.rollout_log_probs.float()
         epoch1_log_probs = torch.zeros_like(rollout_log_probs)
@@ -641,6 +639,13 @@ class Trainer:
         metrics["actor/optimizer_steps"] = float(optimizer_steps)
         return metrics, epoch1_log_probs
 
+    def batch_split(self, size: int, micro_per_gpu: int | None) -> tuple[int, int]:
+        """(mini-batch, micro-batch) sizes in responses: ``ppo_mini_batch_size`` prompts x n,
+        then ``micro_per_gpu`` responses per forward (null: the whole mini-batch)."""
+        actor, n = self.cfg.actor_rollout_ref.actor, self.cfg.actor_rollout_ref.rollout.n
+        mini = min(size, actor.ppo_mini_batch_size * n)
+        return mini, min(mini, micro_per_gpu or mini)
+
     def update_critic(
         self,
         batch: Any,
@@ -650,10 +655,8 @@ class Trainer:
     ) -> dict[str, float]:
         """Value regression to ``returns`` with clipping around ``old_values`` (gae)."""
         cfg, actor = self.cfg, self.cfg.actor_rollout_ref.actor
-        n = cfg.actor_rollout_ref.rollout.n
         size = batch.response_ids.shape[0]
-        mini = min(size, actor.ppo_mini_batch_size * n)
-        micro = min(mini, cfg.critic.ppo_micro_batch_size_per_gpu or mini)
+        mini, micro = self.batch_split(size, cfg.critic.ppo_micro_batch_size_per_gpu)
         bag = MetricBag()
         for _epoch in range(actor.ppo_epochs):
             for start in range(0, size, mini):
