@@ -120,8 +120,8 @@ NOTES = (
     "trainer: float32 policy with bf16 autocast on CUDA (rcx's CUDA path) against a bfloat16 "
     "rollout copy (actor_rollout_ref.rollout.dtype=bfloat16): the rollout_corr/* metrics measure "
     "that precision mismatch. Step 1 includes warm-up; medians are over the later steps.",
-    "trainer: the model is untrained (near-uniform next-token distribution, ~36 of 64 tokens "
-    "before a random EOS, reward 0 so zero advantages): the mismatch is bf16-vs-fp32 precision on "
+    "trainer: the model is untrained (near-uniform next-token distribution, responses end at a "
+    "random EOS, reward 0 so zero advantages): the mismatch is bf16-vs-fp32 precision on "
     "a near-uniform policy, smaller than on a trained model; the times are the real work.",
     "fsdp: an environment check of FSDP2 (fully_shard) + nccl under torchrun on 1 rank with the "
     "same model shape, NOT rcx's trainer: multi-process rcx training is a later part of issue 12.",
