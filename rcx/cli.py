@@ -158,22 +158,27 @@ def pretrain(
             "with actor_rollout_ref.model.warm_start_steps > 0"
         )
         raise typer.Exit(0)
-    from rcx.pretrain import ensure_warm_start, read_metadata
+    from rcx.pretrain import ensure_warm_start, read_metadata, warm_start_shortfall
     from rcx.trainer import builtin_task
 
     path = ensure_warm_start(builtin_task(cfg), steps, seed=cfg.data.builtin.seed)
     meta = read_metadata(path)
-    console.print(f"warm start: {path}")
+    console.print(f"warm start: {path}", markup=False, highlight=False)
     for key in (
         "steps",
         "steps_run",
+        "target_accuracy",
+        "reached_target",
         "seconds",
         "final_loss",
         "val_sampled_accuracy",
         "val_greedy_accuracy",
     ):
         if key in meta:
-            console.print(f"  {key}: {meta[key]}")
+            console.print(f"  {key}: {meta[key]}", markup=False, highlight=False)
+    shortfall = warm_start_shortfall(meta)
+    if shortfall:
+        raise fail(shortfall)
 
 
 @presets_app.command("list")

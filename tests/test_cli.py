@@ -250,3 +250,27 @@ def test_train_user_error_is_one_line_exit_1(tmp_path):
 def test_pretrain_has_nothing_to_do_for_a_local_model():
     result = runner.invoke(app, ["pretrain", "actor_rollout_ref.model.warm_start_steps=0"])
     assert result.exit_code == 0 and "nothing to do" in result.output
+
+
+@pytest.mark.parametrize("reached", [True, False])
+def test_pretrain_fails_loudly_when_the_warm_start_missed_its_target(
+    monkeypatch, tmp_path, reached
+):
+    import rcx.pretrain
+
+    metadata = {
+        "steps": 2000,
+        "steps_run": 2000 if not reached else 350,
+        "probes": [[350, 0.34 if reached else 0.117]],
+        "target_accuracy": 0.3,
+        "reached_target": reached,
+        "val_greedy_accuracy": 0.227,
+    }
+    (tmp_path / "warm_start.json").write_text(json.dumps(metadata))
+    monkeypatch.setattr(rcx.pretrain, "ensure_warm_start", lambda *a, **k: tmp_path)
+    result = runner.invoke(app, ["pretrain"])
+    if reached:
+        assert result.exit_code == 0 and "reached_target: True" in result.output
+    else:
+        assert result.exit_code == 1
+        assert "BELOW its target" in result.output and "11.7%" in result.output

@@ -20,6 +20,7 @@ from rcx.pretrain import (
     supervised_finetune,
     warm_start_dir,
     warm_start_key,
+    warm_start_shortfall,
 )
 from rcx.tasks import BuiltinTask, Example, builtin_examples
 
@@ -125,6 +126,36 @@ def test_interrupted_write_leaves_no_cache_entry(monkeypatch, tmp_path):
     assert list((tmp_path / "warm_start").iterdir()) == []
 
 
+def test_warm_start_key_covers_the_numeric_platform(monkeypatch):
+    base = warm_start_key(ONE_DIGIT, 10, 0, SMALL)
+    other_torch = {**pretrain.numeric_key(), "torch": "0.0.1"}
+    monkeypatch.setattr(pretrain, "numeric_key", lambda: other_torch)
+    assert warm_start_key(ONE_DIGIT, 10, 0, SMALL) != base
+
+
+def test_warm_start_records_its_target_and_environment(tmp_path):
+    # 1 digit, 60 steps, probe every 20: the probe cannot reach 99 %, so the target is missed.
+    settings = dataclasses.replace(SMALL, target_accuracy=0.99, probe_every=20, probe_size=32)
+    path = ensure_warm_start(
+        ONE_DIGIT, 60, seed=0, cache_dir=tmp_path, progress=False, settings=settings
+    )
+    metadata = pretrain.read_metadata(path)
+    assert metadata["reached_target"] is False and metadata["target_accuracy"] == 0.99
+    assert [step for step, _ in metadata["probes"]] == [20, 40, 60]
+    assert metadata["environment"]["packages"]["torch"] == pretrain.numeric_key()["torch"]
+    message = warm_start_shortfall(metadata)
+    best = max(accuracy for _, accuracy in metadata["probes"])
+    assert message is not None and f"{best:.1%}" in message and "warm_start_steps" in message
+
+
+def test_shortfall_is_silent_when_the_target_was_reached():
+    reached = {"reached_target": True, "probes": [[350, 0.33]], "steps_run": 350}
+    assert warm_start_shortfall(reached) is None
+    assert warm_start_shortfall({"steps_run": 5}) is None  # caches from before the flag
+    missed = {**reached, "reached_target": False, "steps": 2000, "target_accuracy": 0.3}
+    assert "33.0%" in warm_start_shortfall(missed)
+
+
 def test_zero_steps_is_refused():
     with pytest.raises(ValueError, match="warm_start_steps"):
         ensure_warm_start(ONE_DIGIT, 0, progress=False)
@@ -136,9 +167,12 @@ def test_default_warm_start_lands_in_target_band(tmp_path):
         BuiltinTask(), pretrain.DEFAULT_WARM_START_STEPS, seed=0, cache_dir=tmp_path, progress=False
     )
     metadata = json.loads((path / METADATA_FILE).read_text())
-    assert 0.2 <= metadata["val_sampled_accuracy"] <= 0.5
+    assert metadata["reached_target"], metadata["probes"]
+    assert metadata["steps_run"] <= 600  # measured: 350-400 on every seed and CPU path tried
+    assert 0.2 <= metadata["val_sampled_accuracy"] <= 0.7
+    assert metadata["val_greedy_accuracy"] >= 0.3
     # CPU time, not wall time: other processes on a shared machine stretch the wall clock.
-    assert metadata["cpu_seconds"] <= 90 * metadata["threads"]
+    assert metadata["cpu_seconds"] <= 120 * metadata["threads"]
 
 
 def test_resolve_model_path(tmp_path):
