@@ -38,9 +38,12 @@ test-all: setup
 	$(BIN)/python -m pytest -q -m ''
 
 # The main job: GRPO + token IS + multi-criterion RS on the embedded default (tiny model, 2-digit
-# addition), warm start included, tracked in ./mlflow.db. Extra overrides: make run ARGS='k=v ...'
+# addition), warm start included, tracked in ./mlflow.db. The rollout runs in bfloat16 and its
+# weights are refreshed every 2 steps (so every other batch is one update stale): a real mismatch
+# for the correction to act on. Extra overrides: make run ARGS='k=v ...'; MISMATCH= turns it off.
+MISMATCH ?= actor_rollout_ref.rollout.dtype=bfloat16 actor_rollout_ref.rollout.weight_sync_interval=2
 run: setup
-	$(BIN)/rcx train --preset grpo-multi-rs $(ARGS)
+	$(BIN)/rcx train --preset grpo-multi-rs $(MISMATCH) $(ARGS)
 
 # The warm start of the embedded default must reach its target from an empty cache (CI runs this).
 check-warm-start: setup
