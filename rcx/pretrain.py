@@ -63,7 +63,7 @@ from rcx.tasks import (
 )
 
 CACHE_FORMAT = 2
-DEFAULT_WARM_START_STEPS = 2000  # a maximum: the probe stops it at 350-400 steps
+DEFAULT_WARM_START_STEPS = 1000  # a maximum (as the config default): the probe stops it at 350-400
 METADATA_FILE = "warm_start.json"
 
 
@@ -394,6 +394,7 @@ def supervised_finetune(
                         f"probe accuracy {accuracy:.1%} (target {settings.target_accuracy:.0%})",
                         markup=False,
                         highlight=False,
+                        soft_wrap=True,
                     )
                 if accuracy >= settings.target_accuracy:
                     bar.update(bar_task, total=step + 1)
