@@ -1,14 +1,15 @@
 """The mismatch study (issue 7): on a CPU, when does rollout correction help, and by how much?
 
     make study                                        # the full study: 65 runs, 22 min on 2 cores
-    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/mismatch_study.py --quick   # 2 runs, ~1 min
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/mismatch_study.py --quick   # 2 runs, ~1 min, in /tmp
     .venv/bin/python bench/mismatch_study.py --smoke --out /tmp/s  # seconds: the test's path
     .venv/bin/python bench/mismatch_study.py --report  # rewrite table/CSV/plot from the runs file
 
 (Add ~1.5 min the first time, to build the cached warm start.)
 
 What it measures. GRPO on the embedded task (2-digit addition, ``builtin:tiny`` warm-started by
-SFT until ~30 % sampled accuracy; 32 prompts x 8 samples, lr 3e-4, 100 steps), trained with a
+SFT until ~30 % sampled accuracy; 32 prompts x 8 samples, lr 1e-4 after 10 warm-up steps,
+100 steps), trained with a
 rollout policy that differs from the trained one by a real mechanism of ``rcx.rollout``
 (SOURCES: stale rollout weights, int8 / fp8 fake-quantised weights, bfloat16 weights, top-p
 truncated sampling), under each correction arm (ARMS). For every run: final validation accuracy
@@ -68,6 +69,7 @@ from typing import Any  # noqa: E402
 RC = "algorithm.rollout_correction"
 ROLLOUT = "actor_rollout_ref.rollout"
 RESULTS = Path(__file__).resolve().parent / "results"
+SCRATCH = Path(tempfile.gettempdir()) / "rcx-mismatch-study"  # --quick / --smoke outputs
 STEM = "mismatch_study"
 SPIKE_FACTOR = 10.0
 
@@ -145,7 +147,8 @@ STRONGEST = "stale8"
 #: The experiment every run shares (the issue's prototype setting).
 BASE = (
     "actor_rollout_ref.model.warm_start_steps=1000",  # stops at ~30 % sampled accuracy
-    "actor_rollout_ref.actor.optim.lr=3e-4",
+    "actor_rollout_ref.actor.optim.lr=1e-4",  # the presets' RL recipe
+    "actor_rollout_ref.actor.optim.lr_warmup_steps=10",
     "data.train_batch_size=32",
     f"{ROLLOUT}.n=8",
     "trainer.total_training_steps=100",
@@ -537,7 +540,7 @@ def hardware() -> str:
 
 SETTINGS = {
     False: "Setting: GRPO on builtin:arith (2-digit addition), builtin:tiny warm-started to ~30 % "
-    "sampled accuracy, 32 prompts x 8 samples, lr 3e-4, 100 steps, 1 PPO epoch",
+    "sampled accuracy, 32 prompts x 8 samples, lr 1e-4 (10 warm-up steps), 100 steps, 1 PPO epoch",
     True: "Setting: the smoke configuration (untrained builtin:tiny, 2 steps, 4 prompts x 4 "
     "samples, 8 validation prompts): it tests the code path, its numbers mean nothing",
 }
@@ -702,6 +705,13 @@ def run_all(jobs: list[Job], workers: int, on_done) -> None:
                 on_done(future.result())
 
 
+def _environment_record() -> dict[str, Any]:
+    """Package versions, rcx's revision and the platform (`rcx.provenance`)."""
+    from rcx.provenance import environment_record
+
+    return environment_record()
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group()
@@ -713,7 +723,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--sources", nargs="+", choices=list(SOURCES), default=list(SOURCES))
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (one per core)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the outputs")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"folder of the outputs (full study: {RESULTS}; --quick/--smoke: {SCRATCH}, so "
+        "the committed results are never overwritten by a partial run)",
+    )
     parser.add_argument("--resume", action="store_true", help="keep the runs already recorded")
     parser.add_argument(
         "--report", action="store_true", help="only rewrite the outputs from the recorded runs"
@@ -727,6 +743,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.out is None:
+        args.out = SCRATCH if (args.quick or args.smoke) else RESULTS
     if args.report:
         return report_only(args.out)
     extra: tuple[str, ...] = SMOKE if args.smoke else ()
@@ -755,6 +773,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "done": 0,
         "command": " ".join(["python", "bench/mismatch_study.py", *(argv or sys.argv[1:])]),
         "hardware": hardware(),
+        "environment": _environment_record(),
         "jobs": args.jobs,
         "seeds": seeds,
         "other_seeds": other_seeds,
