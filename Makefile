@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 CONSTRAINTS := constraints.txt
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup lock test test-all run check-warm-start lint bench study clean
+.PHONY: setup lock test test-all run check-warm-start lint bench study gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -62,6 +62,18 @@ bench: setup
 # The mismatch study (issue 7): ~22 min on 2 cores; results in bench/results/. QUICK: make study ARGS=--quick
 study: setup
 	$(BIN)/python bench/mismatch_study.py $(ARGS)
+
+# The wheels the GPU check kit carries to a GPU machine without network or pydantic (Python 3.12,
+# x86-64), at the versions of constraints.txt, into .whl/ (git-ignored): see bench/gpu_check.py.
+GPU_WHEELS := pydantic pydantic_core annotated_types typing_inspection typing_extensions
+gpu-wheels: setup
+	mkdir -p .whl
+	for name in $(GPU_WHEELS); do \
+	  pin=$$(grep -iE "^$$(echo $$name | sed 's/_/[-_]/g')==" $(CONSTRAINTS)); \
+	  $(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	    --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	    -d .whl "$$pin" || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) build *.egg-info
