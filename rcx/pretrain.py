@@ -7,6 +7,8 @@ model config, tokenizer, task settings, steps, seed, optimiser settings and the 
 (torch, transformers and tokenizers versions, CPU architecture and torch's CPU kernel level: see
 `rcx.provenance.numeric_key`), so any change trains a new one. The directory is written under a
 temporary name and renamed into place, so an interrupted run never leaves a half-written entry.
+It always trains on one torch thread (`WARM_START_THREADS`), whatever the caller set, so
+`rcx pretrain`, `rcx train` and the mismatch study build the same model on one machine.
 
 Recipe (SFT on the first 5000 problems of the task's training split, loss on the answer and
 EOS only): batch 128, AdamW lr 1e-3 with 50 linear warm-up steps then constant, betas
@@ -34,6 +36,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -62,7 +66,11 @@ from rcx.tasks import (
     builtin_examples,
 )
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
+# The warm start always trains on one thread, whatever the caller set: the thread count changes
+# the floating-point reduction order, so `rcx pretrain` (2 threads) and `rcx train` (1) would
+# otherwise build different models under one cache key.
+WARM_START_THREADS = 1
 DEFAULT_WARM_START_STEPS = 1000  # a maximum (as the config default): the probe stops it at 350-400
 METADATA_FILE = "warm_start.json"
 
@@ -169,9 +177,12 @@ def ensure_warm_start(
     target.parent.mkdir(parents=True, exist_ok=True)
     model, tokenizer = build_tiny_model(seed)
     started, cpu_started = time.perf_counter(), time.process_time()
-    result = supervised_finetune(model, tokenizer, task, steps, seed, settings, progress)
-    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
-    val = builtin_examples(task, "val")
+    with torch_threads(WARM_START_THREADS):
+        result = supervised_finetune(model, tokenizer, task, steps, seed, settings, progress)
+        seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+        val = builtin_examples(task, "val")
+        val_sampled = sampled_accuracy(model, tokenizer, val, seed=seed)
+        val_greedy = sampled_accuracy(model, tokenizer, val, seed=seed, greedy=True)
     metadata = {
         "model": BUILTIN_TINY,
         "task": asdict(task),
@@ -185,9 +196,9 @@ def ensure_warm_start(
         "final_loss": sum(result.losses[-10:]) / len(result.losses[-10:]),
         "seconds": round(seconds, 2),
         "cpu_seconds": round(cpu_seconds, 2),  # ~ wall time on an idle machine at 1 thread
-        "threads": torch.get_num_threads(),
-        "val_sampled_accuracy": sampled_accuracy(model, tokenizer, val, seed=seed),
-        "val_greedy_accuracy": sampled_accuracy(model, tokenizer, val, seed=seed, greedy=True),
+        "threads": WARM_START_THREADS,
+        "val_sampled_accuracy": val_sampled,
+        "val_greedy_accuracy": val_greedy,
         "environment": environment_record(),
     }
     write_atomically(model, tokenizer, target, metadata)
@@ -212,6 +223,17 @@ def warm_start_shortfall(metadata: dict) -> str | None:
         "learn. Raise actor_rollout_ref.model.warm_start_steps (the maximum), or try another "
         "data.builtin.seed, and report the warm_start.json beside the model if it persists."
     )
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run a block with `threads` intra-op torch threads, then restore the caller's setting."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def resolve_model_path(

@@ -201,3 +201,17 @@ def test_lr_schedules():
     assert lr_factor(100, 100, cosine) == pytest.approx(0.1)
     with pytest.raises(ValueError, match="schedule"):
         lr_factor(0, 10, SFTSettings(schedule="step"))
+
+
+def test_warm_start_trains_on_one_thread_whatever_the_caller_set(monkeypatch, tmp_path):
+    seen = []
+
+    def record_threads(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return pretrain.SFTResult([1.0], [])
+
+    monkeypatch.setattr(pretrain, "supervised_finetune", record_threads)
+    torch.set_num_threads(2)
+    ensure_warm_start(ONE_DIGIT, 1, seed=0, cache_dir=tmp_path, progress=False, settings=SMALL)
+    assert seen == [pretrain.WARM_START_THREADS] == [1]
+    assert torch.get_num_threads() == 2  # the caller's setting is restored
