@@ -1,6 +1,6 @@
 """Record every metric of a short training run, and compare two recordings.
 
-    python bench/record_metrics.py record OUT.json --preset gae-seq-is-rs KEY=VALUE ...
+    python bench/record_metrics.py record --out OUT.json --preset gae-seq-is-rs KEY=VALUE ...
     python bench/record_metrics.py compare BASE.json NEW.json [--rtol 0]
 
 ``record`` validates the config exactly as ``rcx train`` does, trains it in this process with
@@ -130,7 +130,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     rec = sub.add_parser("record", help="train and write every logged metric to a JSON file")
-    rec.add_argument("out", type=Path)
+    rec.add_argument("--out", type=Path, required=True, help="the JSON file to write")
     rec.add_argument("--preset", default=None)
     rec.add_argument("overrides", nargs="*", help="KEY=VALUE overrides, as for rcx train")
     cmp = sub.add_parser("compare", help="list the differences between two recordings")
