@@ -33,8 +33,8 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
+from rcx.algos.correction import SAFETY_BOUND, compute_rollout_correction  # noqa: E402
 from rcx.config import parse_rs_thresholds  # noqa: E402
-from rcx.correction import SAFETY_BOUND, compute_rollout_correction  # noqa: E402
 
 THREADS = 2
 SHAPES = [(256, 2048), (1024, 4096)]

@@ -261,7 +261,7 @@ def run_job(job: Job) -> dict[str, Any]:
     from rich.console import Console
 
     from rcx.config import load_config
-    from rcx.trainer import train
+    from rcx.train.trainer import train
 
     ckpt_dir = tempfile.mkdtemp(prefix="rcx-study-")
     try:
@@ -277,8 +277,8 @@ def run_job(job: Job) -> dict[str, Any]:
 def prepare_warm_start(extra: Sequence[str]) -> None:
     """Build (or find) the cached warm start once, before workers would race to build it."""
     from rcx.config import load_config
-    from rcx.pretrain import resolve_model_path
-    from rcx.trainer import builtin_task
+    from rcx.train.pretrain import resolve_model_path
+    from rcx.train.trainer import builtin_task
 
     cfg = load_config(overrides=[*BASE, *extra])
     model = cfg.actor_rollout_ref.model

@@ -35,7 +35,7 @@ VOLATILE_PREFIXES = ("timing/", "perf/")
 
 def load_train() -> Any:
     """The trainer's entry point ``train(cfg, console=...) -> TrainResult``."""
-    from rcx.trainer import train
+    from rcx.train.trainer import train
 
     return train
 

@@ -39,8 +39,8 @@ from rich.table import Table  # noqa: E402
 @contextmanager
 def timed_correction() -> Iterator[list[float]]:
     """Patch every call site of the correction with a timer; yields the list of call times."""
+    import rcx.algos.correction as correction
     import rcx.algos.losses as losses
-    import rcx.correction as correction
 
     calls: list[float] = []
     original: Callable[..., Any] = correction.compute_rollout_correction_from_config
@@ -64,7 +64,7 @@ def timed_correction() -> Iterator[list[float]]:
 def bench_mode(preset: str, overrides: list[str], warmup: int, steps: int) -> dict[str, float]:
     """Mean timings of ``steps`` training steps of one configuration."""
     from rcx.config import load_config
-    from rcx.trainer import Trainer
+    from rcx.train.trainer import Trainer
 
     cfg = load_config(
         preset=preset,

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from rcx.correction import SAFETY_BOUND, compute_rollout_correction_from_config
+from rcx.algos.correction import SAFETY_BOUND, compute_rollout_correction_from_config
 
 LOSS_AGG_MODES = (
     "token-mean",

@@ -3,7 +3,17 @@
 Nothing in this package imports torch, so ``rcx validate`` starts fast.
 """
 
-from rcx.config.findings import CODES, Finding, check_config, check_is_threshold, parse_rs_findings
+from rcx.algos.criteria import (
+    CRITERIA,
+    LEGACY_ALIASES,
+    ConfigValueError,
+    LegacyAliasWarning,
+    RSCriterion,
+    check_is_threshold,
+    parse_rs_thresholds,
+    token_ratio_interval,
+)
+from rcx.config.findings import CODES, Finding, check_config, parse_rs_findings
 from rcx.config.loading import (
     ConfigError,
     ValidationReport,
@@ -14,15 +24,6 @@ from rcx.config.loading import (
     validate_sources,
 )
 from rcx.config.models import RcxConfig, RolloutCorrectionConfig
-from rcx.config.thresholds import (
-    CRITERIA,
-    LEGACY_ALIASES,
-    ConfigValueError,
-    LegacyAliasWarning,
-    RSCriterion,
-    parse_rs_thresholds,
-    token_ratio_interval,
-)
 
 __all__ = [
     "CODES",

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from rcx.algos.criteria import RSCriterion, token_ratio_interval
 from rcx.config.findings import parse_rs_findings
 from rcx.config.models import RcxConfig
-from rcx.config.thresholds import RSCriterion, token_ratio_interval
 
 
 def explain(cfg: RcxConfig) -> dict[str, Any]:

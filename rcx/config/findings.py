@@ -11,15 +11,16 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from rcx.config.models import RcxConfig
-from rcx.config.thresholds import (
+from rcx.algos.criteria import (
     ConfigValueError,
     RSCriterion,
+    check_is_threshold,
     parse_threshold_entry,
     resolve_rs_criteria,
     split_threshold_entries,
     token_ratio_interval,
 )
+from rcx.config.models import RcxConfig
 
 Level = Literal["error", "warning"]
 
@@ -73,22 +74,6 @@ def error(code: str, path: str, message: str) -> Finding:
 
 def warning(code: str, path: str, message: str) -> Finding:
     return Finding(code, "warning", path, message)
-
-
-def check_is_threshold(threshold: object) -> float:
-    """The IS cap C as a float; ConfigValueError RCX-E005 unless it is a finite number > 1."""
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-        raise ConfigValueError(
-            "RCX-E005", f"rollout_is_threshold must be a number > 1, got {threshold!r}"
-        )
-    threshold = float(threshold)
-    if not (math.isfinite(threshold) and threshold > 1.0):
-        raise ConfigValueError(
-            "RCX-E005",
-            f"rollout_is_threshold must be > 1 (a cap at or below 1 makes every weight a "
-            f"constant), got {threshold}",
-        )
-    return threshold
 
 
 def parse_rs_findings(

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from rcx.config.thresholds import is_off
+from rcx.algos.criteria import is_off
 
 
 class Section(BaseModel):

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from rcx.models import resolve_dtype
+from rcx.models.loading import resolve_dtype
 from rcx.rollout import (
     RolloutBatch,
     SamplingParams,

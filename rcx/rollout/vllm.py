@@ -175,7 +175,7 @@ class VLLMRolloutEngine:
         if model_path is None:
             # No directory (builtin:tiny built in memory): give vLLM one to read the
             # architecture from; the weights are pushed right after anyway.
-            from rcx.models import save_model_dir
+            from rcx.models.loading import save_model_dir
 
             self._tempdir = tempfile.TemporaryDirectory(prefix="rcx-vllm-")
             model_path = str(save_model_dir(model, tokenizer, self._tempdir.name, builtin=True))

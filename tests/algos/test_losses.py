@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rcx.algos import (
+from rcx.algos.correction import compute_rollout_correction
+from rcx.algos.losses import (
     agg_loss,
     entropy_from_logits,
     kl_penalty,
@@ -17,7 +18,6 @@ from rcx.algos import (
     reinforce_loss,
     value_loss,
 )
-from rcx.correction import compute_rollout_correction
 
 LN = math.log
 

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from rcx.models import build_tiny_model
+from rcx.models.loading import build_tiny_model
 from rcx.rollout import (
     RolloutBatch,
     SamplingParams,

@@ -1,0 +1,535 @@
+"""What-if (SPEC §10): replay correction configs over log-prob dumps, offline, with no model.
+
+A run with ``trainer.dump_log_probs: true`` writes one file per step (format: the docstring of
+:mod:`rcx.trainer`; the keys read here are ``step``, ``train_log_probs``, ``rollout_log_probs``,
+``response_mask``). :func:`load_dumps` stacks every step's sequences into one ``(N, T)`` batch
+with a step index per row; :func:`replay` runs :func:`rcx.correction.compute_rollout_correction`
+once per config over the whole stack and splits its weights and mask back into steps.
+
+Statistics per config, per step and overall (every fraction over valid tokens: in the response
+mask with a finite log-ratio, exactly as the correction counts them):
+
+==========================  ======================================================================
+``masked_fraction``         share of valid tokens that RS rejects (all criteria together)
+``seq_masked_fraction``     share of valid sequences with at least one rejected token
+``ess``                     effective sample size of the truncated IS weights, ``1 / mean(ŵ²)``
+                            with ``ŵ = w / mean w`` over the step's valid tokens (SPEC §3.3)
+``weight_mean``/``_max``    mean / max IS weight actually applied (after batch normalisation)
+``truncated_fraction``      share of raw ratios above the cap C (token IS: tokens; sequence IS:
+                            sequences), i.e. ``rollout_is_ratio_fraction_high``
+``<criterion>/masked_fraction``, ``<criterion>/seq_masked_fraction``  the same, one criterion alone
+==========================  ======================================================================
+
+Each per-step value equals the metric ``compute_rollout_correction`` reports when called on that
+step alone (tests check it). *Overall* pools every token (and sequence) of every step for the
+fractions and the weight mean, takes the max for ``weight_max`` and the mean over steps for
+``ess``; ``ess_min`` and ``masked_fraction_max`` give the worst step.
+
+Batch normalisation is per step (a dump step is a training batch): the stack is corrected without
+it and each step's weights are divided by that step's own mean, as the correction would.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rcx.algos.criteria import parse_rs_thresholds, split_threshold_entries
+from rcx.config.findings import Finding
+from rcx.config.loading import validate_raw
+from rcx.errors import RcxError
+
+#: The correction settings a what-if can vary (leaf names of algorithm.rollout_correction).
+CORRECTION_KEYS = (
+    "rollout_is",
+    "rollout_is_threshold",
+    "rollout_is_batch_normalize",
+    "rollout_rs",
+    "rollout_rs_threshold",
+)
+RC_PREFIX = "algorithm.rollout_correction."
+STAT_KEYS = (
+    "masked_fraction",
+    "seq_masked_fraction",
+    "ess",
+    "weight_mean",
+    "weight_max",
+    "truncated_fraction",
+)
+DUMP_SUFFIXES = (".pt",)
+
+
+class DumpError(RcxError, ValueError):
+    """A dump cannot be read or used; the message names the file and what was wrong."""
+
+
+# ------------------------------------------------------------------------------------ dumps ---
+
+
+@dataclass
+class DumpStack:
+    """Every dumped step stacked: row i of the ``(N, T)`` tensors belongs to ``steps[row_step[i]]``.
+
+    Rows of shorter steps are padded with mask 0. ``sources`` lists the files read, in step order.
+    """
+
+    train_log_probs: torch.Tensor  # (N, T) float32
+    rollout_log_probs: torch.Tensor  # (N, T) float32
+    response_mask: torch.Tensor  # (N, T) bool
+    row_step: torch.Tensor  # (N,) int64 index into steps
+    steps: list[int]
+    sources: list[Path] = field(default_factory=list)
+    rollout_correction: dict[str, Any] = field(default_factory=dict)  # the first dump's config
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.steps)
+
+    def step_slice(self, k: int) -> slice:
+        """Rows of the k-th step (steps are stacked contiguously)."""
+        rows = torch.nonzero(self.row_step == k).flatten()
+        return slice(int(rows[0]), int(rows[-1]) + 1)
+
+
+def dump_files(paths: Iterable[str | Path]) -> list[Path]:
+    """Expand DUMP arguments: a ``.pt`` file, a ``log_probs/`` folder, or a run folder holding one.
+
+    Raises :class:`DumpError` when a path does not exist or a folder holds no dump.
+    """
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_file():
+            files.append(path)
+            continue
+        if not path.exists():
+            raise DumpError(f"dump {path}: no such file or folder")
+        folder = path / "log_probs" if (path / "log_probs").is_dir() else path
+        found = sorted(p for p in folder.glob("*.pt") if p.is_file())
+        if not found:
+            raise DumpError(
+                f"dump {path}: no *.pt log-prob dump in it (a run writes them to "
+                f"<checkpoint dir>/log_probs/ when trainer.dump_log_probs=true)"
+            )
+        files += found
+    if not files:
+        raise DumpError("no dump given: pass one or more dump files or folders")
+    return files
+
+
+def read_dump(path: Path) -> dict[str, Any]:
+    """One step's dump, checked: the three ``(B, T)`` tensors with equal shapes, and a step."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear error
+        raise DumpError(f"dump {path}: not a readable torch dump ({exc})") from None
+    if not isinstance(data, Mapping):
+        raise DumpError(f"dump {path}: expected a dict, got {type(data).__name__}")
+    missing = [
+        k for k in ("train_log_probs", "rollout_log_probs", "response_mask") if k not in data
+    ]
+    if missing:
+        raise DumpError(
+            f"dump {path}: missing {', '.join(missing)} (has {', '.join(map(str, data))}); "
+            f"expected a trainer.dump_log_probs file"
+        )
+    shapes = {k: tuple(data[k].shape) for k in ("train_log_probs", "rollout_log_probs")}
+    shapes["response_mask"] = tuple(data["response_mask"].shape)
+    if len(set(shapes.values())) != 1 or len(shapes["response_mask"]) != 2:
+        raise DumpError(f"dump {path}: tensors must share one (B, T) shape, got {shapes}")
+    return dict(data)
+
+
+def load_dumps(paths: Iterable[str | Path]) -> DumpStack:
+    """Read every dump, order them by step, and stack them (see :class:`DumpStack`)."""
+    files = dump_files(paths)
+    dumps = [(read_dump(f), f) for f in files]
+    for i, (d, f) in enumerate(dumps):
+        d.setdefault("step", i + 1)
+        if not isinstance(d["step"], int):
+            d["step"] = int(d["step"])
+        d["_file"] = f
+    dumps.sort(key=lambda df: df[0]["step"])
+    steps = [d["step"] for d, _ in dumps]
+    dupes = sorted({s for s in steps if steps.count(s) > 1})
+    if dupes:
+        raise DumpError(
+            f"step(s) {dupes} appear in more than one dump; pass the dumps of one run at a time"
+        )
+    width = max(d["response_mask"].shape[1] for d, _ in dumps)
+    train, rollout, mask, row_step = [], [], [], []
+    for k, (d, _) in enumerate(dumps):
+        pad = width - d["response_mask"].shape[1]
+        train.append(torch.nn.functional.pad(d["train_log_probs"].float(), (0, pad)))
+        rollout.append(torch.nn.functional.pad(d["rollout_log_probs"].float(), (0, pad)))
+        mask.append(torch.nn.functional.pad(d["response_mask"].bool(), (0, pad)))
+        row_step.append(torch.full((d["response_mask"].shape[0],), k, dtype=torch.int64))
+    return DumpStack(
+        torch.cat(train),
+        torch.cat(rollout),
+        torch.cat(mask),
+        torch.cat(row_step),
+        steps,
+        [f for _, f in dumps],
+        dict(dumps[0][0].get("rollout_correction") or {}),
+    )
+
+
+# --------------------------------------------------------------------------------- settings ---
+
+
+@dataclass(frozen=True)
+class CorrectionSettings:
+    """The five correction keys of one what-if config, as ``compute_rollout_correction`` takes them."""
+
+    rollout_is: str | None = None
+    rollout_is_threshold: float = 2.0
+    rollout_is_batch_normalize: bool = False
+    rollout_rs: str | None = None
+    rollout_rs_threshold: str | float | None = None
+
+    def kwargs(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in CORRECTION_KEYS}
+
+    @property
+    def label(self) -> str:
+        """A short readable name, e.g. ``is=token C=2 rs=token_k1@0.6_1.6``."""
+        parts = []
+        if self.rollout_is:
+            norm = "+norm" if self.rollout_is_batch_normalize else ""
+            parts.append(f"is={self.rollout_is}{norm} C={self.rollout_is_threshold:g}")
+        if self.rollout_rs:
+            parts.append(f"rs={self.rollout_rs}@{self.rollout_rs_threshold}")
+        return " ".join(parts) or "no correction"
+
+    def overrides(self) -> list[str]:
+        """The KEY=VALUE overrides that select this config in ``rcx train``."""
+        out = []
+        for key in CORRECTION_KEYS:
+            value = getattr(self, key)
+            text = (
+                "null"
+                if value is None
+                else str(value).lower()
+                if isinstance(value, bool)
+                else value
+            )
+            out.append(f"{RC_PREFIX}{key}={text}")
+        return out
+
+
+def correction_key(key: str) -> str:
+    """``rollout_rs`` or ``algorithm.rollout_correction.rollout_rs`` -> ``rollout_rs``.
+
+    Raises :class:`ValueError` for any other key (a what-if replays correction settings only).
+    """
+    leaf = key.removeprefix(RC_PREFIX)
+    if leaf not in CORRECTION_KEYS:
+        raise ValueError(
+            f"{key!r} cannot be replayed offline; a what-if varies only "
+            f"{', '.join(CORRECTION_KEYS)} (optionally prefixed {RC_PREFIX!r})"
+        )
+    return leaf
+
+
+def settings_from_config(rc: Any) -> CorrectionSettings:
+    """Settings from a rollout_correction config object or dict."""
+
+    def get(k: str) -> Any:
+        return rc.get(k) if isinstance(rc, Mapping) else getattr(rc, k)
+
+    rs = get("rollout_rs")
+    return CorrectionSettings(
+        rollout_is=get("rollout_is"),
+        rollout_is_threshold=float(get("rollout_is_threshold")),
+        rollout_is_batch_normalize=bool(get("rollout_is_batch_normalize")),
+        rollout_rs=",".join(rs) if isinstance(rs, list) else rs,
+        rollout_rs_threshold=get("rollout_rs_threshold"),
+    )
+
+
+def build_settings(
+    base: Mapping[str, Any], grid: Sequence[tuple[str, Sequence[Any]]]
+) -> tuple[list[CorrectionSettings], list[tuple[dict[str, Any], list[Finding]]]]:
+    """The cartesian product of ``grid`` (leaf key, values) over ``base`` (leaf key -> value).
+
+    Every config is checked with the validator (``rcx validate``'s finding codes); returns
+    ``(valid settings, [(params, error findings) for each invalid config])``.
+    """
+    import itertools
+
+    keys = [correction_key(k) for k, _ in grid]
+    settings: list[CorrectionSettings] = []
+    invalid: list[tuple[dict[str, Any], list[Finding]]] = []
+    for combo in itertools.product(*(values for _, values in grid)):
+        params = dict(zip(keys, combo, strict=True))
+        rc = {**dict(base), **params}
+        report = validate_raw({"algorithm": {"rollout_correction": rc}})
+        errors = [f for f in report.errors if f.path.startswith(("algorithm", "rollout"))]
+        if errors or report.config is None:
+            invalid.append((params, errors or report.errors))
+            continue
+        settings.append(settings_from_config(report.config.algorithm.rollout_correction))
+    return settings, invalid
+
+
+# ----------------------------------------------------------------------------------- replay ---
+
+
+@dataclass
+class WhatifResult:
+    """Statistics of one config: ``per_step[stat][k]`` for ``stack.steps[k]``, and ``overall``."""
+
+    settings: CorrectionSettings
+    steps: list[int]
+    per_step: dict[str, list[float]]
+    overall: dict[str, float]
+
+
+@dataclass
+class _Shared:
+    """Per-dump quantities every config reuses."""
+
+    valid: torch.Tensor  # (N, T) bool: in the mask and finite log-ratio
+    counts: torch.Tensor  # (N,) float64 valid tokens per row
+    seq_valid: torch.Tensor  # (N,) bool
+    log_ratio: torch.Tensor  # (N, T) clamped to +-20, 0 at invalid
+    seq_log_ratio: torch.Tensor  # (N,) clamped sum
+    tokens_per_step: torch.Tensor  # (S,) float64
+    seqs_per_step: torch.Tensor  # (S,) float64
+
+
+def _per_step(stack: DumpStack, row_values: torch.Tensor) -> torch.Tensor:
+    """Sum a ``(N,)`` row vector into ``(S,)`` per-step totals (float64)."""
+    out = torch.zeros(stack.num_steps, dtype=torch.float64)
+    return out.index_add_(0, stack.row_step, row_values.to(torch.float64))
+
+
+def _per_step_max(stack: DumpStack, row_values: torch.Tensor) -> torch.Tensor:
+    out = torch.full((stack.num_steps,), -math.inf, dtype=torch.float64)
+    return out.scatter_reduce_(
+        0, stack.row_step, row_values.to(torch.float64), "amax", include_self=True
+    )
+
+
+def shared_quantities(stack: DumpStack) -> _Shared:
+    """The valid mask and clamped log-ratios, as :mod:`rcx.correction` defines them."""
+    log_ratio = stack.train_log_probs - stack.rollout_log_probs  # (N, T)
+    valid = torch.isfinite(log_ratio) & stack.response_mask
+    log_ratio = log_ratio.masked_fill(~valid, 0.0).clamp_(-20.0, 20.0)
+    counts = valid.sum(-1).to(torch.float64)  # (N,)
+    seq_valid = counts > 0
+    return _Shared(
+        valid=valid,
+        counts=counts,
+        seq_valid=seq_valid,
+        log_ratio=log_ratio,
+        seq_log_ratio=log_ratio.sum(-1).clamp(-20.0, 20.0),
+        tokens_per_step=_per_step(stack, counts),
+        seqs_per_step=_per_step(stack, seq_valid),
+    )
+
+
+def _rejection_stats(
+    stack: DumpStack, shared: _Shared, kept_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rejected tokens per step, rejected sequences per step) for a returned mask."""
+    kept = (kept_mask.bool() & shared.valid).sum(-1).to(torch.float64)  # (N,)
+    rejected = shared.counts - kept
+    seq_rejected = (kept < shared.counts) & shared.seq_valid
+    return _per_step(stack, rejected), _per_step(stack, seq_rejected)
+
+
+def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    return torch.where(den > 0, num / den.clamp_min(1e-300), torch.full_like(num, math.nan))
+
+
+class Replayer:
+    """Replays configs over one :class:`DumpStack`, caching what configs share.
+
+    Single-criterion rejection masks are cached by (criterion, threshold entry), so a grid that
+    varies one criterion's bound pays for the others once.
+    """
+
+    def __init__(self, stack: DumpStack) -> None:
+        from rcx.algos.correction import compute_rollout_correction
+
+        self.stack = stack
+        self.shared = shared_quantities(stack)
+        self._correct = compute_rollout_correction
+        self._criterion_cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _run(self, **kwargs: Any) -> Any:
+        s = self.stack
+        return self._correct(s.train_log_probs, s.rollout_log_probs, s.response_mask, **kwargs)
+
+    def criterion_stats(self, criterion: str, entry: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rejected tokens, rejected sequences) per step for one criterion alone."""
+        key = (criterion, entry)
+        if key not in self._criterion_cache:
+            result = self._run(rollout_rs=criterion, rollout_rs_threshold=entry)
+            self._criterion_cache[key] = _rejection_stats(self.stack, self.shared, result.mask)
+        return self._criterion_cache[key]
+
+    def replay(self, settings: CorrectionSettings) -> WhatifResult:
+        """Every statistic of the module docstring for one config."""
+        stack, sh = self.stack, self.shared
+        kwargs = settings.kwargs()
+        kwargs["rollout_is_batch_normalize"] = False  # per step, below
+        result = self._run(**kwargs)
+        per_step: dict[str, torch.Tensor] = {}
+        totals: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        criteria = parse_rs_thresholds(settings.rollout_rs, settings.rollout_rs_threshold)
+        if criteria:
+            rej, seq_rej = _rejection_stats(stack, sh, result.mask)
+            totals["masked_fraction"] = (rej, sh.tokens_per_step)
+            totals["seq_masked_fraction"] = (seq_rej, sh.seqs_per_step)
+            entries = split_threshold_entries(settings.rollout_rs_threshold)
+            entries = entries * len(criteria) if len(entries) == 1 else entries
+            for c, entry in zip(criteria, entries, strict=True):
+                c_rej, c_seq = self.criterion_stats(c.criterion, entry)
+                totals[f"{c.criterion}/masked_fraction"] = (c_rej, sh.tokens_per_step)
+                totals[f"{c.criterion}/seq_masked_fraction"] = (c_seq, sh.seqs_per_step)
+
+        weight_max_overall = None
+        if result.weights is not None:
+            w = result.weights.to(torch.float64)  # (N, T), 0 at invalid tokens
+            w_sum = _per_step(stack, w.sum(-1))
+            w_sq = _per_step(stack, (w * w).sum(-1))
+            w_max = _per_step_max(stack, w.amax(-1))
+            factor = torch.ones(stack.num_steps, dtype=torch.float64)
+            if settings.rollout_is_batch_normalize:
+                if settings.rollout_is == "token":
+                    mean = w_sum / sh.tokens_per_step
+                else:  # mean of the per-sequence weights over valid sequences
+                    seq_w = torch.where(sh.seq_valid, w.sum(-1) / sh.counts.clamp_min(1), 0.0)
+                    mean = _per_step(stack, seq_w) / sh.seqs_per_step
+                factor = torch.where(mean > 1e-8, mean, torch.ones_like(mean))
+                per_step["norm_factor"] = factor
+            per_step["ess"] = w_sum**2 / (sh.tokens_per_step * w_sq)
+            totals["weight_mean"] = (w_sum / factor, sh.tokens_per_step)
+            per_step["weight_max"] = w_max / factor
+            weight_max_overall = float(per_step["weight_max"].max())
+            log_c = math.log(settings.rollout_is_threshold)
+            if settings.rollout_is == "token":
+                above = (sh.log_ratio > log_c).sum(-1)
+                totals["truncated_fraction"] = (_per_step(stack, above), sh.tokens_per_step)
+            else:
+                above = (sh.seq_log_ratio > log_c) & sh.seq_valid
+                totals["truncated_fraction"] = (_per_step(stack, above), sh.seqs_per_step)
+
+        for name, (num, den) in totals.items():
+            per_step[name] = _safe_div(num, den)
+        overall = {
+            name: float(num.sum() / den.sum()) if float(den.sum()) > 0 else math.nan
+            for name, (num, den) in totals.items()
+        }
+        if "ess" in per_step:
+            overall["ess"] = float(per_step["ess"].nanmean())
+            overall["ess_min"] = float(per_step["ess"].min())
+            overall["weight_max"] = weight_max_overall  # type: ignore[assignment]
+        if "masked_fraction" in per_step:
+            overall["masked_fraction_max"] = float(per_step["masked_fraction"].max())
+        return WhatifResult(
+            settings,
+            list(stack.steps),
+            {k: v.tolist() for k, v in per_step.items()},
+            overall,
+        )
+
+
+def replay(stack: DumpStack, configs: Sequence[CorrectionSettings]) -> list[WhatifResult]:
+    """:class:`Replayer` over every config, in order."""
+    replayer = Replayer(stack)
+    return [replayer.replay(s) for s in configs]
+
+
+# ---------------------------------------------------------------------------------- display ---
+
+
+def stat_columns(results: Sequence[WhatifResult]) -> list[str]:
+    """The statistic names present in any result: the main ones first, then per criterion."""
+    present = {k for r in results for k in r.overall}
+    main = [k for k in STAT_KEYS if k in present]
+    extra = [k for k in ("ess_min", "masked_fraction_max") if k in present]
+    per_criterion = sorted(k for k in present if "/" in k)
+    return main + extra + per_criterion
+
+
+def format_stat(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.4g}"
+
+
+def results_json(results: Sequence[WhatifResult]) -> list[dict[str, Any]]:
+    """Plain data for ``--format json``: one object per config."""
+    return [
+        {
+            "config": r.settings.kwargs(),
+            "label": r.settings.label,
+            "overrides": r.settings.overrides(),
+            "overall": r.overall,
+            "steps": r.steps,
+            "per_step": r.per_step,
+        }
+        for r in results
+    ]
+
+
+# -------------------------------------------------------------------------- synthetic dumps ---
+
+
+def write_synthetic_dumps(
+    folder: str | Path,
+    *,
+    steps: int = 100,
+    batch: int = 256,
+    length: int = 8,
+    log_ratio_std: float = 0.05,
+    outlier_share: float = 0.01,
+    seed: int = 0,
+    rollout_correction: Mapping[str, Any] | None = None,
+) -> list[Path]:
+    """Write ``steps`` dumps in the trainer's format (``step_000001.pt``, ...) into ``folder``.
+
+    For tests, benchmarks and trying ``rcx whatif`` without a run. The defaults match the default
+    preset's batch (32 prompts x 8 responses, 8 response tokens). Each token's log-ratio is
+    Gaussian with std ``log_ratio_std`` (bf16-like mismatch is ~0.006, staleness 0.04-0.14), plus
+    a share ``outlier_share`` of tokens with a log-ratio of +-U(1, 3); response lengths are uniform
+    in [1, length] (mask 1 up to the length).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    paths = []
+    for step in range(1, steps + 1):
+        rollout = -torch.rand(batch, length, generator=gen) * 3.0  # (B, T) log-probs in [-3, 0]
+        log_ratio = torch.randn(batch, length, generator=gen) * log_ratio_std
+        outlier = torch.rand(batch, length, generator=gen) < outlier_share
+        sign = torch.where(torch.rand(batch, length, generator=gen) < 0.5, -1.0, 1.0)
+        jump = sign * (1.0 + 2.0 * torch.rand(batch, length, generator=gen))
+        log_ratio = torch.where(outlier, jump, log_ratio)
+        lengths = torch.randint(1, length + 1, (batch,), generator=gen)  # (B,)
+        mask = torch.arange(length)[None, :] < lengths[:, None]  # (B, T) bool
+        payload = {
+            "format": 1,
+            "step": step,
+            "mode": "bypass",
+            "rollout_log_probs": rollout,
+            "train_log_probs": rollout + log_ratio,
+            "response_mask": mask,
+            "prompt_index": (torch.arange(batch) // 8).to(torch.int32),
+            "scores": torch.zeros(batch),
+            "rollout_correction": dict(rollout_correction or {}),
+        }
+        path = folder / f"step_{step:06d}.pt"
+        torch.save(payload, path)
+        paths.append(path)
+    return paths
