@@ -14,11 +14,11 @@ import torch
 from mlflow.tracking import MlflowClient
 from rich.console import Console
 
-from rcx.train import trainer as trainer_mod
 from rcx.errors import RcxError
 from rcx.models.loading import build_tiny_model
 from rcx.store.checkpoint import latest_checkpoint, load_checkpoint
 from rcx.store.tracking import TrackingError
+from rcx.train import trainer as trainer_mod
 from rcx.train.trainer import (
     DeviceError,
     derive_seed,
