@@ -32,13 +32,13 @@ otherwise, for symmetric k1 bounds and every k2/k3 criterion):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from rcx.algos.criteria import RSCriterion, check_is_level, check_is_threshold, parse_rs_thresholds
+from rcx.algos.criteria import CorrectionSpec, RSCriterion, correction_spec
 
 SAFETY_BOUND = 20.0
 PREFIX = "rollout_corr/"
@@ -346,14 +346,6 @@ def _check_inputs(
         raise ValueError(f"response_mask has no valid token (shape {tuple(shapes[0])})")
 
 
-def _check_is_args(rollout_is: Any, rollout_is_threshold: Any) -> str | None:
-    """Canonical IS level (or None when off); raises ValueError for invalid settings."""
-    level = check_is_level(rollout_is)
-    if level is not None:
-        check_is_threshold(rollout_is_threshold)
-    return level
-
-
 # ------------------------------------------------------------------------------- public entries
 
 
@@ -393,8 +385,29 @@ def compute_rollout_correction(
         ValueError: mismatched or non-2-D shapes, no valid token (or none with finite
             log-probs), invalid settings (same message as ``rcx validate``).
     """
-    is_level = _check_is_args(rollout_is, rollout_is_threshold)
-    criteria = parse_rs_thresholds(rollout_rs, rollout_rs_threshold)
+    spec = correction_spec(
+        rollout_is,
+        rollout_is_threshold,
+        rollout_is_batch_normalize,
+        rollout_rs,
+        rollout_rs_threshold,
+    )
+    return compute_correction(spec, train_log_probs, rollout_log_probs, response_mask)
+
+
+def compute_correction(
+    spec: CorrectionSpec,
+    train_log_probs: torch.Tensor,
+    rollout_log_probs: torch.Tensor,
+    response_mask: torch.Tensor,
+) -> CorrectionResult:
+    """IS weights, RS mask and ``rollout_corr/`` metrics for one batch, per a parsed ``spec``.
+
+    What :func:`compute_rollout_correction` computes (tensors and results as described there),
+    with the settings already parsed: the trainer's path, called once per batch (decoupled) or
+    per micro-batch (bypass) with nothing left to parse.
+    """
+    is_level, criteria = spec.is_level, spec.criteria
     _check_inputs(train_log_probs, rollout_log_probs, response_mask)
 
     with torch.no_grad():
@@ -411,11 +424,11 @@ def compute_rollout_correction(
             lr.release_ratio()
         weights = None
         if is_level is not None:
-            threshold = float(rollout_is_threshold)
+            threshold = spec.is_threshold
             if is_level == "token":
-                weights = _token_is(lr, red, threshold, rollout_is_batch_normalize)
+                weights = _token_is(lr, red, threshold, spec.is_batch_normalize)
             else:
-                weights = _sequence_is(lr, red, threshold, rollout_is_batch_normalize)
+                weights = _sequence_is(lr, red, threshold, spec.is_batch_normalize)
         lr.release_comparisons()
         lr.release_spare()
         mask = _apply_keep(response_mask, keep, lr.reuse(response_mask.dtype))
@@ -429,30 +442,6 @@ def compute_rollout_correction(
             )
         metrics = red.evaluate()
     return CorrectionResult(weights=weights, mask=mask, metrics=metrics)
-
-
-def compute_rollout_correction_from_config(
-    cfg: Any,
-    train_log_probs: torch.Tensor,
-    rollout_log_probs: torch.Tensor,
-    response_mask: torch.Tensor,
-) -> CorrectionResult:
-    """:func:`compute_rollout_correction` with the settings of a rollout_correction config.
-
-    ``cfg`` needs the attributes ``rollout_is``, ``rollout_is_threshold``,
-    ``rollout_is_batch_normalize``, ``rollout_rs`` and ``rollout_rs_threshold``
-    (``rcx.config.RolloutCorrectionConfig`` has them).
-    """
-    return compute_rollout_correction(
-        train_log_probs,
-        rollout_log_probs,
-        response_mask,
-        rollout_is=cfg.rollout_is,
-        rollout_is_threshold=cfg.rollout_is_threshold,
-        rollout_is_batch_normalize=cfg.rollout_is_batch_normalize,
-        rollout_rs=cfg.rollout_rs,
-        rollout_rs_threshold=cfg.rollout_rs_threshold,
-    )
 
 
 def _apply_keep(
@@ -639,7 +628,9 @@ def _seq_weight_metrics(red: _Reductions, seq_ratio: torch.Tensor, threshold: fl
 # --------------------------------------------------------------------------- rejection sampling
 
 
-def _rejection(lr: _LogRatios, red: _Reductions, criteria: list[RSCriterion]) -> torch.Tensor:
+def _rejection(
+    lr: _LogRatios, red: _Reductions, criteria: Sequence[RSCriterion]
+) -> torch.Tensor:
     """The kept tokens (B, T) bool: valid and kept by every criterion; registers RS metrics."""
     keep = lr.valid
     seq_keep: torch.Tensor | None = None

@@ -1,11 +1,13 @@
-"""Rejection-sampling criteria and the threshold grammar (SPEC §3.2).
+"""Rejection-sampling criteria, the threshold grammar and the parsed correction settings.
 
 ``rollout_rs`` names one or more criteria, comma-separated; ``rollout_rs_threshold`` gives one
 entry per criterion (or a single entry shared by all). A k1 entry is ``L_U`` (keep when
 ``L <= r <= U``) or a single number ``U`` meaning ``1/U_U``; a k2/k3 entry is one positive number,
 the upper bound on the statistic. The string is taken exactly as written: ``0.5_2`` is L=0.5, U=2.
 
-Nothing here imports torch: the validator and the CLI use it before any model is loaded.
+This module holds the only parser of that grammar (:func:`parse_rs`); the validated config
+carries its result (:class:`CorrectionSpec`), so nothing parses again at train time. Nothing here
+imports torch: the validator and the CLI use it before any model is loaded.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import difflib
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 Level = Literal["token", "sequence"]
@@ -245,44 +247,179 @@ def parse_threshold_entry(criterion: str, entry: str) -> RSCriterion:
     return RSCriterion(criterion, level, statistic, aggregation, lower, upper)
 
 
+@dataclass
+class ParsedRS:
+    """What :func:`parse_rs` found: the criteria, every problem, and the aliases it resolved.
+
+    ``criteria`` is empty when RS is off or when any problem was found. Each problem is a
+    :class:`ConfigValueError` whose ``path`` is the field at fault (``rollout_rs`` or
+    ``rollout_rs_threshold``).
+    """
+
+    criteria: list[RSCriterion] = field(default_factory=list)
+    problems: list[ConfigValueError] = field(default_factory=list)
+    aliases: list[tuple[str, str]] = field(default_factory=list)
+
+
+def parse_rs(rollout_rs: object, rollout_rs_threshold: object) -> ParsedRS:
+    """Parse ``rollout_rs`` and ``rollout_rs_threshold``, collecting every problem.
+
+    The one parser of the threshold grammar (module docstring): ``rcx validate`` reports all of
+    its problems at once, :func:`parse_rs_thresholds` raises the first. Codes: RCX-E002 (unknown
+    or repeated criterion), RCX-E003 (entry count is neither 1 nor the number of criteria),
+    RCX-E004 (malformed or missing entry, one problem per bad entry).
+    """
+    out = ParsedRS()
+    try:
+        names, out.aliases = resolve_rs_criteria(rollout_rs)
+    except ConfigValueError as e:
+        out.problems.append(_at("rollout_rs", e))
+        return out
+    if not names:
+        return out
+    path = "rollout_rs_threshold"
+    if is_off(rollout_rs_threshold):
+        out.problems.append(
+            ConfigValueError(
+                "RCX-E004",
+                f"rollout_rs is set ({', '.join(names)}) but rollout_rs_threshold is missing; "
+                f"give one entry per criterion, e.g. '0.5_2.0' for token_k1 or '2.5' for "
+                f"seq_max_k2",
+                path,
+            )
+        )
+        return out
+    try:
+        entries = split_threshold_entries(rollout_rs_threshold)
+    except ConfigValueError as e:
+        out.problems.append(_at(path, e))
+        return out
+    if len(entries) == 1:
+        entries = entries * len(names)
+    elif len(entries) != len(names):
+        out.problems.append(
+            ConfigValueError(
+                "RCX-E003",
+                f"rollout_rs_threshold has {len(entries)} entries for {len(names)} criteria "
+                f"({', '.join(names)}); give one entry per criterion, in order, or a single "
+                f"shared entry",
+                path,
+            )
+        )
+        return out
+    criteria = []
+    for name, entry in zip(names, entries, strict=True):
+        try:
+            criteria.append(parse_threshold_entry(name, entry))
+        except ConfigValueError as e:
+            out.problems.append(_at(path, e))
+    if not out.problems:
+        out.criteria = criteria
+    return out
+
+
+def _at(path: str, error: ConfigValueError) -> ConfigValueError:
+    """``error`` attributed to the field ``path``."""
+    return ConfigValueError(error.code, error.message, path)
+
+
 def parse_rs_thresholds(
     rollout_rs: str | list[str] | None, rollout_rs_threshold: str | float | None
 ) -> list[RSCriterion]:
-    """Parse ``rollout_rs`` and ``rollout_rs_threshold`` into one :class:`RSCriterion` each.
+    """The criteria of :func:`parse_rs`, or its first problem raised.
 
     Returns ``[]`` when RS is off. Legacy aliases are resolved with a
-    :class:`LegacyAliasWarning`. Raises :class:`ConfigValueError` (a ``ValueError``) with code
-    RCX-E002 (unknown criterion), RCX-E003 (entry count is neither 1 nor the number of
-    criteria) or RCX-E004 (malformed or missing entry).
+    :class:`LegacyAliasWarning`. Raises :class:`ConfigValueError` (a ``ValueError``).
     """
-    names, aliases = resolve_rs_criteria(rollout_rs)
+    parsed = parse_rs(rollout_rs, rollout_rs_threshold)
+    _warn_aliases(parsed.aliases)
+    if parsed.problems:
+        raise parsed.problems[0]
+    return parsed.criteria
+
+
+def _warn_aliases(aliases: list[tuple[str, str]]) -> None:
     for alias, canonical in aliases:
         warnings.warn(
             f"rollout_rs alias {alias!r} is a legacy name; use {canonical!r}",
             LegacyAliasWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-    if not names:
-        return []
-    if rollout_rs_threshold is None or (
-        isinstance(rollout_rs_threshold, str) and rollout_rs_threshold.strip() in OFF_VALUES
-    ):
-        raise ConfigValueError(
-            "RCX-E004",
-            f"rollout_rs is {_as_text(rollout_rs)!r} but rollout_rs_threshold is missing; give "
-            f"one entry per criterion, e.g. '0.5_2.0' for token_k1 or '2.5' for seq_max_k2",
+
+
+@dataclass(frozen=True)
+class CorrectionSpec:
+    """The parsed rollout-correction settings: what the correction computes, nothing to re-parse.
+
+    ``is_level`` is ``token``, ``sequence`` or None (IS off); ``is_threshold`` is the cap C > 1;
+    ``criteria`` are the RS criteria, empty when RS is off.
+    """
+
+    is_level: Level | None = None
+    is_threshold: float = 2.0
+    is_batch_normalize: bool = False
+    criteria: tuple[RSCriterion, ...] = ()
+
+
+@dataclass
+class ParsedCorrection:
+    """What :func:`parse_correction` found; ``spec`` is None when there is any problem."""
+
+    spec: CorrectionSpec | None
+    problems: list[ConfigValueError]
+    aliases: list[tuple[str, str]]
+
+
+def parse_correction(
+    rollout_is: object = None,
+    rollout_is_threshold: object = 2.0,
+    rollout_is_batch_normalize: bool = False,
+    rollout_rs: object = None,
+    rollout_rs_threshold: object = None,
+) -> ParsedCorrection:
+    """Parse the five correction settings (verl's names) into a :class:`CorrectionSpec`,
+    collecting every problem (IS level RCX-E009, IS cap RCX-E005, whether or not IS is on, and
+    those of :func:`parse_rs`)."""
+    problems: list[ConfigValueError] = []
+    level = threshold = None
+    try:
+        level = check_is_level(rollout_is)
+    except ConfigValueError as e:
+        problems.append(_at("rollout_is", e))
+    try:
+        threshold = check_is_threshold(rollout_is_threshold)
+    except ConfigValueError as e:
+        problems.append(_at("rollout_is_threshold", e))
+    rs = parse_rs(rollout_rs, rollout_rs_threshold)
+    problems += rs.problems
+    spec = None
+    if not problems:
+        spec = CorrectionSpec(
+            is_level=level,  # type: ignore[arg-type]
+            is_threshold=2.0 if threshold is None else threshold,
+            is_batch_normalize=bool(rollout_is_batch_normalize),
+            criteria=tuple(rs.criteria),
         )
-    entries = split_threshold_entries(rollout_rs_threshold)
-    if len(entries) == 1:
-        entries = entries * len(names)
-    elif len(entries) != len(names):
-        raise ConfigValueError(
-            "RCX-E003",
-            f"rollout_rs_threshold {_as_text(rollout_rs_threshold)!r} has {len(entries)} entries "
-            f"but rollout_rs {_as_text(rollout_rs)!r} has {len(names)} criteria; give one entry "
-            f"per criterion or a single shared one",
-        )
-    return [parse_threshold_entry(n, e) for n, e in zip(names, entries, strict=True)]
+    return ParsedCorrection(spec, problems, rs.aliases)
+
+
+def correction_spec(
+    rollout_is: object = None,
+    rollout_is_threshold: object = 2.0,
+    rollout_is_batch_normalize: bool = False,
+    rollout_rs: object = None,
+    rollout_rs_threshold: object = None,
+) -> CorrectionSpec:
+    """The :class:`CorrectionSpec` of :func:`parse_correction`, or its first problem raised
+    (legacy aliases warn with :class:`LegacyAliasWarning`)."""
+    parsed = parse_correction(
+        rollout_is, rollout_is_threshold, rollout_is_batch_normalize, rollout_rs, rollout_rs_threshold
+    )
+    _warn_aliases(parsed.aliases)
+    if parsed.problems:
+        raise parsed.problems[0]
+    assert parsed.spec is not None
+    return parsed.spec
 
 
 def _k3_root(upper: float, above_one: bool) -> float:

@@ -51,10 +51,10 @@ from typing import Any, Literal
 import yaml
 
 from rcx.config.loading import (
-    VERBATIM_KEYS,
     ConfigError,
     ValidationReport,
     deep_merge,
+    is_verbatim_key,
     get_dotted,
     merge_sources,
     parse_override,
@@ -90,10 +90,6 @@ class GridAxis:
 
     key: str
     values: tuple[Any, ...]
-
-
-def _is_verbatim(key: str) -> bool:
-    return key in VERBATIM_KEYS or key.rsplit(".", 1)[-1] in ("rollout_rs", "rollout_rs_threshold")
 
 
 def parse_grid(text: str) -> GridAxis:
@@ -134,7 +130,7 @@ def _yaml_list_values(key: str, text: str) -> list[Any]:
         raise SweepError(f"--grid {key}={text}: expected a YAML list such as [a, b]")
     if not items:
         raise SweepError(f"--grid {key}=[]: the list is empty; give at least one value")
-    if not _is_verbatim(key):
+    if not is_verbatim_key(key):
         return items
     out: list[Any] = []
     for item_node in node.value:
@@ -153,7 +149,7 @@ def axes_from_mapping(grid: Mapping[str, Any], source: str) -> list[GridAxis]:
         values = list(values) if isinstance(values, list) else [values]
         if not values:
             raise SweepError(f"{source}: grid key {key!r} has an empty list of values")
-        if _is_verbatim(str(key)):
+        if is_verbatim_key(str(key)):
             values = [v if v is None or isinstance(v, str) else str(v) for v in values]
         axes.append(GridAxis(str(key), tuple(values)))
     return axes
