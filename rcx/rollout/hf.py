@@ -17,7 +17,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from rcx.models.loading import resolve_dtype
-from rcx.rollout import (
+from rcx.rollout.base import (
     RolloutBatch,
     SamplingParams,
     left_pad,

@@ -24,7 +24,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rcx.errors import RcxError
-from rcx.rollout import RolloutBatch, SamplingParams, left_pad, should_sync
+from rcx.rollout.base import RolloutBatch, SamplingParams, left_pad, should_sync
 
 VLLM_QUANTIZATION = {"none": None, "fp8": "fp8"}
 
