@@ -31,7 +31,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from rcx.experiments.whatif import build_settings, load_dumps, replay, write_synthetic_dumps
+    from rcx.experiments.whatif import build_settings, replay
+    from rcx.store.dumps import load_dumps, write_synthetic_dumps
 
     caps = [1.2, 1.5, 2.0, 3.0, 5.0]
     k1 = ["0.5_2.0", "0.6_1.6", "0.7_1.4", "0.8_1.25", "0.9_1.1"]

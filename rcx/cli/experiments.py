@@ -283,14 +283,8 @@ def whatif_command(
     without the algorithm.rollout_correction. prefix) varies it.
     """
     from rcx.experiments.sweep import SweepError, parse_grid
-    from rcx.experiments.whatif import (
-        CORRECTION_KEYS,
-        DumpError,
-        build_settings,
-        load_dumps,
-        replay,
-        results_json,
-    )
+    from rcx.experiments.whatif import CORRECTION_KEYS, build_settings, replay, results_json
+    from rcx.store.dumps import DumpError, load_dumps
 
     try:
         axes = [parse_grid(g) for g in grid or []]
@@ -427,7 +421,7 @@ def calibrate_command(
     Exit 0 when every target is met on the dump, 1 otherwise (the closest proposal is printed).
     """
     from rcx.experiments.calibrate import CalibrationError, Targets, calibrate, plot_calibration
-    from rcx.experiments.whatif import DumpError, load_dumps
+    from rcx.store.dumps import DumpError, load_dumps
 
     try:
         stack = load_dumps(dumps)

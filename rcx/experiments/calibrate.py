@@ -37,7 +37,8 @@ import torch
 from rcx.algos.criteria import CRITERIA, resolve_rs_criteria
 from rcx.config.findings import TIGHT_LOG_RATIO
 from rcx.errors import RcxError
-from rcx.experiments.whatif import CorrectionSettings, DumpStack, Replayer, WhatifResult
+from rcx.experiments.whatif import CorrectionSettings, Replayer, WhatifResult
+from rcx.store.dumps import DumpStack
 
 #: Rejection levels whose quantiles give the candidate RS bounds (share of units beyond it).
 REJECTION_LEVELS = tuple(

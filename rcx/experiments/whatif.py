@@ -32,9 +32,8 @@ it and each step's weights are divided by that step's own mean, as the correctio
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,7 +41,7 @@ import torch
 from rcx.algos.criteria import parse_rs_thresholds, split_threshold_entries
 from rcx.config.findings import Finding
 from rcx.config.loading import validate_raw
-from rcx.errors import RcxError
+from rcx.store.dumps import DumpStack
 
 #: The correction settings a what-if can vary (leaf names of algorithm.rollout_correction).
 CORRECTION_KEYS = (
@@ -61,123 +60,6 @@ STAT_KEYS = (
     "weight_max",
     "truncated_fraction",
 )
-DUMP_SUFFIXES = (".pt",)
-
-
-class DumpError(RcxError, ValueError):
-    """A dump cannot be read or used; the message names the file and what was wrong."""
-
-
-# ------------------------------------------------------------------------------------ dumps ---
-
-
-@dataclass
-class DumpStack:
-    """Every dumped step stacked: row i of the ``(N, T)`` tensors belongs to ``steps[row_step[i]]``.
-
-    Rows of shorter steps are padded with mask 0. ``sources`` lists the files read, in step order.
-    """
-
-    train_log_probs: torch.Tensor  # (N, T) float32
-    rollout_log_probs: torch.Tensor  # (N, T) float32
-    response_mask: torch.Tensor  # (N, T) bool
-    row_step: torch.Tensor  # (N,) int64 index into steps
-    steps: list[int]
-    sources: list[Path] = field(default_factory=list)
-    rollout_correction: dict[str, Any] = field(default_factory=dict)  # the first dump's config
-
-    @property
-    def num_steps(self) -> int:
-        return len(self.steps)
-
-    def step_slice(self, k: int) -> slice:
-        """Rows of the k-th step (steps are stacked contiguously)."""
-        rows = torch.nonzero(self.row_step == k).flatten()
-        return slice(int(rows[0]), int(rows[-1]) + 1)
-
-
-def dump_files(paths: Iterable[str | Path]) -> list[Path]:
-    """Expand DUMP arguments: a ``.pt`` file, a ``log_probs/`` folder, or a run folder holding one.
-
-    Raises :class:`DumpError` when a path does not exist or a folder holds no dump.
-    """
-    files: list[Path] = []
-    for raw in paths:
-        path = Path(raw)
-        if path.is_file():
-            files.append(path)
-            continue
-        if not path.exists():
-            raise DumpError(f"dump {path}: no such file or folder")
-        folder = path / "log_probs" if (path / "log_probs").is_dir() else path
-        found = sorted(p for p in folder.glob("*.pt") if p.is_file())
-        if not found:
-            raise DumpError(
-                f"dump {path}: no *.pt log-prob dump in it (a run writes them to "
-                f"<checkpoint dir>/log_probs/ when trainer.dump_log_probs=true)"
-            )
-        files += found
-    if not files:
-        raise DumpError("no dump given: pass one or more dump files or folders")
-    return files
-
-
-def read_dump(path: Path) -> dict[str, Any]:
-    """One step's dump, checked: the three ``(B, T)`` tensors with equal shapes, and a step."""
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear error
-        raise DumpError(f"dump {path}: not a readable torch dump ({exc})") from None
-    if not isinstance(data, Mapping):
-        raise DumpError(f"dump {path}: expected a dict, got {type(data).__name__}")
-    missing = [
-        k for k in ("train_log_probs", "rollout_log_probs", "response_mask") if k not in data
-    ]
-    if missing:
-        raise DumpError(
-            f"dump {path}: missing {', '.join(missing)} (has {', '.join(map(str, data))}); "
-            f"expected a trainer.dump_log_probs file"
-        )
-    shapes = {k: tuple(data[k].shape) for k in ("train_log_probs", "rollout_log_probs")}
-    shapes["response_mask"] = tuple(data["response_mask"].shape)
-    if len(set(shapes.values())) != 1 or len(shapes["response_mask"]) != 2:
-        raise DumpError(f"dump {path}: tensors must share one (B, T) shape, got {shapes}")
-    return dict(data)
-
-
-def load_dumps(paths: Iterable[str | Path]) -> DumpStack:
-    """Read every dump, order them by step, and stack them (see :class:`DumpStack`)."""
-    files = dump_files(paths)
-    dumps = [(read_dump(f), f) for f in files]
-    for i, (d, f) in enumerate(dumps):
-        d.setdefault("step", i + 1)
-        if not isinstance(d["step"], int):
-            d["step"] = int(d["step"])
-        d["_file"] = f
-    dumps.sort(key=lambda df: df[0]["step"])
-    steps = [d["step"] for d, _ in dumps]
-    dupes = sorted({s for s in steps if steps.count(s) > 1})
-    if dupes:
-        raise DumpError(
-            f"step(s) {dupes} appear in more than one dump; pass the dumps of one run at a time"
-        )
-    width = max(d["response_mask"].shape[1] for d, _ in dumps)
-    train, rollout, mask, row_step = [], [], [], []
-    for k, (d, _) in enumerate(dumps):
-        pad = width - d["response_mask"].shape[1]
-        train.append(torch.nn.functional.pad(d["train_log_probs"].float(), (0, pad)))
-        rollout.append(torch.nn.functional.pad(d["rollout_log_probs"].float(), (0, pad)))
-        mask.append(torch.nn.functional.pad(d["response_mask"].bool(), (0, pad)))
-        row_step.append(torch.full((d["response_mask"].shape[0],), k, dtype=torch.int64))
-    return DumpStack(
-        torch.cat(train),
-        torch.cat(rollout),
-        torch.cat(mask),
-        torch.cat(row_step),
-        steps,
-        [f for _, f in dumps],
-        dict(dumps[0][0].get("rollout_correction") or {}),
-    )
 
 
 # --------------------------------------------------------------------------------- settings ---
@@ -481,55 +363,3 @@ def results_json(results: Sequence[WhatifResult]) -> list[dict[str, Any]]:
         }
         for r in results
     ]
-
-
-# -------------------------------------------------------------------------- synthetic dumps ---
-
-
-def write_synthetic_dumps(
-    folder: str | Path,
-    *,
-    steps: int = 100,
-    batch: int = 256,
-    length: int = 8,
-    log_ratio_std: float = 0.05,
-    outlier_share: float = 0.01,
-    seed: int = 0,
-    rollout_correction: Mapping[str, Any] | None = None,
-) -> list[Path]:
-    """Write ``steps`` dumps in the trainer's format (``step_000001.pt``, ...) into ``folder``.
-
-    For tests, benchmarks and trying ``rcx whatif`` without a run. The defaults match the default
-    preset's batch (32 prompts x 8 responses, 8 response tokens). Each token's log-ratio is
-    Gaussian with std ``log_ratio_std`` (bf16-like mismatch is ~0.006, staleness 0.04-0.14), plus
-    a share ``outlier_share`` of tokens with a log-ratio of +-U(1, 3); response lengths are uniform
-    in [1, length] (mask 1 up to the length).
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(seed)
-    paths = []
-    for step in range(1, steps + 1):
-        rollout = -torch.rand(batch, length, generator=gen) * 3.0  # (B, T) log-probs in [-3, 0]
-        log_ratio = torch.randn(batch, length, generator=gen) * log_ratio_std
-        outlier = torch.rand(batch, length, generator=gen) < outlier_share
-        sign = torch.where(torch.rand(batch, length, generator=gen) < 0.5, -1.0, 1.0)
-        jump = sign * (1.0 + 2.0 * torch.rand(batch, length, generator=gen))
-        log_ratio = torch.where(outlier, jump, log_ratio)
-        lengths = torch.randint(1, length + 1, (batch,), generator=gen)  # (B,)
-        mask = torch.arange(length)[None, :] < lengths[:, None]  # (B, T) bool
-        payload = {
-            "format": 1,
-            "step": step,
-            "mode": "bypass",
-            "rollout_log_probs": rollout,
-            "train_log_probs": rollout + log_ratio,
-            "response_mask": mask,
-            "prompt_index": (torch.arange(batch) // 8).to(torch.int32),
-            "scores": torch.zeros(batch),
-            "rollout_correction": dict(rollout_correction or {}),
-        }
-        path = folder / f"step_{step:06d}.pt"
-        torch.save(payload, path)
-        paths.append(path)
-    return paths

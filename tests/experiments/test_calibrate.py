@@ -24,7 +24,8 @@ from rcx.experiments.calibrate import (
     choose_rs,
     plot_calibration,
 )
-from rcx.experiments.whatif import DumpStack, Replayer, load_dumps, write_synthetic_dumps
+from rcx.experiments.whatif import Replayer
+from rcx.store.dumps import DumpStack, load_dumps, write_synthetic_dumps
 
 P = "rollout_corr/"
 

@@ -18,15 +18,8 @@ from typer.testing import CliRunner
 
 from rcx.algos.correction import compute_rollout_correction
 from rcx.cli import app
-from rcx.experiments.whatif import (
-    CorrectionSettings,
-    DumpError,
-    build_settings,
-    correction_key,
-    load_dumps,
-    replay,
-    write_synthetic_dumps,
-)
+from rcx.experiments.whatif import CorrectionSettings, build_settings, correction_key, replay
+from rcx.store.dumps import DumpError, load_dumps, write_synthetic_dumps
 
 P = "rollout_corr/"
 
