@@ -33,7 +33,8 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from rcx.algos.correction import SAFETY_BOUND, compute_rollout_correction  # noqa: E402
+from rcx.algos.correction import compute_rollout_correction  # noqa: E402
+from rcx.algos.losses import LOG_RATIO_BOUND  # noqa: E402
 from rcx.config import parse_rs_thresholds  # noqa: E402
 
 THREADS = 2
@@ -80,7 +81,7 @@ def reference_correction(
     given = response_mask.bool()
     valid = given & torch.isfinite(raw)
     m = valid.to(dtype)
-    log_r = torch.where(valid, raw, 0.0).clamp(-SAFETY_BOUND, SAFETY_BOUND)
+    log_r = torch.where(valid, raw, 0.0).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
     r = torch.exp(log_r)
     n = m.sum(-1)
     seq_ok = n > 0
@@ -116,7 +117,7 @@ def reference_correction(
 
     metrics: dict[str, float] = {}
     seq_sum = (log_r * m).sum(-1)
-    s_clamped = seq_sum.clamp(-SAFETY_BOUND, SAFETY_BOUND)
+    s_clamped = seq_sum.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
     train_mean = torch.where(valid, train, 0.0).sum(-1).double() / n1.double()
     rollout_mean = torch.where(valid, rollout, 0.0).sum(-1).double() / n1.double()
     diff = per_seq(-log_r)

@@ -278,7 +278,7 @@ def prepare_warm_start(extra: Sequence[str]) -> None:
     """Build (or find) the cached warm start once, before workers would race to build it."""
     from rcx.config import load_config
     from rcx.train.pretrain import resolve_model_path
-    from rcx.train.trainer import builtin_task
+    from rcx.train.setup import builtin_task
 
     cfg = load_config(overrides=[*BASE, *extra])
     model = cfg.actor_rollout_ref.model

@@ -34,13 +34,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from rcx.algos.criteria import CorrectionSpec, RSCriterion, correction_spec
+from rcx.algos.losses import LOG_RATIO_BOUND
 
-SAFETY_BOUND = 20.0
 PREFIX = "rollout_corr/"
 
 _FLOAT_MAX = {
@@ -195,7 +194,7 @@ class _LogRatios:
         self.num_masked = torch.count_nonzero(mask_bool)
         log_ratio.masked_fill_(~valid, 0.0)
         self.raw_sum = log_ratio.sum(-1)  # (B,) before the safety clamp: log-ppl metrics
-        log_ratio.clamp_(-SAFETY_BOUND, SAFETY_BOUND)
+        log_ratio.clamp_(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
 
         self.dtype = dtype
         self.log_ratio = log_ratio
@@ -206,7 +205,7 @@ class _LogRatios:
         self.seq_valid = counts > 0  # (B,)
         self.safe_counts = self.counts.clamp_min(1.0)  # (B,) divisor that is never 0
         self.sum = log_ratio.sum(-1)  # (B,) S_i of clamped tokens
-        self.seq_log_ratio = self.sum.clamp(-SAFETY_BOUND, SAFETY_BOUND)  # (B,)
+        self.seq_log_ratio = self.sum.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)  # (B,)
         zero = torch.zeros((), dtype=dtype, device=log_ratio.device)
         self.train_sum = torch.where(valid, train, zero, out=scratch).sum(-1)  # (B,)
         # r - 1 per token (exact for r in [0.5, 2]): small deviations keep their precision in
@@ -628,9 +627,7 @@ def _seq_weight_metrics(red: _Reductions, seq_ratio: torch.Tensor, threshold: fl
 # --------------------------------------------------------------------------- rejection sampling
 
 
-def _rejection(
-    lr: _LogRatios, red: _Reductions, criteria: Sequence[RSCriterion]
-) -> torch.Tensor:
+def _rejection(lr: _LogRatios, red: _Reductions, criteria: Sequence[RSCriterion]) -> torch.Tensor:
     """The kept tokens (B, T) bool: valid and kept by every criterion; registers RS metrics."""
     keep = lr.valid
     seq_keep: torch.Tensor | None = None

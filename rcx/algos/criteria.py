@@ -413,7 +413,11 @@ def correction_spec(
     """The :class:`CorrectionSpec` of :func:`parse_correction`, or its first problem raised
     (legacy aliases warn with :class:`LegacyAliasWarning`)."""
     parsed = parse_correction(
-        rollout_is, rollout_is_threshold, rollout_is_batch_normalize, rollout_rs, rollout_rs_threshold
+        rollout_is,
+        rollout_is_threshold,
+        rollout_is_batch_normalize,
+        rollout_rs,
+        rollout_rs_threshold,
     )
     _warn_aliases(parsed.aliases)
     if parsed.problems:

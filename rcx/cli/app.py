@@ -159,7 +159,7 @@ def pretrain(
         )
         raise typer.Exit(0)
     from rcx.train.pretrain import ensure_warm_start, read_metadata
-    from rcx.train.trainer import builtin_task
+    from rcx.train.setup import builtin_task
 
     path = ensure_warm_start(builtin_task(cfg), steps, seed=cfg.data.builtin.seed)
     meta = read_metadata(path)

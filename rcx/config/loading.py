@@ -37,6 +37,7 @@ REMOVED_KEYS: dict[str, str] = {
     "rollout_rs_lower": "the lower bound is part of rollout_rs_threshold now: write 'L_U'",
 }
 
+
 class ConfigError(ValueError):
     """A config is invalid. ``findings`` holds every problem found."""
 

@@ -140,6 +140,16 @@ def latest_checkpoint(root: Path) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
+def read_meta(path: Path) -> dict[str, Any]:
+    """The ``meta.json`` of the checkpoint directory ``path``, without loading its state (cheap:
+    the trainer reads the MLflow run id to reopen before anything heavy loads)."""
+    meta_file = Path(path) / META_FILE
+    try:
+        return json.loads(meta_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {meta_file}: {exc}") from exc
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Checkpoint:
     """Load the checkpoint directory ``path`` (as returned by :func:`latest_checkpoint`).
 

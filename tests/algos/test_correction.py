@@ -1,4 +1,4 @@
-"""rcx.correction: hand-computed cases for every weight, criterion and metric; properties.
+"""rcx.algos.correction: hand-computed cases for every weight, criterion and metric; properties.
 
 Hand cases use float64 and ``rollout_log_probs = -ln 4`` (train = log_r - ln 4) so that every
 expected value is a short formula in ``math``; the arithmetic is in the comments.
@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from rcx.algos.correction import (
     PREFIX,
     CorrectionResult,
+    compute_correction,
     compute_rollout_correction,
-    compute_rollout_correction_from_config,
 )
 from rcx.config import LegacyAliasWarning, RolloutCorrectionConfig
 
@@ -533,14 +533,14 @@ def test_float32_agrees_with_float64():
         assert b.metrics[k] == pytest.approx(v, rel=2e-4, abs=1e-6), k
 
 
-def test_from_config_uses_the_config_fields():
+def test_the_config_spec_gives_what_the_string_settings_give():
     cfg = RolloutCorrectionConfig(
         rollout_is="sequence",
         rollout_is_threshold=3.0,
         rollout_rs="token_k1",
         rollout_rs_threshold="0.6_3",
     )
-    a = compute_rollout_correction_from_config(cfg, *batch(THREE_ROWS))
+    a = compute_correction(cfg.spec, *batch(THREE_ROWS))
     b = compute_rollout_correction(
         *batch(THREE_ROWS), rollout_is="sequence", rollout_is_threshold=3.0, rollout_rs="token_k1",
         rollout_rs_threshold="0.6_3",

@@ -18,15 +18,10 @@ from rcx.errors import RcxError
 from rcx.models.loading import build_tiny_model
 from rcx.store.checkpoint import latest_checkpoint, load_checkpoint
 from rcx.store.tracking import TrackingError
+from rcx.train import actor as actor_mod
 from rcx.train import trainer as trainer_mod
-from rcx.train.trainer import (
-    DeviceError,
-    derive_seed,
-    resolve_device,
-    total_steps,
-    train,
-    warmup_lambda,
-)
+from rcx.train.setup import DeviceError, derive_seed, resolve_device, total_steps, warmup_lambda
+from rcx.train.trainer import train
 
 PRESETS = ["rloo-seq-is", "grpo-multi-rs", "gae-seq-is-rs", "grpo-rs-only"]
 #: Logged by every preset at every step (issue 5 item 3).
@@ -239,7 +234,7 @@ def test_hard_interrupt_mid_update_never_checkpoints_a_half_update(
     tiny_config, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = {"n": 0}
-    original = trainer_mod.actor_loss
+    original = actor_mod.actor_loss
 
     def interrupt_in_second_minibatch_of_step_2(*args, **kwargs):
         calls["n"] += 1
@@ -249,7 +244,7 @@ def test_hard_interrupt_mid_update_never_checkpoints_a_half_update(
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_mod, "actor_loss", interrupt_in_second_minibatch_of_step_2)
+    monkeypatch.setattr(actor_mod, "actor_loss", interrupt_in_second_minibatch_of_step_2)
     cfg = tiny_config("grpo-multi-rs", "trainer.save_freq=1", "trainer.total_training_steps=3")
     result = train(cfg)
     assert result.status == "KILLED" and result.step == 1
@@ -345,7 +340,7 @@ def test_log_prob_dumps_and_console_without_mlflow(tiny_config, tmp_path: Path) 
 
 def test_resume_path_mode_picks_the_named_checkpoint(tiny_config, tmp_path: Path) -> None:
     from rcx.store.checkpoint import CheckpointError, save_checkpoint
-    from rcx.train.trainer import find_resume_checkpoint
+    from rcx.train.setup import find_resume_checkpoint
 
     elsewhere = tmp_path / "other"
     for step in (1, 2):
