@@ -170,8 +170,9 @@ def _unpermute(values: list[float], order: list[int]) -> list[float]:
 # ------------------------------------------------------------------------------- shared tensors
 
 
-class _LogRatios:
-    """The per-token quantities every part of the correction shares.
+class LogRatios:
+    """The per-token quantities every part of the correction shares (and what-if and calibrate
+    reuse, so that they count and measure exactly as the correction does).
 
     ``log_ratio`` is clamped to +-20 and set to 0 wherever a token is not valid, so that sums
     need no mask and 0 (ratio 1) is neutral for most comparisons.
@@ -304,6 +305,26 @@ class _LogRatios:
         """The per-token k2 or k3 tensor (B, T)."""
         return self.k2() if name == "k2" else self.k3()
 
+    def token_statistic(self, statistic: str) -> torch.Tensor:
+        """A criterion's per-token statistic (B, T), 0 at invalid tokens: ``-log r`` (k1),
+        ``0.5 log_r^2`` (k2) or ``r - 1 - log_r`` (k3)."""
+        return -self.log_ratio if statistic == "k1" else self.statistic(statistic)
+
+    def sequence_statistic(self, statistic: str, aggregation: str) -> torch.Tensor:
+        """A sequence criterion's per-sequence statistic (B,): the sum, mean or max over the
+        sequence's valid tokens of the token statistic; k1's sum is of the clamped S_i."""
+        if statistic == "k1":
+            return -self.seq_log_ratio if aggregation == "sum" else -self.sum / self.safe_counts
+        if aggregation == "max":
+            # k2 and k3 grow with |log_r| on either side of 0: the max sits at an extreme.
+            row_max, row_min = self.row_extremes()
+            if statistic == "k2":
+                extreme = torch.maximum(row_max, -row_min)
+                return extreme * extreme * 0.5
+            return torch.maximum(_k3(row_max), _k3(row_min))
+        total = self.statistic(statistic).sum(-1)  # (B,)
+        return total if aggregation == "sum" else total / self.safe_counts
+
     def k2(self) -> torch.Tensor:
         """``0.5 * log_r**2`` per token, 0 at invalid tokens. (B, T)"""
         if self._k2 is None:
@@ -385,11 +406,11 @@ def compute_rollout_correction(
             log-probs), invalid settings (same message as ``rcx validate``).
     """
     spec = correction_spec(
-        rollout_is,
-        rollout_is_threshold,
-        rollout_is_batch_normalize,
-        rollout_rs,
-        rollout_rs_threshold,
+        rollout_is=rollout_is,
+        rollout_is_threshold=rollout_is_threshold,
+        rollout_is_batch_normalize=rollout_is_batch_normalize,
+        rollout_rs=rollout_rs,
+        rollout_rs_threshold=rollout_rs_threshold,
     )
     return compute_correction(spec, train_log_probs, rollout_log_probs, response_mask)
 
@@ -410,7 +431,7 @@ def compute_correction(
     _check_inputs(train_log_probs, rollout_log_probs, response_mask)
 
     with torch.no_grad():
-        lr = _LogRatios(train_log_probs, rollout_log_probs, response_mask)
+        lr = LogRatios(train_log_probs, rollout_log_probs, response_mask)
         red = _Reductions(lr.seq_valid, lr.counts)
         i_masked = red.scalar(lr.num_masked)
         i_tokens = red.scalar(lr.num_tokens)
@@ -456,7 +477,7 @@ def _apply_keep(
 # ------------------------------------------------------------------------- off-policy diagnostics
 
 
-def _off_policy_metrics(lr: _LogRatios, red: _Reductions, i_masked: int) -> None:
+def _off_policy_metrics(lr: LogRatios, red: _Reductions, i_masked: int) -> None:
     """KL, perplexity and chi-square diagnostics (always computed).
 
     Per sequence, with means over its valid tokens: ``log_ppl_train = -mean lp_train``,
@@ -502,7 +523,7 @@ def _off_policy_metrics(lr: _LogRatios, red: _Reductions, i_masked: int) -> None
 
 
 def _token_is(
-    lr: _LogRatios, red: _Reductions, threshold: float, batch_normalize: bool
+    lr: LogRatios, red: _Reductions, threshold: float, batch_normalize: bool
 ) -> torch.Tensor:
     """Token IS weights ``min(r, C) * m`` (B, T) and their metrics.
 
@@ -554,7 +575,7 @@ def _token_is(
 
 
 def _sequence_is(
-    lr: _LogRatios, red: _Reductions, threshold: float, batch_normalize: bool
+    lr: LogRatios, red: _Reductions, threshold: float, batch_normalize: bool
 ) -> torch.Tensor:
     """Sequence IS weights ``min(exp(clamp(S_i)), C) * m`` (B, T) and their metrics.
 
@@ -627,7 +648,7 @@ def _seq_weight_metrics(red: _Reductions, seq_ratio: torch.Tensor, threshold: fl
 # --------------------------------------------------------------------------- rejection sampling
 
 
-def _rejection(lr: _LogRatios, red: _Reductions, criteria: Sequence[RSCriterion]) -> torch.Tensor:
+def _rejection(lr: LogRatios, red: _Reductions, criteria: Sequence[RSCriterion]) -> torch.Tensor:
     """The kept tokens (B, T) bool: valid and kept by every criterion; registers RS metrics."""
     keep = lr.valid
     seq_keep: torch.Tensor | None = None
@@ -656,7 +677,7 @@ def _stat_bounds(criterion: RSCriterion) -> tuple[float, float]:
     return 0.0, criterion.upper
 
 
-def _token_criterion(lr: _LogRatios, red: _Reductions, criterion: RSCriterion) -> torch.Tensor:
+def _token_criterion(lr: LogRatios, red: _Reductions, criterion: RSCriterion) -> torch.Tensor:
     """Keep mask (B, T) of one token-level criterion, and its ``rollout_rs_<name>_*`` metrics.
 
     token_k1 keeps ``L <= r <= U``; token_k2/k3 keep ``k <= U``. The statistic reported is
@@ -724,7 +745,7 @@ def _token_criterion(lr: _LogRatios, red: _Reductions, criterion: RSCriterion) -
     return keep
 
 
-def _sequence_criterion(lr: _LogRatios, red: _Reductions, criterion: RSCriterion) -> torch.Tensor:
+def _sequence_criterion(lr: LogRatios, red: _Reductions, criterion: RSCriterion) -> torch.Tensor:
     """Keep mask (B,) of one sequence-level criterion, and its ``rollout_rs_<name>_*`` metrics.
 
     The per-sequence statistic is the sum, mean or max over the sequence's valid tokens of the
@@ -733,23 +754,8 @@ def _sequence_criterion(lr: _LogRatios, red: _Reductions, criterion: RSCriterion
     """
     lo, hi = _stat_bounds(criterion)
     n = lr.counts
-    agg = criterion.aggregation
-    if criterion.statistic == "k1":
-        values = -lr.seq_log_ratio if agg == "sum" else -lr.sum / lr.safe_counts  # (B,)
-        keep = (values >= lo) & (values <= hi)
-    else:
-        if agg == "max":
-            # k2 and k3 grow with |log_r| on either side of 0: the max sits at an extreme.
-            row_max, row_min = lr.row_extremes()
-            if criterion.statistic == "k2":
-                extreme = torch.maximum(row_max, -row_min)
-                values = extreme * extreme * 0.5
-            else:
-                values = torch.maximum(_k3(row_max), _k3(row_min))
-        else:
-            total = lr.statistic(criterion.statistic).sum(-1)  # (B,)
-            values = total if agg == "sum" else total / lr.safe_counts
-        keep = values <= hi
+    values = lr.sequence_statistic(criterion.statistic, criterion.aggregation)  # (B,)
+    keep = (values >= lo) & (values <= hi) if criterion.statistic == "k1" else values <= hi
     rejected = (~keep).to(lr.dtype)
     bounded = values.clamp(lo, hi)  # (B,)
     weighted = n * bounded  # each sequence counts once per token

@@ -16,7 +16,7 @@ import difflib
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 Level = Literal["token", "sequence"]
 Statistic = Literal["k1", "k2", "k3"]
@@ -403,22 +403,10 @@ def parse_correction(
     return ParsedCorrection(spec, problems, rs.aliases)
 
 
-def correction_spec(
-    rollout_is: object = None,
-    rollout_is_threshold: object = 2.0,
-    rollout_is_batch_normalize: bool = False,
-    rollout_rs: object = None,
-    rollout_rs_threshold: object = None,
-) -> CorrectionSpec:
-    """The :class:`CorrectionSpec` of :func:`parse_correction`, or its first problem raised
-    (legacy aliases warn with :class:`LegacyAliasWarning`)."""
-    parsed = parse_correction(
-        rollout_is,
-        rollout_is_threshold,
-        rollout_is_batch_normalize,
-        rollout_rs,
-        rollout_rs_threshold,
-    )
+def correction_spec(**settings: Any) -> CorrectionSpec:
+    """The :class:`CorrectionSpec` of :func:`parse_correction` (same keyword arguments), or its
+    first problem raised (legacy aliases warn with :class:`LegacyAliasWarning`)."""
+    parsed = parse_correction(**settings)
     _warn_aliases(parsed.aliases)
     if parsed.problems:
         raise parsed.problems[0]

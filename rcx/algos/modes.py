@@ -24,22 +24,14 @@ WeightUse = Literal["loss", "metrics_only", "off"]
 class UpdatePlan:
     """How the actor update uses the rollout correction."""
 
-    bypass: bool
+    mode: Literal["decoupled", "bypass"]
+    anchor: Literal["pi_old", "pi_rollout"]  # the policy the PPO ratio is taken against
     loss: LossType  # the loss actually used (decoupled mode always uses ppo_clip)
     is_weights: WeightUse
 
     @property
-    def mode(self) -> str:
-        return "bypass" if self.bypass else "decoupled"
-
-    @property
-    def anchor(self) -> str:
-        """The policy the PPO ratio is taken against."""
-        return "pi_rollout" if self.bypass else "pi_old"
-
-    @property
-    def policies(self) -> int:
-        return 2 if self.bypass else 3
+    def bypass(self) -> bool:
+        return self.mode == "bypass"
 
 
 def update_plan(rollout_is: str | None, bypass_mode: bool, loss_type: LossType) -> UpdatePlan:
@@ -53,4 +45,6 @@ def update_plan(rollout_is: str | None, bypass_mode: bool, loss_type: LossType) 
         weights = "metrics_only"
     else:
         weights = "loss"
-    return UpdatePlan(bypass=bypass_mode, loss=loss, is_weights=weights)
+    if bypass_mode:
+        return UpdatePlan("bypass", "pi_rollout", loss, weights)
+    return UpdatePlan("decoupled", "pi_old", loss, weights)

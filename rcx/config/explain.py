@@ -17,7 +17,7 @@ def explain(cfg: RcxConfig) -> dict[str, Any]:
     criteria = rc.spec.criteria
     return {
         "mode": plan.mode,
-        "policies": plan.policies,
+        "policies": 2 if plan.bypass else 3,
         "loss": plan.loss,
         "is": {
             "level": rc.rollout_is,

@@ -35,6 +35,7 @@ from typing import Literal
 import torch
 
 from rcx.algos.criteria import CRITERIA, resolve_rs_criteria
+from rcx.algos.losses import LOG_RATIO_BOUND
 from rcx.config.findings import TIGHT_LOG_RATIO
 from rcx.errors import RcxError
 from rcx.experiments.whatif import CorrectionSettings, Replayer, WhatifResult
@@ -136,24 +137,14 @@ def criterion_statistic(replayer: Replayer, criterion: str) -> torch.Tensor:
     k1: ``|log r|`` (token), ``|clamp(sum log r)|`` or ``|mean log r|`` (sequence); a unit is kept
     by ``1/U_U`` iff this is <= log U. k2/k3: the statistic compared with U.
     """
-    sh = replayer.shared
+    ratios = replayer.shared.ratios
     level, statistic, aggregation = CRITERIA[criterion]
-    lr = sh.log_ratio.to(torch.float64)  # (N, T), 0 at invalid
-    if statistic == "k1":
-        if aggregation == "token":
-            return lr[sh.valid].abs()
-        if aggregation == "sum":
-            return sh.seq_log_ratio.to(torch.float64)[sh.seq_valid].abs()
-        return (lr.sum(-1) / sh.counts.clamp_min(1))[sh.seq_valid].abs()
-    token = 0.5 * lr * lr if statistic == "k2" else torch.expm1(lr) - lr  # (N, T), 0 at invalid
-    if aggregation == "token":
-        return token[sh.valid]
-    if aggregation == "max":
-        return token.amax(-1)[sh.seq_valid]
-    total = token.sum(-1)
-    if aggregation == "mean":
-        total = total / sh.counts.clamp_min(1)
-    return total[sh.seq_valid]
+    if level == "token":
+        values = ratios.token_statistic(statistic)[ratios.valid]
+    else:
+        values = ratios.sequence_statistic(statistic, aggregation)[ratios.seq_valid]
+    values = values.to(torch.float64)
+    return values.abs() if statistic == "k1" else values
 
 
 def _round_up(x: float) -> float:
@@ -199,7 +190,7 @@ def candidate_entries(replayer: Replayer, criterion: str) -> list[tuple[str, flo
     out: dict[str, float] = {}
     for q in quantiles:
         if k1:
-            upper = _round_up(math.exp(min(q, 20.0)))
+            upper = _round_up(math.exp(min(q, LOG_RATIO_BOUND)))
             # 1/U is written rounded down so the interval is never narrower than [1/U, U].
             entry = f"{_fmt_down(1.0 / upper)}_{_fmt(upper)}"
         else:
@@ -249,9 +240,9 @@ def is_curve(replayer: Replayer, level: IsLevel) -> list[IsPoint]:
     """ESS and truncated share for each candidate cap, largest cap first."""
     sh = replayer.shared
     if level == "token":
-        units = sh.log_ratio[sh.valid].to(torch.float64)
+        units = sh.ratios.log_ratio[sh.valid].to(torch.float64)
     else:
-        units = sh.seq_log_ratio[sh.seq_valid].to(torch.float64)
+        units = sh.ratios.seq_log_ratio[sh.seq_valid].to(torch.float64)
     levels = torch.tensor([0.5, 0.75, 0.9, 0.95, 0.99, 0.999], dtype=torch.float64)
     from_data = [math.exp(q) for q in torch.quantile(units, levels).tolist()]
     caps = {_round_up(c) for c in (*IS_CAPS, *from_data) if 1.0 + 1e-6 < c <= MAX_CAP}

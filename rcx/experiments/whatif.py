@@ -1,4 +1,4 @@
-"""What-if (SPEC §10): replay correction configs over log-prob dumps, offline, with no model.
+"""What-if : replay correction configs over log-prob dumps, offline, with no model.
 
 A run with ``trainer.dump_log_probs: true`` writes one file per step (format: the docstring of
 :mod:`rcx.trainer`; the keys read here are ``step``, ``train_log_probs``, ``rollout_log_probs``,
@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from rcx.algos.correction import LogRatios, compute_rollout_correction
 from rcx.algos.criteria import parse_rs_thresholds, split_threshold_entries
 from rcx.config.findings import Finding
 from rcx.config.loading import validate_raw
@@ -175,15 +176,20 @@ class WhatifResult:
 
 @dataclass
 class _Shared:
-    """Per-dump quantities every config reuses."""
+    """Per-dump quantities every config reuses: the correction's own log-ratios, and counts."""
 
-    valid: torch.Tensor  # (N, T) bool: in the mask and finite log-ratio
+    ratios: LogRatios  # valid tokens, clamped log-ratios, per-criterion statistics
     counts: torch.Tensor  # (N,) float64 valid tokens per row
-    seq_valid: torch.Tensor  # (N,) bool
-    log_ratio: torch.Tensor  # (N, T) clamped to +-20, 0 at invalid
-    seq_log_ratio: torch.Tensor  # (N,) clamped sum
     tokens_per_step: torch.Tensor  # (S,) float64
     seqs_per_step: torch.Tensor  # (S,) float64
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return self.ratios.valid  # (N, T) bool: in the mask and finite log-ratio
+
+    @property
+    def seq_valid(self) -> torch.Tensor:
+        return self.ratios.seq_valid  # (N,) bool
 
 
 def _per_step(stack: DumpStack, row_values: torch.Tensor) -> torch.Tensor:
@@ -200,20 +206,14 @@ def _per_step_max(stack: DumpStack, row_values: torch.Tensor) -> torch.Tensor:
 
 
 def shared_quantities(stack: DumpStack) -> _Shared:
-    """The valid mask and clamped log-ratios, as :mod:`rcx.correction` defines them."""
-    log_ratio = stack.train_log_probs - stack.rollout_log_probs  # (N, T)
-    valid = torch.isfinite(log_ratio) & stack.response_mask
-    log_ratio = log_ratio.masked_fill(~valid, 0.0).clamp_(-20.0, 20.0)
-    counts = valid.sum(-1).to(torch.float64)  # (N,)
-    seq_valid = counts > 0
+    """The valid mask, clamped log-ratios and counts of the whole stack, from the correction."""
+    ratios = LogRatios(stack.train_log_probs, stack.rollout_log_probs, stack.response_mask)
+    counts = ratios.counts.to(torch.float64)  # (N,)
     return _Shared(
-        valid=valid,
+        ratios=ratios,
         counts=counts,
-        seq_valid=seq_valid,
-        log_ratio=log_ratio,
-        seq_log_ratio=log_ratio.sum(-1).clamp(-20.0, 20.0),
         tokens_per_step=_per_step(stack, counts),
-        seqs_per_step=_per_step(stack, seq_valid),
+        seqs_per_step=_per_step(stack, ratios.seq_valid),
     )
 
 
@@ -239,8 +239,6 @@ class Replayer:
     """
 
     def __init__(self, stack: DumpStack) -> None:
-        from rcx.algos.correction import compute_rollout_correction
-
         self.stack = stack
         self.shared = shared_quantities(stack)
         self._correct = compute_rollout_correction
@@ -300,10 +298,10 @@ class Replayer:
             weight_max_overall = float(per_step["weight_max"].max())
             log_c = math.log(settings.rollout_is_threshold)
             if settings.rollout_is == "token":
-                above = (sh.log_ratio > log_c).sum(-1)
+                above = (sh.ratios.log_ratio > log_c).sum(-1)
                 totals["truncated_fraction"] = (_per_step(stack, above), sh.tokens_per_step)
             else:
-                above = (sh.seq_log_ratio > log_c) & sh.seq_valid
+                above = (sh.ratios.seq_log_ratio > log_c) & sh.seq_valid
                 totals["truncated_fraction"] = (_per_step(stack, above), sh.seqs_per_step)
 
         for name, (num, den) in totals.items():

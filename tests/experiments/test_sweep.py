@@ -482,20 +482,13 @@ def test_ray_missing_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(SweepError, match="pip install 'ray\\[default\\]'"):
         sweep_mod.import_ray()
-    result = CliRunner().invoke(
-        app,
-        [
-            "sweep",
-            "--preset",
-            "grpo-multi-rs",
-            'trainer.logger=["console"]',
-            "--grid",
-            f"{IS_AXIS}=1.5,2.0",
-            "--executor",
-            "ray",
-            "--out",
-            str(tmp_path / "s"),
-        ],
+    result = sweep_cli(
+        tmp_path / "s",
+        'trainer.logger=["console"]',
+        "--grid",
+        f"{IS_AXIS}=1.5,2.0",
+        "--executor",
+        "ray",
     )
     assert result.exit_code == 1
     assert "Ray, which is not installed" in result.output
@@ -530,21 +523,19 @@ def quick_ok(spec: TrialSpec) -> TrialResult:
 # ------------------------------------------------------------------------------------- CLI
 
 
+def sweep_cli(out: Path, *args: str) -> Any:
+    """``rcx sweep --preset grpo-multi-rs ARGS --out OUT``, run in process."""
+    return CliRunner().invoke(app, ["sweep", "--preset", "grpo-multi-rs", *args, "--out", str(out)])
+
+
 def test_cli_dry_run_lists_trials_and_starts_nothing(tmp_path: Path) -> None:
-    result = CliRunner().invoke(
-        app,
-        [
-            "sweep",
-            "--preset",
-            "grpo-multi-rs",
-            "--grid",
-            f"{IS_AXIS}=1.5,3.0",
-            "--grid",
-            f'{RS_AXIS}=["0.6_1.6,2.5","0.5_2.0,3.0"]',
-            "--dry-run",
-            "--out",
-            str(tmp_path / "s"),
-        ],
+    result = sweep_cli(
+        tmp_path / "s",
+        "--grid",
+        f"{IS_AXIS}=1.5,3.0",
+        "--grid",
+        f'{RS_AXIS}=["0.6_1.6,2.5","0.5_2.0,3.0"]',
+        "--dry-run",
     )
     assert result.exit_code == 0, result.output
     assert "4 trials" in result.output
@@ -558,17 +549,10 @@ def test_cli_invalid_grid_value_aborts_before_anything_runs(
 ) -> None:
     ran: list[str] = []
     monkeypatch.setattr(sweep_mod, "run_trainer_trial", lambda spec: ran.append(spec.name))
-    result = CliRunner().invoke(
-        app,
-        [
-            "sweep",
-            "--preset",
-            "grpo-multi-rs",
-            "--grid",
-            f"{IS_AXIS}=2.0,0.9",
-            "--out",
-            str(tmp_path / "s"),
-        ],
+    result = sweep_cli(
+        tmp_path / "s",
+        "--grid",
+        f"{IS_AXIS}=2.0,0.9",
     )
     assert result.exit_code == 1
     assert "t01 is invalid" in result.output
@@ -599,23 +583,16 @@ def test_cli_sweep_with_injected_trials_prints_the_ranking(
     tmp_path: Path, mlflow_uri: str, run_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(sweep_mod, "run_trainer_trial", succeed)
-    result = CliRunner().invoke(
-        app,
-        [
-            "sweep",
-            "--preset",
-            "grpo-multi-rs",
-            'trainer.logger=["mlflow"]',
-            f"trainer.tracking_uri={mlflow_uri}",
-            "--grid",
-            f"{IS_AXIS}=1.5,3.0",
-            "--grid",
-            f'{RS_AXIS}=["0.6_1.6,2.5", "2.0"]',
-            "--name",
-            run_name,
-            "--out",
-            str(tmp_path / "s"),
-        ],
+    result = sweep_cli(
+        tmp_path / "s",
+        'trainer.logger=["mlflow"]',
+        f"trainer.tracking_uri={mlflow_uri}",
+        "--grid",
+        f"{IS_AXIS}=1.5,3.0",
+        "--grid",
+        f'{RS_AXIS}=["0.6_1.6,2.5", "2.0"]',
+        "--name",
+        run_name,
     )
     assert result.exit_code == 1  # one trial failed
     assert "ranked by val/reward_mean (max)" in result.output
