@@ -135,12 +135,15 @@ def compare_runs(
     return Comparison(summaries, list(metrics), differing_params(summaries))
 
 
-def final_value(run: RunSummary, metric: str) -> float | None:
-    """The value at the highest logged step (MLflow's latest value if no history was read)."""
+def final_value(run: RunSummary | Any, metric: str) -> float | None:
+    """The value at the highest logged step of ``run.history``, else ``run.final[metric]``
+    (MLflow's latest value when no history was read), else None. ``run``: a RunSummary or a
+    sweep's TrialResult (anything with ``history`` and ``final``)."""
     points = run.history.get(metric)
     if points:
         return max(points)[1]
-    return run.final.get(metric)
+    value = run.final.get(metric)
+    return None if value is None else float(value)
 
 
 def format_metric(value: float | None) -> str:

@@ -64,6 +64,7 @@ from rcx.config.loading import (
 )
 from rcx.config.yamlio import Yaml12Loader, load_yaml
 from rcx.errors import RcxError
+from rcx.experiments.runs import final_value
 
 #: The metric a sweep is ranked by unless ``--metric`` says otherwise: the last validation reward.
 DEFAULT_METRIC = "val/reward_mean"
@@ -535,7 +536,7 @@ def run_sweep(
         if result.status in ("FAILED", "KILLED") and parent.run_id:
             mark_child_run(parent, plan, result)
         elif before in ("FAILED", "KILLED") and parent.run_id and result.run_id:
-            clear_error_tag(parent, result.run_id)  # a resumed trial that now finished
+            parent.delete_run_tag(result.run_id, "rcx.error")  # a resumed trial that now finished
         error = f": {result.error.splitlines()[0]}" if result.error else ""
         on_event(f"{result.name} {result.status} in {result.seconds:.1f}s{error}")
 
@@ -613,43 +614,13 @@ def mark_child_run(parent: Any, plan: SweepPlan, result: TrialResult) -> None:
 
     The trainer may have failed before it created its run: then one is created here.
     """
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=parent.uri)
-    run_name = f"{plan.name}-{result.name}"
-    run_id = result.run_id or _find_child(client, parent, run_name)
-    if run_id is None:
-        run = client.create_run(
-            parent.experiment_id,
-            run_name=run_name,
-            tags={"mlflow.parentRunId": parent.run_id, "rcx.sweep.trial": result.name},
-        )
-        run_id = run.info.run_id
-    result.run_id = run_id
-    if result.error:
-        client.set_tag(run_id, "rcx.error", result.error[:4900])
-        client.log_text(run_id, result.error, "error.txt")
-    client.set_terminated(run_id, status=result.status)
-
-
-def clear_error_tag(parent: Any, run_id: str) -> None:
-    """Drop the ``rcx.error`` tag of an earlier attempt from a run that has now finished."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=parent.uri)
-    if "rcx.error" in client.get_run(run_id).data.tags:
-        client.delete_tag(run_id, "rcx.error")
-
-
-def _find_child(client: Any, parent: Any, run_name: str) -> str | None:
-    runs = client.search_runs(
-        [parent.experiment_id],
-        filter_string=(
-            f"tags.mlflow.parentRunId = '{parent.run_id}' and attributes.run_name = '{run_name}'"
-        ),
-        max_results=1,
+    result.run_id = parent.end_child_run(
+        f"{plan.name}-{result.name}",
+        result.status,
+        run_id=result.run_id,
+        error=result.error,
+        tags={"rcx.sweep.trial": result.name},
     )
-    return runs[0].info.run_id if runs else None
 
 
 def run_in_processes(
@@ -803,25 +774,15 @@ class RankedTrial:
     value: float | None
 
 
-def final_value(result: TrialResult | None, metric: str) -> float | None:
-    """The last logged value of ``metric`` (highest step), or None if never logged."""
-    if result is None:
-        return None
-    points = result.history.get(metric)
-    if points:
-        return max(points)[1]
-    value = result.final.get(metric)
-    return None if value is None else float(value)
-
-
 def rank_trials(
     trials: Sequence[Trial], results: Mapping[str, TrialResult], metric: str, mode: Mode
 ) -> list[RankedTrial]:
     """Finished trials with the metric first, best first; then the rest (no rank), in order."""
-    rows = [
-        RankedTrial(None, t, results.get(t.name), final_value(results.get(t.name), metric))
-        for t in trials
-    ]
+    rows = []
+    for t in trials:
+        result = results.get(t.name)
+        value = None if result is None else final_value(result, metric)
+        rows.append(RankedTrial(None, t, result, value))
     scored = [r for r in rows if r.value is not None and r.result and r.result.status == "FINISHED"]
     scored.sort(key=lambda r: r.value if mode == "min" else -r.value)  # type: ignore[operator]
     for i, r in enumerate(scored, 1):
@@ -883,11 +844,7 @@ def finish_parent(plan: SweepPlan, parent: Any, results: Mapping[str, TrialResul
         parent.log_metrics({f"sweep/best/{plan.metric}": best.value}, step=0)
     failed = [r for r in results.values() if r.status != "FINISHED"]
     if parent.run_id and getattr(parent, "uri", None):
-        from mlflow.tracking import MlflowClient
-
-        MlflowClient(tracking_uri=parent.uri).set_tag(
-            parent.run_id, "rcx.sweep.failed_trials", str(len(failed))
-        )
+        parent.set_tag("rcx.sweep.failed_trials", str(len(failed)))
     all_failed = bool(results) and len(failed) == len(results)
     parent.finish("FAILED" if all_failed else "FINISHED")
     return plot

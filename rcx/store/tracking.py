@@ -364,6 +364,49 @@ class MlflowTracker:
         except Exception as exc:  # noqa: BLE001
             warnings.warn(f"could not mark MLflow run {self.run_id} {status}: {exc}", stacklevel=2)
 
+    def set_tag(self, key: str, value: str) -> None:
+        """Set a tag on this run."""
+        self._client.set_tag(self.run_id, key, value)
+
+    def end_child_run(
+        self,
+        run_name: str,
+        status: RunStatus,
+        *,
+        run_id: str | None = None,
+        error: str | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> str:
+        """End the child run ``run_id`` (else the one named ``run_name``, else a new one with
+        ``tags``) with ``status``, recording ``error`` as a tag and as ``error.txt``; its id."""
+        client = self._client
+        run_id = run_id or self._find_child(run_name)
+        if run_id is None:
+            child_tags = {"mlflow.parentRunId": self.run_id, **(tags or {})}
+            run_id = client.create_run(
+                self.experiment_id, run_name=run_name, tags=child_tags
+            ).info.run_id
+        if error:
+            client.set_tag(run_id, "rcx.error", error[:4900])
+            client.log_text(run_id, error, "error.txt")
+        client.set_terminated(run_id, status=status)
+        return run_id
+
+    def delete_run_tag(self, run_id: str, key: str) -> None:
+        """Drop the tag ``key`` of the run ``run_id`` (a child, typically) if it has one."""
+        if key in self._client.get_run(run_id).data.tags:
+            self._client.delete_tag(run_id, key)
+
+    def _find_child(self, run_name: str) -> str | None:
+        runs = self._client.search_runs(
+            [self.experiment_id],
+            filter_string=(
+                f"tags.mlflow.parentRunId = '{self.run_id}' and attributes.run_name = '{run_name}'"
+            ),
+            max_results=1,
+        )
+        return runs[0].info.run_id if runs else None
+
     def _warn_once(self, message: str) -> None:
         if not self._warned:
             self._warned = True
