@@ -1,4 +1,4 @@
-"""Benchmark of rcx.correction.compute_rollout_correction against a straightforward reference.
+"""Benchmark of rcx.algos.correction.compute_rollout_correction against a straightforward reference.
 
 Run with ``make bench`` (or ``python bench/correction.py [--quick]``). Two threads,
 ``OMP_WAIT_POLICY=PASSIVE``; float32 inputs of shape (256, 2048) and (1024, 4096):
@@ -50,7 +50,7 @@ CASES = {
         rollout_is="sequence", rollout_is_threshold=2.0, rollout_is_batch_normalize=True
     ),
 }
-# verl's rollout_corr_helper on this machine, as quoted in issue 3 (ms).
+# verl's rollout_corr_helper on this machine (ms), measured once and kept for comparison.
 VERL_MS = {
     ((256, 2048), "token IS + token_k1,seq_max_k2"): "57",
     ((256, 2048), "sequence IS + batch norm"): "18",
@@ -355,7 +355,7 @@ def main() -> None:
                 f"{rcx_mem:7.1f} {ref_mem:7.1f} {input_mib:6.1f} {rcx_mem / input_mib:5.2f}x"
             )
     print(
-        "targets (issue 3): >= 3x faster than verl (2x / 2.8x faster than the reference for "
+        "targets: >= 3x faster than verl (2x / 2.8x faster than the reference for "
         "case 1 / 2), peak extra memory <= 2x the inputs"
     )
 

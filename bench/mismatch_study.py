@@ -1,4 +1,4 @@
-"""The mismatch study (issue 7): on a CPU, when does rollout correction help, and by how much?
+"""The mismatch study: on a CPU, when does rollout correction help, and by how much?
 
     make study                                        # the full study: 65 runs, 22 min on 2 cores
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/mismatch_study.py --quick   # 2 runs, ~1 min

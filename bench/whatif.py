@@ -1,6 +1,6 @@
 """Benchmark: ``rcx whatif`` with 100 configs over 100 dumped steps of the default preset.
 
-Target (issue 6): under 10 s on 2 cores (wall time; CPU time is printed too, as it is robust to
+Target: under 10 s on 2 cores (wall time; CPU time is printed too, as it is robust to
 other processes sharing the cores), end to end (reading the dumps, validating every config,
 replaying them, the per-step and overall statistics). The dumps are synthetic but have the default
 preset's shape: 32 prompts x 8 responses = 256 sequences of up to 8 response tokens per step,

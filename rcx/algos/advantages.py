@@ -1,4 +1,4 @@
-"""Advantage estimators (SPEC §5): grpo, rloo, gae, reinforce_plus_plus. Pure tensor code.
+"""Advantage estimators: grpo, rloo, gae, reinforce_plus_plus. Pure tensor code.
 
 ``scores`` are per-sequence outcome rewards ``(B,)``; ``token_rewards`` are ``(B, T)`` (an outcome
 reward lands on the last valid response token: :func:`token_rewards_from_scores`). Advantages come

@@ -1,14 +1,14 @@
 """Rollout correction: importance-sampling weights, rejection masks and off-policy metrics.
 
-Pure tensor code (SPEC §2-§3): no model, trainer or I/O. For every response token t of sequence i
+Pure tensor code: no model, trainer or I/O. For every response token t of sequence i
 with mask m[i,t], ``log_r = clamp(lp_train - lp_rollout, -20, 20)`` and ``r = exp(log_r)``.
 
 - IS (``rollout_is``): ``token``: ``w[i,t] = min(r[i,t], C) * m[i,t]``; ``sequence``:
   ``w[i,t] = min(exp(clamp(S_i)), C) * m[i,t]`` with ``S_i = sum_t m[i,t] * log_r[i,t]``.
   Optional batch normalisation divides by the mean weight (tokens, or sequences for ``sequence``).
-- RS (``rollout_rs``): every criterion of :mod:`rcx.config.thresholds` keeps a token or a whole
+- RS (``rollout_rs``): every criterion of :mod:`rcx.algos.criteria` keeps a token or a whole
   sequence; a token survives only if every criterion keeps it. RS zeroes mask entries only.
-- Metrics: verl's names under ``rollout_corr/`` (SPEC §3.3), computed from a handful of fused
+- Metrics: verl's names under ``rollout_corr/``, computed from a handful of fused
   reductions and brought to the host with one ``tolist()``.
 
 Tokens whose log-ratio is NaN or +-inf at a valid position are dropped from the returned mask,
@@ -380,7 +380,7 @@ def compute_rollout_correction(
     rollout_rs: str | list[str] | None = None,
     rollout_rs_threshold: str | float | None = None,
 ) -> CorrectionResult:
-    """IS weights, RS mask and ``rollout_corr/`` metrics for one batch (SPEC §3).
+    """IS weights, RS mask and ``rollout_corr/`` metrics for one batch.
 
     Args:
         train_log_probs: ``(B, T)`` log pi_train of the sampled tokens: pi_old (decoupled) or the

@@ -183,7 +183,7 @@ def score_responses(
     scorer: RewardScorer, texts: list[str], examples: list[Any]
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Score decoded responses against their examples (`data_source`, `ground_truth`,
-    `extra_info` attributes, e.g. `rcx.tasks.Example`); one example per text.
+    `extra_info` attributes, e.g. `rcx.data.tasks.Example`); one example per text.
 
     Returns `(scores (B,) float32, extras)`; an extra key missing for some response is 0 there.
     """

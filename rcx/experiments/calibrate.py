@@ -1,4 +1,4 @@
-"""Calibration (SPEC §10): propose an IS cap and RS bounds that meet targets on dumped mismatch.
+"""Calibration: propose an IS cap and RS bounds that meet targets on dumped mismatch.
 
 Targets: at most ``max_masked`` of valid tokens rejected by RS (all criteria together), and an
 IS effective sample size of at least ``min_ess``. "Overall" values are the what-if's (pooled
@@ -11,7 +11,7 @@ How a proposal is made, and why:
    statistic on the dump (rejection levels from 1e-4 to 0.5), rounded to 4 significant digits:
    for k1 criteria a symmetric interval ``1/U_U`` in ratio space (U from the quantiles of
    ``|log r|``, of ``|sum log r|`` or of ``|mean log r|``), for k2/k3 the upper bound U on the
-   statistic itself. Each candidate is evaluated exactly (with :mod:`rcx.correction`, through the
+   statistic itself. Each candidate is evaluated exactly (with :mod:`rcx.algos.correction`, through the
    what-if) and the *tightest* bound whose masked fraction stays within the criterion's share of
    the budget (``max_masked / number of criteria``) is proposed: it removes the most extreme
    tokens the budget allows, but never goes tighter than ``rcx validate`` accepts without its
@@ -19,7 +19,7 @@ How a proposal is made, and why:
    masked fraction is at most the sum of the shares, so the combined proposal meets the target.
 2. **IS cap.** Truncating at a lower cap raises the ESS but biases the estimate more; the
    proposal is the *largest* candidate cap (at most 10) whose ESS meets ``min_ess`` (least
-   truncation that does). ESS does not depend on RS (it is taken over all valid tokens, SPEC §3.3).
+   truncation that does). ESS does not depend on RS (it is taken over all valid tokens).
 3. The combined config is replayed once more and reported: every number printed is measured on
    the dump, not predicted.
 """

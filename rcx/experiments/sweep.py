@@ -1,4 +1,4 @@
-"""Sweeps (SPEC §11): a grid of configs, each trial a full training run, one MLflow parent run.
+"""Sweeps: a grid of configs, each trial a full training run, one MLflow parent run.
 
 The pieces, in the order a sweep uses them::
 
@@ -32,7 +32,7 @@ Contracts:
   optional extra: it is imported only when asked for.
 
 The trial function is injectable (``trial_fn(spec) -> TrialResult``), so orchestration is tested
-without training; the default, :func:`run_trainer_trial`, calls :func:`rcx.trainer.train`.
+without training; the default, :func:`run_trainer_trial`, calls :func:`rcx.train.trainer.train`.
 """
 
 from __future__ import annotations
@@ -383,7 +383,7 @@ def call_trial(trial_fn: TrialFn, spec: TrialSpec) -> TrialResult:
 
 
 def run_trainer_trial(spec: TrialSpec) -> TrialResult:
-    """The default trial: one :func:`rcx.trainer.train` run, nested under the sweep's parent run.
+    """The default trial: one :func:`rcx.train.trainer.train` run, nested under the sweep's parent run.
 
     The result carries the last value of every metric, the ranking metric's curve, the status
     (FINISHED, or KILLED after Ctrl-C) and the MLflow run id. An exception propagates: the sweep

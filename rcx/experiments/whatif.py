@@ -1,9 +1,9 @@
 """What-if : replay correction configs over log-prob dumps, offline, with no model.
 
 A run with ``trainer.dump_log_probs: true`` writes one file per step (format: the docstring of
-:mod:`rcx.trainer`; the keys read here are ``step``, ``train_log_probs``, ``rollout_log_probs``,
+:mod:`rcx.store.dumps`; the keys read here are ``step``, ``train_log_probs``, ``rollout_log_probs``,
 ``response_mask``). :func:`load_dumps` stacks every step's sequences into one ``(N, T)`` batch
-with a step index per row; :func:`replay` runs :func:`rcx.correction.compute_rollout_correction`
+with a step index per row; :func:`replay` runs :func:`rcx.algos.correction.compute_rollout_correction`
 once per config over the whole stack and splits its weights and mask back into steps.
 
 Statistics per config, per step and overall (every fraction over valid tokens: in the response
@@ -13,7 +13,7 @@ mask with a finite log-ratio, exactly as the correction counts them):
 ``masked_fraction``         share of valid tokens that RS rejects (all criteria together)
 ``seq_masked_fraction``     share of valid sequences with at least one rejected token
 ``ess``                     effective sample size of the truncated IS weights, ``1 / mean(ŵ²)``
-                            with ``ŵ = w / mean w`` over the step's valid tokens (SPEC §3.3)
+                            with ``ŵ = w / mean w`` over the step's valid tokens
 ``weight_mean``/``_max``    mean / max IS weight actually applied (after batch normalisation)
 ``truncated_fraction``      share of raw ratios above the cap C (token IS: tokens; sequence IS:
                             sequences), i.e. ``rollout_is_ratio_fraction_high``

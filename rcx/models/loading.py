@@ -127,7 +127,7 @@ def load_model_and_tokenizer(
     """Load a causal LM and its tokenizer from `builtin:tiny` or a local Hugging Face directory.
 
     `builtin:tiny` builds a fresh (untrained) model from `seed`; the warm-started one is a
-    directory returned by `rcx.pretrain.ensure_warm_start`. Anything else must be an existing
+    directory returned by `rcx.train.pretrain.ensure_warm_start`. Anything else must be an existing
     local directory with a `config.json`: no hub download is attempted. Raises `ModelLoadError`
     with a message naming `actor_rollout_ref.model.path` for anything that cannot be served.
     """

@@ -8,7 +8,10 @@ The trainer talks to a :class:`Tracker` only::
     tracker.log_artifact(path) / tracker.log_text(text, "config.yaml")
     tracker.finish("FINISHED" | "FAILED" | "KILLED")
 
-Decisions (SPEC §9, issue 5 item 4):
+A sweep's parent run also ends, tags and untags its child runs (``end_child_run``,
+``delete_run_tag``, ``set_tag``), so that sweeps need no MLflow client of their own.
+
+Decisions:
 
 * **Store.** ``trainer.tracking_uri`` if set, else ``$MLFLOW_TRACKING_URI`` if set, else a local
   SQLite database ``./mlflow.db`` in the working directory (MLflow 3's own default; its plain

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from rcx.algos.advantages import compute_advantages, token_rewards_from_scores
 from rcx.algos.correction import compute_correction
-from rcx.rollout import should_sync
+from rcx.config.models import RcxConfig
+from rcx.rollout import SamplingParams, should_sync
 from rcx.store.dumps import write_dump
+from rcx.store.tracking import Tracker
+from rcx.train.actor import Actor
 from rcx.train.batch import StepBatch
+from rcx.train.critic import Critic
 from rcx.train.metrics import (
     StageTimer,
     advantage_metrics,
@@ -23,11 +28,29 @@ from rcx.train.metrics import (
 )
 from rcx.train.setup import derive_seed, step_scheduler
 
-if TYPE_CHECKING:
-    from rcx.train.trainer import Trainer
+
+class StepHost(Protocol):
+    """What a step reads from (and ``weights_dirty``, sets on) the trainer that runs it."""
+
+    cfg: RcxConfig
+    actor: Actor
+    critic: Critic | None
+    ref_model: torch.nn.Module | None
+    engine: Any  # the rollout engine
+    sampling: SamplingParams
+    train_data: Any
+    device: torch.device
+    eos_ids: torch.Tensor  # (E,) every token id that ends a response
+    ckpt_dir: Path
+    tracker: Tracker
+    weights_dirty: bool
+
+    def score(
+        self, batch: Any, examples: Sequence[Any]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
 
 
-def train_step(trainer: Trainer, step: int) -> dict[str, float]:
+def train_step(trainer: StepHost, step: int) -> dict[str, float]:
     """Run step ``step`` (1-based) end to end; return its metrics."""
     cfg, plan = trainer.cfg, trainer.actor.plan
     timer, metrics = StageTimer(trainer.device), {}
@@ -141,7 +164,7 @@ def train_step(trainer: Trainer, step: int) -> dict[str, float]:
     return metrics
 
 
-def sync_rollout_weights(trainer: Trainer, updates: int) -> None:
+def sync_rollout_weights(trainer: StepHost, updates: int) -> None:
     """Refresh the rollout copy after ``updates`` training steps when it is due: every
     ``weight_sync_interval`` steps (k > 1 leaves the copy up to k - 1 updates stale)."""
     if should_sync(updates, trainer.cfg.actor_rollout_ref.rollout.weight_sync_interval):
@@ -149,7 +172,7 @@ def sync_rollout_weights(trainer: Trainer, updates: int) -> None:
 
 
 def dump_log_probs(
-    trainer: Trainer, step: int, rollout: Any, train_log_probs: torch.Tensor, scores: torch.Tensor
+    trainer: StepHost, step: int, rollout: Any, train_log_probs: torch.Tensor, scores: torch.Tensor
 ) -> Path:
     """Write this step's log-prob dump (:mod:`rcx.store.dumps`) and upload it."""
     rc = trainer.cfg.algorithm.rollout_correction

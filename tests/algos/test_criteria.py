@@ -1,4 +1,4 @@
-"""The threshold grammar of SPEC §3.2: every well-formed and every malformed form."""
+"""The threshold grammar of rcx.algos.criteria: every well-formed and every malformed form."""
 
 import math
 import warnings

@@ -24,7 +24,7 @@ from rcx.train.setup import DeviceError, derive_seed, resolve_device, total_step
 from rcx.train.trainer import train
 
 PRESETS = ["rloo-seq-is", "grpo-multi-rs", "gae-seq-is-rs", "grpo-rs-only"]
-#: Logged by every preset at every step (issue 5 item 3).
+#: Logged by every preset at every step.
 COMMON_METRICS = {
     "reward/mean",
     "reward/accuracy",
