@@ -136,7 +136,7 @@ def main() -> None:
 
     trainer = copy.deepcopy(model)
     optimizer = torch.optim.AdamW(trainer.parameters(), lr=args.lr)
-    stale = make_rollout_engine("hf", trainer, tokenizer, weight_sync_interval=10**9)
+    stale = make_rollout_engine("hf", trainer, tokenizer)  # never synced: ever staler
     train_examples = builtin_examples(task, "train")
     for update in range(1, 9):
         chunk = train_examples[(update - 1) * args.prompts : update * args.prompts]

@@ -22,7 +22,6 @@ from rcx.rollout.base import (
     response_logits,
     response_mask_through_eos,
     sampling_processors,
-    should_sync,
     token_log_probs,
 )
 
@@ -39,7 +38,6 @@ __all__ = [
     "response_logits",
     "response_mask_through_eos",
     "sampling_processors",
-    "should_sync",
     "token_log_probs",
 ]
 
@@ -51,7 +49,6 @@ def make_rollout_engine(
     *,
     dtype: str = "float32",
     quantization: str = "none",
-    weight_sync_interval: int = 1,
     device: str | torch.device = "cpu",
     model_path: str | None = None,
     gpu_memory_utilization: float = 0.5,
@@ -71,11 +68,6 @@ def make_rollout_engine(
             f"actor_rollout_ref.rollout.quantization={quantization!r}: expected one of "
             f"{QUANTIZATIONS}"
         )
-    if weight_sync_interval < 1:
-        raise ValueError(
-            "actor_rollout_ref.rollout.weight_sync_interval must be >= 1, got "
-            f"{weight_sync_interval}"
-        )
     if name == "hf":
         from rcx.rollout.hf import HFRolloutEngine
 
@@ -84,7 +76,6 @@ def make_rollout_engine(
             tokenizer,
             dtype=dtype,
             quantization=quantization,
-            weight_sync_interval=weight_sync_interval,
             device=device,
         )
     from rcx.rollout.vllm import VLLMRolloutEngine
@@ -95,7 +86,6 @@ def make_rollout_engine(
         model_path=model_path,
         dtype=dtype,
         quantization=quantization,
-        weight_sync_interval=weight_sync_interval,
         gpu_memory_utilization=gpu_memory_utilization,
         seed=seed,
     )

@@ -2,9 +2,9 @@
 and the log-prob helpers (engines import this module; the package imports the engines).
 
 An engine owns its own copy of the policy weights (the *rollout copy*), separate from the
-trainer's. The trainer refreshes it explicitly with `engine.sync_weights(model, step)`, which
-copies the weights only when `step % weight_sync_interval == 0`; in between, the engine samples
-from stale weights. The copy is cast to `rollout.dtype` and optionally fake-quantised
+trainer's. `engine.sync_weights(model, version)` copies the weights in; when to call it is the
+trainer's decision (every `weight_sync_interval` steps), and in between the engine samples from
+stale weights. The copy is cast to `rollout.dtype` and optionally fake-quantised
 (`rollout.quantization`), so every mismatch knob is a real mechanism.
 
 `rollout_log_probs` are log-probs under the distribution the token was actually drawn from:
@@ -131,16 +131,11 @@ class RolloutEngine(Protocol):
         self, prompts: list[list[int]], sampling: SamplingParams, seed: int | None = None
     ) -> RolloutBatch: ...
 
-    def sync_weights(self, model: PreTrainedModel, step: int, force: bool = False) -> bool: ...
+    def sync_weights(self, model: PreTrainedModel, version: int) -> None: ...
 
-    def state_dict(self) -> dict[str, Any]: ...
+    def state_dict(self, with_weights: bool = True) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-def should_sync(step: int, weight_sync_interval: int) -> bool:
-    """True on the steps where the rollout copy is refreshed: `step % k == 0`."""
-    return step % weight_sync_interval == 0
 
 
 def left_pad(prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -196,7 +196,6 @@ def rollout_engines(
         tokenizer,
         dtype=rollout.dtype,
         quantization=rollout.quantization,
-        weight_sync_interval=rollout.weight_sync_interval,
         device=device,
         model_path=None if model_path.startswith("builtin:") else model_path,
         gpu_memory_utilization=rollout.gpu_memory_utilization,

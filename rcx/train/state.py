@@ -10,8 +10,11 @@ from rcx.train.actor import Actor
 from rcx.train.critic import Critic
 
 
-def parts_state(actor: Actor, critic: Critic | None, engine: Any) -> dict[str, Any]:
-    """The weights and optimiser states of the actor and critic, and the rollout copy."""
+def parts_state(
+    actor: Actor, critic: Critic | None, engine: Any, rollout_weights: bool
+) -> dict[str, Any]:
+    """The weights and optimiser states of the actor and critic, and the rollout copy's version
+    (and its weights, with ``rollout_weights``)."""
     return {
         "model": actor.model.state_dict(),
         "optimizer": actor.optimizer.state_dict(),
@@ -19,7 +22,7 @@ def parts_state(actor: Actor, critic: Critic | None, engine: Any) -> dict[str, A
         "critic": None if critic is None else critic.model.state_dict(),
         "critic_optimizer": None if critic is None else critic.optimizer.state_dict(),
         "critic_scheduler": None if critic is None else critic.scheduler.state_dict(),
-        "rollout": engine.state_dict(),
+        "rollout": engine.state_dict(with_weights=rollout_weights),
     }
 
 

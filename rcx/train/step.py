@@ -13,7 +13,7 @@ import torch
 from rcx.algos.advantages import compute_advantages, token_rewards_from_scores
 from rcx.algos.correction import compute_correction
 from rcx.config.models import RcxConfig
-from rcx.rollout import SamplingParams, should_sync
+from rcx.rollout import SamplingParams
 from rcx.store.dumps import write_dump
 from rcx.store.tracking import Tracker
 from rcx.train.actor import Actor
@@ -167,8 +167,8 @@ def train_step(trainer: StepHost, step: int) -> dict[str, float]:
 def sync_rollout_weights(trainer: StepHost, updates: int) -> None:
     """Refresh the rollout copy after ``updates`` training steps when it is due: every
     ``weight_sync_interval`` steps (k > 1 leaves the copy up to k - 1 updates stale)."""
-    if should_sync(updates, trainer.cfg.actor_rollout_ref.rollout.weight_sync_interval):
-        trainer.engine.sync_weights(trainer.actor.model, updates, force=True)
+    if updates % trainer.cfg.actor_rollout_ref.rollout.weight_sync_interval == 0:
+        trainer.engine.sync_weights(trainer.actor.model, updates)
 
 
 def dump_log_probs(

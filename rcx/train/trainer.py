@@ -337,7 +337,7 @@ class Trainer:
 
     def validate(self, step: int) -> dict[str, float]:
         """Reward and accuracy on the validation prompts, from float32 training weights."""
-        self.val_engine.sync_weights(self.actor.model, step, force=True)
+        self.val_engine.sync_weights(self.actor.model, step)
         return validate(
             self.val_engine,
             self.val_data,
@@ -356,7 +356,9 @@ class Trainer:
         """Checkpoint the completed step ``self.step`` (nothing before the first step)."""
         if self.step == 0:
             return None
-        state = parts_state(self.actor, self.critic, self.engine)
+        # With k = 1 every step refreshes the rollout copy first: its weights need no saving.
+        keep_rollout = self.cfg.actor_rollout_ref.rollout.weight_sync_interval > 1
+        state = parts_state(self.actor, self.critic, self.engine, keep_rollout)
         state["rng"] = capture_rng_state()
         state["extra"] = {
             "history": {k: list(v) for k, v in self.history.items()},

@@ -115,7 +115,7 @@ def test_vllm_log_probs_match_teacher_forcing_and_weight_push(tmp_path):
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(0.5)
-    assert engine.sync_weights(model, step=1)
+    engine.sync_weights(model, version=1)
     pushed = engine.generate(prompts, sampling, seed=0)
     with torch.no_grad():
         recomputed = token_log_probs(
