@@ -25,8 +25,8 @@ Choices and simplifications, each deliberate:
   ``rollout_corr/skipped_update = 1`` and a warning. The critic still learns from such a batch:
   value targets do not depend on the policy mismatch.
 * The learning rate is constant after a linear warm-up over ``lr_warmup_steps`` training steps.
-* The rollout copy is refreshed every ``weight_sync_interval`` steps (the trainer decides when,
-  :meth:`Trainer.sync_rollout_weights`); in between it samples from stale weights.
+* The rollout copy is refreshed every ``weight_sync_interval`` steps (the trainer decides when:
+  :func:`rcx.train.step.sync_rollout_weights`); in between it samples from stale weights.
 * Sampling is seeded per step (``engine.generate(seed=...)``) and the prompt order is a pure
   function of ``(seed, step)``, so a resumed run replays exactly what an uninterrupted one does.
 * Validation generates from a float32 copy of the *training* weights (not the possibly stale,

@@ -20,7 +20,6 @@ from rcx.store.checkpoint import latest_checkpoint, load_checkpoint
 from rcx.store.tracking import TrackingError
 from rcx.train import actor as actor_mod
 from rcx.train import trainer as trainer_mod
-from rcx.train.setup import DeviceError, derive_seed, resolve_device, total_steps, warmup_lambda
 from rcx.train.trainer import train
 
 PRESETS = ["rloo-seq-is", "grpo-multi-rs", "gae-seq-is-rs", "grpo-rs-only"]
@@ -78,27 +77,6 @@ def _metric_keys(client: MlflowClient, run_id: str) -> set[str]:
 
 def _history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
     return {m.step: m.value for m in client.get_metric_history(run_id, key)}
-
-
-# ----------------------------------------------------------------------------- unit
-
-
-def test_seeds_warmup_steps_and_device() -> None:
-    assert derive_seed(1, "gen", 3) == derive_seed(1, "gen", 3) != derive_seed(1, "gen", 4)
-    assert [warmup_lambda(4)(s) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
-    assert warmup_lambda(0)(0) == 1.0
-    assert resolve_device("cpu").type == "cpu"
-    if not torch.cuda.is_available():
-        assert resolve_device("auto").type == "cpu"
-        with pytest.raises(DeviceError, match="trainer.device=cuda"):
-            resolve_device("cuda")
-
-
-def test_total_steps_from_epochs(tiny_config) -> None:
-    cfg = tiny_config(
-        "grpo-multi-rs", "trainer.total_training_steps=null", "trainer.total_epochs=3"
-    )
-    assert total_steps(cfg, num_train=64) == 3 * (64 // 4)
 
 
 # ----------------------------------------------------------------------------- presets
