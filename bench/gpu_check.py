@@ -8,7 +8,7 @@ in one stage costs that stage only; the summary is rewritten after every stage:
   correction   ``rcx.correction.compute_rollout_correction`` on random log-probs with a realistic
                response mask at (1024, 4096) on the device: median ms after warm-up (synchronised),
                peak extra device memory; the same on CPU at (256, 2048) for reference.
-  trainer      rcx's own trainer (``rcx.trainer.train``) on CUDA, preset ``grpo-multi-rs``, a bf16
+  trainer      rcx's own trainer (``rcx.train.trainer.train``) on CUDA, preset ``grpo-multi-rs``, a bf16
                rollout copy against the float32 policy with bf16 autocast, a few steps on a model
                built here (no download is possible): Qwen2.5-0.5B's shape, randomly initialised,
                with rcx's character tokenizer (the built-in task uses it), so the embedding/LM head
@@ -451,7 +451,7 @@ def build_model_dir(shape: ModelShape, path: Path) -> dict[str, Any]:
     The rcx marker file makes ``rcx.models.load_tokenizer`` reload the char tokenizer (the
     built-in task's vocabulary). Returns the model's description (parameters, vocabulary, time).
     """
-    from rcx.models import build_char_tokenizer, count_parameters, save_model_dir
+    from rcx.models.loading import build_char_tokenizer, count_parameters, save_model_dir
 
     start = time.perf_counter()
     tokenizer = build_char_tokenizer()
@@ -546,7 +546,7 @@ def stage_trainer(sizes: KitSizes, device: str, record: StageRecord, workdir: Pa
     from rich.console import Console
 
     from rcx.config import load_config
-    from rcx.trainer import train
+    from rcx.train.trainer import train
 
     model_dir = workdir / "model"
     try:
@@ -645,7 +645,7 @@ def stage_fsdp(sizes: KitSizes, device: str, record: StageRecord, workdir: Path)
     import torch
     import torch.distributed as dist
 
-    from rcx.models import build_char_tokenizer, count_parameters
+    from rcx.models.loading import build_char_tokenizer, count_parameters
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.startswith("cuda"):

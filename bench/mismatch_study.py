@@ -1,4 +1,4 @@
-"""The mismatch study (issue 7): on a CPU, when does rollout correction help, and by how much?
+"""The mismatch study: on a CPU, when does rollout correction help, and by how much?
 
     make study                                        # the full study: 65 runs, 22 min on 2 cores
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/mismatch_study.py --quick   # 2 runs, ~1 min, in /tmp
@@ -264,7 +264,7 @@ def run_job(job: Job) -> dict[str, Any]:
     from rich.console import Console
 
     from rcx.config import load_config
-    from rcx.trainer import train
+    from rcx.train.trainer import train
 
     ckpt_dir = tempfile.mkdtemp(prefix="rcx-study-")
     try:
@@ -280,8 +280,8 @@ def run_job(job: Job) -> dict[str, Any]:
 def prepare_warm_start(extra: Sequence[str]) -> None:
     """Build (or find) the cached warm start once, before workers would race to build it."""
     from rcx.config import load_config
-    from rcx.pretrain import resolve_model_path
-    from rcx.trainer import builtin_task
+    from rcx.train.pretrain import resolve_model_path
+    from rcx.train.setup import builtin_task
 
     cfg = load_config(overrides=[*BASE, *extra])
     model = cfg.actor_rollout_ref.model
@@ -706,8 +706,8 @@ def run_all(jobs: list[Job], workers: int, on_done) -> None:
 
 
 def _environment_record() -> dict[str, Any]:
-    """Package versions, rcx's revision and the platform (`rcx.provenance`)."""
-    from rcx.provenance import environment_record
+    """Package versions, rcx's revision and the platform (`rcx.store.provenance`)."""
+    from rcx.store.provenance import environment_record
 
     return environment_record()
 

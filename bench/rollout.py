@@ -30,11 +30,11 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from rcx.models import load_model_and_tokenizer  # noqa: E402
-from rcx.pretrain import DEFAULT_WARM_START_STEPS, METADATA_FILE, ensure_warm_start  # noqa: E402
-from rcx.rewards import exact_match_score  # noqa: E402
+from rcx.data.rewards import exact_match_score  # noqa: E402
+from rcx.data.tasks import BuiltinTask, builtin_examples  # noqa: E402
+from rcx.models.loading import load_model_and_tokenizer  # noqa: E402
 from rcx.rollout import SamplingParams, make_rollout_engine, token_log_probs  # noqa: E402
-from rcx.tasks import BuiltinTask, builtin_examples  # noqa: E402
+from rcx.train.pretrain import DEFAULT_WARM_START_STEPS, METADATA_FILE, ensure_warm_start  # noqa: E402
 
 SAFETY = 20.0
 
@@ -136,7 +136,7 @@ def main() -> None:
 
     trainer = copy.deepcopy(model)
     optimizer = torch.optim.AdamW(trainer.parameters(), lr=args.lr)
-    stale = make_rollout_engine("hf", trainer, tokenizer, weight_sync_interval=10**9)
+    stale = make_rollout_engine("hf", trainer, tokenizer)  # never synced: ever staler
     train_examples = builtin_examples(task, "train")
     for update in range(1, 9):
         chunk = train_examples[(update - 1) * args.prompts : update * args.prompts]

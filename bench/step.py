@@ -9,7 +9,7 @@ equal) it builds the real trainer, runs ``--warmup`` untimed steps, then ``--ste
 steps through ``Trainer.train_step`` (no validation, no checkpoints, no tracking), and reports:
 
 * ``step_s``: mean wall time of a training step;
-* ``correction_s`` / ``correction_share``: time inside ``compute_rollout_correction`` (every
+* ``correction_s`` / ``correction_share``: time inside ``compute_correction`` (every
   call: once per batch in decoupled mode, once per micro-batch in bypass mode) and its share of
   the step (target <= 1 %);
 * ``old_log_prob_s``: the decoupled mode's extra forward.
@@ -38,12 +38,12 @@ from rich.table import Table  # noqa: E402
 
 @contextmanager
 def timed_correction() -> Iterator[list[float]]:
-    """Patch every call site of the correction with a timer; yields the list of call times."""
-    import rcx.algos.losses as losses
-    import rcx.correction as correction
+    """Patch the trainer's calls of the correction with a timer; yields the list of call times."""
+    import rcx.train.actor as actor
+    import rcx.train.step as step
 
     calls: list[float] = []
-    original: Callable[..., Any] = correction.compute_rollout_correction_from_config
+    original: Callable[..., Any] = step.compute_correction
 
     def timed(*args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
@@ -52,19 +52,17 @@ def timed_correction() -> Iterator[list[float]]:
         finally:
             calls.append(time.perf_counter() - start)
 
-    correction.compute_rollout_correction_from_config = timed
-    losses.compute_rollout_correction_from_config = timed
+    step.compute_correction = actor.compute_correction = timed
     try:
         yield calls
     finally:
-        correction.compute_rollout_correction_from_config = original
-        losses.compute_rollout_correction_from_config = original
+        step.compute_correction = actor.compute_correction = original
 
 
 def bench_mode(preset: str, overrides: list[str], warmup: int, steps: int) -> dict[str, float]:
     """Mean timings of ``steps`` training steps of one configuration."""
     from rcx.config import load_config
-    from rcx.trainer import Trainer
+    from rcx.train.trainer import Trainer
 
     cfg = load_config(
         preset=preset,
@@ -133,7 +131,7 @@ def main() -> None:
         )
     table.caption = (
         f"* the preset's mode. decoupled / bypass step time: {results['decoupled_vs_bypass']:.2f}x"
-        "; corr = compute_rollout_correction, old_lp = decoupled's extra forward"
+        "; corr = compute_correction, old_lp = decoupled's extra forward"
     )
     Console().print(table)
     if args.json:

@@ -1,6 +1,6 @@
 """Benchmark: ``rcx whatif`` with 100 configs over 100 dumped steps of the default preset.
 
-Target (issue 6): under 10 s on 2 cores (wall time; CPU time is printed too, as it is robust to
+Target: under 10 s on 2 cores (wall time; CPU time is printed too, as it is robust to
 other processes sharing the cores), end to end (reading the dumps, validating every config,
 replaying them, the per-step and overall statistics). The dumps are synthetic but have the default
 preset's shape: 32 prompts x 8 responses = 256 sequences of up to 8 response tokens per step,
@@ -31,7 +31,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from rcx.whatif import build_settings, load_dumps, replay, write_synthetic_dumps
+    from rcx.experiments.whatif import build_settings, replay
+    from rcx.store.dumps import load_dumps, write_synthetic_dumps
 
     caps = [1.2, 1.5, 2.0, 3.0, 5.0]
     k1 = ["0.5_2.0", "0.6_1.6", "0.7_1.4", "0.8_1.25", "0.9_1.1"]

@@ -1,35 +1,11 @@
-"""Losses and advantage estimators: pure functions on tensors (SPEC §4-§5)."""
+"""The math of RL with rollout correction: pure functions on tensors.
 
-from rcx.algos.advantages import (
-    gae,
-    grpo,
-    masked_whiten,
-    reinforce_plus_plus,
-    rloo,
-    token_rewards_from_scores,
-)
-from rcx.algos.losses import (
-    agg_loss,
-    entropy_from_logits,
-    kl_penalty,
-    policy_loss,
-    ppo_clip_loss,
-    reinforce_loss,
-    value_loss,
-)
-
-__all__ = [
-    "agg_loss",
-    "entropy_from_logits",
-    "gae",
-    "grpo",
-    "kl_penalty",
-    "masked_whiten",
-    "policy_loss",
-    "ppo_clip_loss",
-    "reinforce_loss",
-    "reinforce_plus_plus",
-    "rloo",
-    "token_rewards_from_scores",
-    "value_loss",
-]
+:mod:`~rcx.algos.criteria` (the rejection criteria and their threshold grammar, torch-free),
+:mod:`~rcx.algos.correction` (IS weights, RS masks, ``rollout_corr/*`` metrics),
+:mod:`~rcx.algos.losses` (policy, value, entropy, KL), :mod:`~rcx.algos.advantages`, and
+:mod:`~rcx.algos.modes` (which anchor, which loss, where the IS weights go; torch-free).
+``compute_rollout_correction`` (string settings, for library users) lives in
+:mod:`rcx.algos.correction` and is re-exported as ``rcx.correction.compute_rollout_correction``.
+Nothing here imports the config tree; this package file imports nothing, so the torch-free
+criteria can be used by ``rcx validate`` without loading torch.
+"""

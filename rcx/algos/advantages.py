@@ -1,4 +1,4 @@
-"""Advantage estimators (SPEC §5): grpo, rloo, gae, reinforce_plus_plus. Pure tensor code.
+"""Advantage estimators: grpo, rloo, gae, reinforce_plus_plus. Pure tensor code.
 
 ``scores`` are per-sequence outcome rewards ``(B,)``; ``token_rewards`` are ``(B, T)`` (an outcome
 reward lands on the last valid response token: :func:`token_rewards_from_scores`). Advantages come
@@ -165,3 +165,36 @@ def reinforce_plus_plus(
         running = torch.where(valid_t, rewards[:, t] + gamma * running, running)
         returns[:, t] = torch.where(valid_t, running, 0.0)
     return masked_whiten(returns, mask)
+
+
+ESTIMATORS = ("grpo", "rloo", "gae", "reinforce_plus_plus")
+
+
+def compute_advantages(
+    estimator: str,
+    scores: torch.Tensor,
+    token_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    group_ids: GroupIds,
+    values: torch.Tensor | None = None,
+    *,
+    gamma: float = 1.0,
+    lam: float = 1.0,
+    norm_by_std: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, returns), each (B, T), of the named estimator.
+
+    Only gae has value targets (it needs ``values``); for the others ``returns`` are the
+    advantages (as in verl).
+    """
+    if estimator == "gae":
+        return gae(token_rewards, values, response_mask, gamma=gamma, lam=lam)
+    if estimator == "grpo":
+        a = grpo(scores, response_mask, group_ids, norm_by_std=norm_by_std)
+    elif estimator == "rloo":
+        a = rloo(scores, response_mask, group_ids)
+    elif estimator == "reinforce_plus_plus":
+        a = reinforce_plus_plus(token_rewards, response_mask, gamma=gamma)
+    else:
+        raise ValueError(f"adv_estimator={estimator!r} is not one of {', '.join(ESTIMATORS)}")
+    return a, a

@@ -1,4 +1,4 @@
-"""Policy, value, entropy and KL losses (SPEC §4). Pure tensor code.
+"""Policy, value, entropy and KL losses. Pure functions of tensors.
 
 Every ``(B, T)`` loss matrix is reduced with :func:`agg_loss` over a mask; entries outside the mask
 may hold anything (NaN included): they are selected away, never multiplied by zero, so they reach
@@ -8,11 +8,7 @@ neither the loss nor the gradient. Metrics come back as ``dict[str, float]`` wit
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
-
-from rcx.correction import SAFETY_BOUND, compute_rollout_correction_from_config
 
 LOSS_AGG_MODES = (
     "token-mean",
@@ -22,6 +18,8 @@ LOSS_AGG_MODES = (
 )
 KL_PENALTIES = ("kl", "abs", "mse", "low_var_kl")
 LOSS_TYPES = ("ppo_clip", "reinforce")
+#: |log-ratio| bound before ``exp``, so that no ratio overflows (the correction's bound too).
+LOG_RATIO_BOUND = 20.0
 
 
 def agg_loss(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean") -> torch.Tensor:
@@ -93,7 +91,7 @@ def ppo_clip_loss(
         L  = min(L1, -A * clip_ratio_c)  if A < 0  else  L1       (dual clip)
         L  = w * L                                                 (if is_weights is given)
 
-    and the loss is ``agg_loss(L, mask, loss_agg_mode)``. ``is_weights`` (decoupled mode) carry no
+    and the loss is ``agg_loss(L, mask, loss_agg_mode)``. ``is_weights`` carry no
     gradient. Metrics (over the mask): ``actor/pg_loss``, ``actor/pg_clipfrac`` (share where the
     clipped term is the larger), ``actor/pg_clipfrac_lower`` (share with A < 0 where the dual clip
     bound is active), ``actor/ppo_kl`` (mean of ``old - new`` log-prob), and with weights
@@ -108,7 +106,9 @@ def ppo_clip_loss(
     keep = mask.bool()
     # Entries outside the mask may be NaN/inf (a rollout engine's padding): neutralise them first
     # so that no NaN enters the graph, whose backward would multiply it by a zero gradient.
-    neg_kl = _masked(log_probs - old_log_probs, keep).clamp(-SAFETY_BOUND, SAFETY_BOUND)  # (B, T)
+    neg_kl = _masked(log_probs - old_log_probs, keep).clamp(
+        -LOG_RATIO_BOUND, LOG_RATIO_BOUND
+    )  # (B, T)
     adv = _masked(advantages, keep)  # (B, T)
     ratio = torch.exp(neg_kl)
     loss_unclipped = -adv * ratio
@@ -171,122 +171,6 @@ def _loss_metrics(
     return dict(zip(names, values, strict=True))
 
 
-def policy_loss(
-    log_probs: torch.Tensor,
-    old_log_probs: torch.Tensor,
-    advantages: torch.Tensor,
-    response_mask: torch.Tensor,
-    *,
-    bypass_mode: bool = False,
-    loss_type: str = "ppo_clip",
-    is_weights: torch.Tensor | None = None,
-    rollout_correction: Any = None,
-    clip_ratio: float = 0.2,
-    clip_ratio_low: float | None = None,
-    clip_ratio_high: float | None = None,
-    clip_ratio_c: float = 3.0,
-    loss_agg_mode: str = "token-mean",
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """The policy-gradient loss of one micro-batch, in either operating mode (SPEC §4).
-
-    All tensors are ``(B, T)`` rows of the same micro-batch.
-
-    Args:
-        log_probs: log pi_theta of the sampled tokens under the current policy, with gradient.
-        old_log_probs: decoupled mode: log pi_old (the extra forward pass before the update);
-            bypass mode: the rollout engine's log-probs (``old_log_prob := lp_rollout``).
-        advantages: per-token advantages (zero at padding is not required).
-        response_mask: decoupled: the mask returned by ``compute_rollout_correction`` on
-            (old, rollout) for the whole batch (RS already applied); bypass: the plain response
-            mask, RS is applied here.
-        bypass_mode: which mode (``algorithm.rollout_correction.bypass_mode``).
-        loss_type: ``ppo_clip`` or ``reinforce``; bypass only (decoupled always uses PPO-clip, as
-            ``rcx validate`` warns).
-        is_weights: decoupled only: ``CorrectionResult.weights`` rows of this micro-batch, or
-            None. Must be None in bypass mode (weights are recomputed there).
-        rollout_correction: bypass only: an object with ``rollout_is``, ``rollout_is_threshold``,
-            ``rollout_is_batch_normalize``, ``rollout_rs``, ``rollout_rs_threshold`` (the
-            ``RolloutCorrectionConfig``); None means no IS and no RS.
-        clip_ratio, clip_ratio_low, clip_ratio_high, clip_ratio_c: PPO clip (see
-            :func:`ppo_clip_loss`).
-        loss_agg_mode: see :func:`agg_loss`.
-
-    What is computed:
-        - decoupled: ``ppo_clip_loss(old, new, A, response_mask, is_weights=is_weights)``.
-        - bypass: first ``compute_rollout_correction(log_probs.detach(), old_log_probs,
-          response_mask, **rollout_correction)`` gives weights w and the RS mask m' (no gradient
-          through either; recomputed for every call, i.e. every micro-batch, as verl does, so
-          ``rollout_is_batch_normalize`` normalises within the micro-batch). Then
-          ``ppo_clip``: PPO-clip on pi_theta/pi_rollout over m', w NOT multiplied in (the ratio
-          already is the correction; w only feeds metrics); ``reinforce``:
-          ``agg(-w * A * log_probs)`` over m' (w = 1 when IS is off).
-
-    Returns:
-        ``(loss, metrics)``. ``loss`` is a scalar to ``backward()``; it is 0 when no token is
-        left (RS rejected all), which the caller should log and may skip. ``metrics``:
-        ``actor/pg_loss``, ``actor/pg_clipfrac``, ``actor/pg_clipfrac_lower``, ``actor/ppo_kl``
-        (PPO-clip), ``actor/is_weight_mean``/``_max`` when weights are multiplied in, and in
-        bypass mode ``actor/kept_token_fraction`` (share of the response tokens left in the
-        loss) plus every ``rollout_corr/*`` metric of this micro-batch. Entropy bonus and KL
-        loss are not included: add ``agg_loss`` of :func:`entropy_from_logits` /
-        :func:`kl_penalty`.
-
-    Raises:
-        ValueError: unknown ``loss_type``, ``is_weights`` given in bypass mode, or what
-            ``compute_rollout_correction`` raises (e.g. an all-zero ``response_mask``).
-    """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}; got {loss_type!r}")
-    clip = dict(
-        clip_ratio=clip_ratio,
-        clip_ratio_low=clip_ratio_low,
-        clip_ratio_high=clip_ratio_high,
-        clip_ratio_c=clip_ratio_c,
-        loss_agg_mode=loss_agg_mode,
-    )
-    if not bypass_mode:
-        return ppo_clip_loss(
-            old_log_probs, log_probs, advantages, response_mask, is_weights=is_weights, **clip
-        )
-
-    if is_weights is not None:
-        raise ValueError(
-            "is_weights must be None in bypass mode: weights are recomputed from the current "
-            "log-probs for every micro-batch (pass rollout_correction instead)"
-        )
-    cfg = rollout_correction if rollout_correction is not None else _NO_CORRECTION
-    correction = compute_rollout_correction_from_config(
-        cfg, log_probs.detach(), old_log_probs, response_mask
-    )
-    mask = correction.mask
-    if loss_type == "ppo_clip":
-        loss, metrics = ppo_clip_loss(old_log_probs, log_probs, advantages, mask, **clip)
-    else:
-        loss, metrics = reinforce_loss(
-            log_probs,
-            advantages,
-            mask,
-            is_weights=correction.weights,
-            loss_agg_mode=loss_agg_mode,
-        )
-    kept = correction.metrics.get("rollout_corr/rollout_rs_masked_fraction", 0.0)
-    nonfinite = correction.metrics["rollout_corr/nonfinite_fraction"]
-    metrics["actor/kept_token_fraction"] = (1.0 - nonfinite) * (1.0 - kept)
-    metrics.update(correction.metrics)
-    return loss, metrics
-
-
-class _NoCorrection:
-    rollout_is = None
-    rollout_is_threshold = 2.0
-    rollout_is_batch_normalize = False
-    rollout_rs = None
-    rollout_rs_threshold = None
-
-
-_NO_CORRECTION = _NoCorrection()
-
-
 def value_loss(
     values: torch.Tensor,
     returns: torch.Tensor,
@@ -341,6 +225,6 @@ def kl_penalty(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, kind: str) 
     if kind == "mse":
         return 0.5 * d.square()
     if kind == "low_var_kl":
-        neg = (-d).clamp(-SAFETY_BOUND, SAFETY_BOUND)
+        neg = (-d).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
         return (torch.exp(neg) - neg - 1.0).clamp(-10.0, 10.0)
     raise ValueError(f"kl_loss_type must be one of {', '.join(KL_PENALTIES)}; got {kind!r}")

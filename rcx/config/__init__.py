@@ -1,9 +1,23 @@
-"""Configuration: the typed tree, its loading and precedence, the threshold grammar, findings.
+"""Configuration: the typed tree, its loading and precedence, and the findings of ``rcx validate``.
 
+The threshold grammar lives in :mod:`rcx.algos.criteria` (torch-free); its public names are
+re-exported here (``rcx.config.parse_rs_thresholds`` and friends). A validated
+``RolloutCorrectionConfig`` carries its parse (``.spec``), so nothing parses it again.
 Nothing in this package imports torch, so ``rcx validate`` starts fast.
 """
 
-from rcx.config.findings import CODES, Finding, check_config, check_is_threshold, parse_rs_findings
+from rcx.algos.criteria import (
+    CRITERIA,
+    LEGACY_ALIASES,
+    ConfigValueError,
+    CorrectionSpec,
+    LegacyAliasWarning,
+    RSCriterion,
+    check_is_threshold,
+    parse_rs_thresholds,
+    token_ratio_interval,
+)
+from rcx.config.findings import CODES, Finding, check_config
 from rcx.config.loading import (
     ConfigError,
     ValidationReport,
@@ -14,15 +28,6 @@ from rcx.config.loading import (
     validate_sources,
 )
 from rcx.config.models import RcxConfig, RolloutCorrectionConfig
-from rcx.config.thresholds import (
-    CRITERIA,
-    LEGACY_ALIASES,
-    ConfigValueError,
-    LegacyAliasWarning,
-    RSCriterion,
-    parse_rs_thresholds,
-    token_ratio_interval,
-)
 
 __all__ = [
     "CODES",
@@ -30,6 +35,7 @@ __all__ = [
     "LEGACY_ALIASES",
     "ConfigError",
     "ConfigValueError",
+    "CorrectionSpec",
     "Finding",
     "LegacyAliasWarning",
     "RSCriterion",
@@ -41,7 +47,6 @@ __all__ = [
     "list_presets",
     "load_config",
     "merge_sources",
-    "parse_rs_findings",
     "parse_rs_thresholds",
     "token_ratio_interval",
     "validate_raw",

@@ -4,28 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from rcx.config.findings import parse_rs_findings
+from rcx.algos.criteria import RSCriterion, token_ratio_interval
+from rcx.algos.modes import update_plan
 from rcx.config.models import RcxConfig
-from rcx.config.thresholds import RSCriterion, token_ratio_interval
 
 
 def explain(cfg: RcxConfig) -> dict[str, Any]:
     """The mode, the loss, where IS weights go, and each RS criterion with its ratio interval."""
     rc = cfg.algorithm.rollout_correction
-    if rc.bypass_mode:
-        loss = rc.loss_type
-        if rc.rollout_is is None:
-            applied = "off"
-        else:
-            applied = "loss" if loss == "reinforce" else "metrics_only"
-    else:
-        loss = "ppo_clip"
-        applied = "off" if rc.rollout_is is None else "loss"
-    criteria, _ = parse_rs_findings(rc.rollout_rs, rc.rollout_rs_threshold)
+    plan = update_plan(rc.rollout_is, rc.bypass_mode, rc.loss_type)
+    applied = plan.is_weights
+    criteria = rc.spec.criteria
     return {
-        "mode": "bypass" if rc.bypass_mode else "decoupled",
-        "policies": 2 if rc.bypass_mode else 3,
-        "loss": loss,
+        "mode": plan.mode,
+        "policies": 2 if plan.bypass else 3,
+        "loss": plan.loss,
         "is": {
             "level": rc.rollout_is,
             "threshold": rc.rollout_is_threshold if rc.rollout_is else None,
@@ -54,7 +47,7 @@ def explain_lines(cfg: RcxConfig) -> list[str]:
     rc = cfg.algorithm.rollout_correction
     info = explain(cfg)
     lines = [_mode_line(cfg), _loss_line(cfg), _is_line(cfg, info["is"]["applied"])]
-    criteria, _ = parse_rs_findings(rc.rollout_rs, rc.rollout_rs_threshold)
+    criteria = rc.spec.criteria
     if not criteria:
         lines.append("RS: off (no token or sequence is rejected).")
     else:
@@ -85,15 +78,13 @@ def _loss_line(cfg: RcxConfig) -> str:
     lo = a.clip_ratio_low if a.clip_ratio_low is not None else a.clip_ratio
     hi = a.clip_ratio_high if a.clip_ratio_high is not None else a.clip_ratio
     clip = f"ratio clipped to [{1 - lo:g}, {1 + hi:g}], dual clip c={a.clip_ratio_c:g}"
-    if rc.bypass_mode and rc.loss_type == "reinforce":
+    plan = update_plan(rc.rollout_is, rc.bypass_mode, rc.loss_type)
+    if plan.loss == "reinforce":
         return f"Loss: REINFORCE, L = -{a.loss_agg_mode}(w * A * log pi_theta), no clipping."
-    anchor = "pi_rollout" if rc.bypass_mode else "pi_old"
     extra = (
-        " (loss_type reinforce is ignored in decoupled mode)"
-        if rc.loss_type == "reinforce" and not rc.bypass_mode
-        else ""
+        " (loss_type reinforce is ignored in decoupled mode)" if rc.loss_type != plan.loss else ""
     )
-    return f"Loss: PPO-clip on pi_theta / {anchor}, {clip}, aggregated by {a.loss_agg_mode}{extra}."
+    return f"Loss: PPO-clip on pi_theta / {plan.anchor}, {clip}, aggregated by {a.loss_agg_mode}{extra}."
 
 
 def _is_line(cfg: RcxConfig, applied: str) -> str:

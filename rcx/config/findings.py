@@ -8,18 +8,12 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from rcx.config.models import RcxConfig
-from rcx.config.thresholds import (
-    ConfigValueError,
-    RSCriterion,
-    parse_threshold_entry,
-    resolve_rs_criteria,
-    split_threshold_entries,
-    token_ratio_interval,
-)
+from rcx.algos.criteria import RSCriterion, token_ratio_interval
+from rcx.config.models import RcxConfig, RolloutCorrectionConfig
 
 Level = Literal["error", "warning"]
 
@@ -75,84 +69,24 @@ def warning(code: str, path: str, message: str) -> Finding:
     return Finding(code, "warning", path, message)
 
 
-def check_is_threshold(threshold: object) -> float:
-    """The IS cap C as a float; ConfigValueError RCX-E005 unless it is a finite number > 1."""
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-        raise ConfigValueError(
-            "RCX-E005", f"rollout_is_threshold must be a number > 1, got {threshold!r}"
+def correction_findings(rc: RolloutCorrectionConfig) -> list[Finding]:
+    """The problems of the config's parsed IS/RS settings, and its legacy aliases (RCX-W005)."""
+    parsed = rc.parsed
+    problems = [error(p.code, f"{RC}.{p.path}", p.message) for p in parsed.problems]
+    is_problems = [f for f in problems if not f.path.startswith(f"{RC}.rollout_rs")]
+    aliases = [
+        warning(
+            "RCX-W005",
+            f"{RC}.rollout_rs",
+            f"{alias!r} is a legacy alias; write {canonical!r} (same behaviour)",
         )
-    threshold = float(threshold)
-    if not (math.isfinite(threshold) and threshold > 1.0):
-        raise ConfigValueError(
-            "RCX-E005",
-            f"rollout_is_threshold must be > 1 (a cap at or below 1 makes every weight a "
-            f"constant), got {threshold}",
-        )
-    return threshold
+        for alias, canonical in parsed.aliases
+    ]
+    rs_problems = [f for f in problems if f not in is_problems]
+    return is_problems + aliases + rs_problems
 
 
-def parse_rs_findings(
-    rollout_rs: object, rollout_rs_threshold: object
-) -> tuple[list[RSCriterion], list[Finding]]:
-    """Parse the RS settings into criteria, reporting every problem as a finding.
-
-    Unlike :func:`rcx.config.parse_rs_thresholds`, which stops at the first problem, this lists
-    one finding per malformed entry so that ``rcx validate`` shows everything at once.
-    """
-    findings: list[Finding] = []
-    try:
-        names, aliases = resolve_rs_criteria(rollout_rs)
-    except ConfigValueError as e:
-        return [], [error(e.code, f"{RC}.rollout_rs", e.message)]
-    for alias, canonical in aliases:
-        findings.append(
-            warning(
-                "RCX-W005",
-                f"{RC}.rollout_rs",
-                f"{alias!r} is a legacy alias; write {canonical!r} (same behaviour)",
-            )
-        )
-    if not names:
-        return [], findings
-    path = f"{RC}.rollout_rs_threshold"
-    if rollout_rs_threshold is None:
-        findings.append(
-            error(
-                "RCX-E004",
-                path,
-                f"rollout_rs is set ({', '.join(names)}) but rollout_rs_threshold is missing; give "
-                f"one entry per criterion, e.g. '0.5_2.0' for token_k1 or '2.5' for seq_max_k2",
-            )
-        )
-        return [], findings
-    try:
-        entries = split_threshold_entries(rollout_rs_threshold)
-    except ConfigValueError as e:
-        return [], [*findings, error(e.code, path, e.message)]
-    if len(entries) == 1:
-        entries = entries * len(names)
-    elif len(entries) != len(names):
-        findings.append(
-            error(
-                "RCX-E003",
-                path,
-                f"{len(entries)} threshold entries for {len(names)} criteria ({', '.join(names)}); "
-                f"give one entry per criterion, in order, or a single shared entry",
-            )
-        )
-        return [], findings
-    criteria: list[RSCriterion] = []
-    for name, entry in zip(names, entries, strict=True):
-        try:
-            criteria.append(parse_threshold_entry(name, entry))
-        except ConfigValueError as e:
-            findings.append(error(e.code, path, e.message))
-    if len(criteria) != len(names):
-        return [], findings
-    return criteria, findings
-
-
-def _rs_bound_findings(criteria: list[RSCriterion]) -> list[Finding]:
+def _rs_bound_findings(criteria: Sequence[RSCriterion]) -> list[Finding]:
     path = f"{RC}.rollout_rs_threshold"
     out: list[Finding] = []
     for c in criteria:
@@ -229,12 +163,9 @@ def check_config(cfg: RcxConfig) -> list[Finding]:
     rollout = cfg.actor_rollout_ref.rollout
     out: list[Finding] = []
 
-    try:
-        check_is_threshold(rc.rollout_is_threshold)
-    except ConfigValueError as e:
-        out.append(error(e.code, f"{RC}.rollout_is_threshold", e.message))
-    criteria, rs_findings = parse_rs_findings(rc.rollout_rs, rc.rollout_rs_threshold)
-    out += rs_findings + _rs_bound_findings(criteria)
+    out += correction_findings(rc)
+    if rc.parsed.spec is not None:
+        out += _rs_bound_findings(rc.parsed.spec.criteria)
 
     if (rc.enabled or rc.bypass_mode) and not rollout.calculate_log_probs:
         what = "bypass_mode" if rc.bypass_mode and not rc.enabled else "rollout correction"

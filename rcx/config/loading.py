@@ -17,14 +17,13 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from rcx.algos.criteria import is_off
 from rcx.config.findings import Finding, check_config, error
 from rcx.config.models import RcxConfig
 from rcx.config.yamlio import load_yaml
 
-#: Keys whose override value is taken exactly as typed (the threshold grammar is its own).
-VERBATIM_KEYS = frozenset(
-    {"algorithm.rollout_correction.rollout_rs", "algorithm.rollout_correction.rollout_rs_threshold"}
-)
+#: Fields whose override value is taken exactly as typed (the threshold grammar is its own).
+VERBATIM_FIELDS = ("rollout_rs", "rollout_rs_threshold")
 
 #: Keys of older releases that no longer exist, and what replaced them.
 REMOVED_KEYS: dict[str, str] = {
@@ -37,8 +36,6 @@ REMOVED_KEYS: dict[str, str] = {
     "rollout_is_mode": "use rollout_is for weights and rollout_rs for rejection",
     "rollout_rs_lower": "the lower bound is part of rollout_rs_threshold now: write 'L_U'",
 }
-
-NULL_WORDS = frozenset({"null", "Null", "NULL", "~", ""})
 
 
 class ConfigError(ValueError):
@@ -152,15 +149,20 @@ def parse_override(text: str) -> tuple[str, Any]:
                 )
             ]
         )
-    if key in VERBATIM_KEYS or key.rsplit(".", 1)[-1] in ("rollout_rs", "rollout_rs_threshold"):
+    if is_verbatim_key(key):
         value = value.strip()
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
             value = value[1:-1]
-        return key, None if value in NULL_WORDS else value
+        return key, None if is_off(value) else value
     try:
         return key, load_yaml(value) if value.strip() else None
     except yaml.YAMLError:
         return key, value
+
+
+def is_verbatim_key(key: str) -> bool:
+    """True for a key whose value is taken as typed, not as YAML (the RS settings)."""
+    return key.rsplit(".", 1)[-1] in VERBATIM_FIELDS
 
 
 def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:

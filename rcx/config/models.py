@@ -1,4 +1,4 @@
-"""The configuration tree (SPEC §6), with verl's key names.
+"""The configuration tree, with verl's key names.
 
 Each field is documented once, here; the description feeds ``rcx keys``, ``rcx presets show``
 and the JSON schema. Models forbid unknown keys; the loader reports them first with a
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from rcx.config.thresholds import is_off
+from rcx.algos.criteria import CorrectionSpec, ParsedCorrection, is_off, parse_correction
 
 
 class Section(BaseModel):
@@ -102,10 +102,38 @@ class RolloutCorrectionConfig(Section):
         description="Policy loss in bypass mode: ppo_clip or reinforce (decoupled always uses ppo_clip).",
     )
 
+    _parsed: ParsedCorrection = PrivateAttr()
+
     @field_validator("rollout_is", "rollout_rs", "rollout_rs_threshold", mode="before")
     @classmethod
     def _off_is_none(cls, v: Any) -> Any:
         return _none_if_off(v)
+
+    @model_validator(mode="after")
+    def _parse_once(self) -> RolloutCorrectionConfig:
+        # Parsed here, once per (re)validation; grammar problems are reported by rcx validate
+        # (rcx.config.findings), not raised, so that every problem is listed at once.
+        self._parsed = parse_correction(
+            self.rollout_is,
+            self.rollout_is_threshold,
+            self.rollout_is_batch_normalize,
+            self.rollout_rs,
+            self.rollout_rs_threshold,
+        )
+        return self
+
+    @property
+    def parsed(self) -> ParsedCorrection:
+        """The parse of the IS/RS settings: the spec, or every problem found."""
+        return self._parsed
+
+    @property
+    def spec(self) -> CorrectionSpec:
+        """The parsed IS/RS settings; raises the first grammar problem of an invalid config."""
+        if self._parsed.problems:
+            raise self._parsed.problems[0]
+        assert self._parsed.spec is not None
+        return self._parsed.spec
 
     @property
     def enabled(self) -> bool:

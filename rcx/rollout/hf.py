@@ -16,13 +16,12 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from rcx.models import resolve_dtype
-from rcx.rollout import (
+from rcx.models.loading import resolve_dtype
+from rcx.rollout.base import (
     RolloutBatch,
     SamplingParams,
     left_pad,
     response_mask_through_eos,
-    should_sync,
 )
 from rcx.rollout.quant import fake_quantize_model_
 
@@ -52,7 +51,7 @@ class HFRolloutEngine:
     """Generate with `transformers` from a rollout copy of the trainer's weights.
 
     The copy lives on `device` in `dtype`, fake-quantised per `quantization`, and is refreshed by
-    `sync_weights(model, step)` when `step % weight_sync_interval == 0`.
+    `sync_weights(model, version)`.
     """
 
     def __init__(
@@ -62,13 +61,11 @@ class HFRolloutEngine:
         *,
         dtype: str = "float32",
         quantization: str = "none",
-        weight_sync_interval: int = 1,
         device: str | torch.device = "cpu",
     ) -> None:
         self.tokenizer = tokenizer
         self.dtype = resolve_dtype(dtype)
         self.quantization = quantization
-        self.weight_sync_interval = weight_sync_interval
         self.device = torch.device(device)
         self.pad_token_id = int(
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -83,27 +80,22 @@ class HFRolloutEngine:
         fake_quantize_model_(self.model, quantization)
         self.weight_version = 0
 
-    def sync_weights(self, model: PreTrainedModel, step: int, force: bool = False) -> bool:
-        """Copy `model`'s weights into the rollout copy if `step % k == 0` (or `force`).
-
-        Returns True when the copy was refreshed; `weight_version` becomes `step` then.
-        """
-        if not (force or should_sync(step, self.weight_sync_interval)):
-            return False
+    def sync_weights(self, model: PreTrainedModel, version: int) -> None:
+        """Copy `model`'s weights into the rollout copy (cast and quantised); `weight_version`
+        becomes `version`."""
         with torch.no_grad():
             self.model.load_state_dict(model.state_dict())  # copies and casts to self.dtype
         fake_quantize_model_(self.model, self.quantization)
-        self.weight_version = step
-        return True
+        self.weight_version = version
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, with_weights: bool = True) -> dict[str, Any]:
         """The rollout copy (as used for sampling) and its version, for exact resume.
 
-        With `weight_sync_interval == 1` every step refreshes the copy before sampling, so the
-        weights are not needed to resume and are left out (`"weights": None`).
+        Without `with_weights` only the version is kept (`"weights": None`): for a trainer that
+        refreshes the copy before every step, the weights are not needed to resume.
         """
         weights = None
-        if self.weight_sync_interval > 1:
+        if with_weights:
             weights = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         return {
             "weight_version": self.weight_version,

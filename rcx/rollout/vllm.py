@@ -2,8 +2,8 @@
 
 vLLM is imported lazily, so rcx installs and runs without it. The engine loads the architecture
 from a local HF directory (`model_path`, e.g. the warm-start directory of `builtin:tiny`) and then
-receives the trainer's weights through the model's `load_weights` at every `sync_weights` that
-refreshes. Log-probs of the sampled tokens are requested with `logprobs_mode=
+receives the trainer's weights through the model's `load_weights` at every `sync_weights`.
+Log-probs of the sampled tokens are requested with `logprobs_mode=
 "processed_logprobs"` (temperature, top-k, top-p applied), matching the `hf` engine's contract.
 
 Mismatch knobs: `rollout.dtype` is vLLM's `dtype`; `rollout.quantization: fp8` is vLLM's dynamic
@@ -24,7 +24,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rcx.errors import RcxError
-from rcx.rollout import RolloutBatch, SamplingParams, left_pad, should_sync
+from rcx.rollout.base import RolloutBatch, SamplingParams, left_pad
 
 VLLM_QUANTIZATION = {"none": None, "fp8": "fp8"}
 
@@ -164,7 +164,6 @@ class VLLMRolloutEngine:
         model_path: str | None,
         dtype: str = "bfloat16",
         quantization: str = "none",
-        weight_sync_interval: int = 1,
         gpu_memory_utilization: float = 0.5,
         seed: int = 0,
     ) -> None:
@@ -175,7 +174,7 @@ class VLLMRolloutEngine:
         if model_path is None:
             # No directory (builtin:tiny built in memory): give vLLM one to read the
             # architecture from; the weights are pushed right after anyway.
-            from rcx.models import save_model_dir
+            from rcx.models.loading import save_model_dir
 
             self._tempdir = tempfile.TemporaryDirectory(prefix="rcx-vllm-")
             model_path = str(save_model_dir(model, tokenizer, self._tempdir.name, builtin=True))
@@ -195,7 +194,6 @@ class VLLMRolloutEngine:
         self.llm = vllm.LLM(
             **vllm_engine_kwargs(model_path, dtype, quantization, gpu_memory_utilization, seed)
         )
-        self.weight_sync_interval = weight_sync_interval
         self.pad_token_id = int(
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         )
@@ -212,23 +210,20 @@ class VLLMRolloutEngine:
         load_weights_into(self.llm, state)
         self._last_weights = {k: v.cpu().clone() for k, v in state.items()}
 
-    def sync_weights(self, model: PreTrainedModel, step: int, force: bool = False) -> bool:
-        """Push `model`'s weights if `step % k == 0` (or `force`); True when pushed."""
-        if not (force or should_sync(step, self.weight_sync_interval)):
-            return False
+    def sync_weights(self, model: PreTrainedModel, version: int) -> None:
+        """Push `model`'s weights; `weight_version` becomes `version`."""
         self.push_weights(model)
-        self.weight_version = step
-        return True
+        self.weight_version = version
 
-    def state_dict(self) -> dict[str, Any]:
-        """The last pushed weights (trainer precision) and their version (weights left out when
-        every step refreshes them, `weight_sync_interval == 1`)."""
-        weights = self._last_weights if self.weight_sync_interval > 1 else None
+    def state_dict(self, with_weights: bool = True) -> dict[str, Any]:
+        """The last pushed weights (trainer precision) and their version (weights left out
+        without `with_weights`: the next sync pushes anyway)."""
+        weights = self._last_weights if with_weights else None
         return {"weight_version": self.weight_version, "weights": weights}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Push the checkpointed weights back into vLLM."""
-        if state["weights"] is not None:  # None: k == 1, the next sync pushes anyway
+        if state["weights"] is not None:  # None: the next sync pushes anyway
             load_weights_into(self.llm, state["weights"])
             self._last_weights = state["weights"]
         self.weight_version = int(state["weight_version"])

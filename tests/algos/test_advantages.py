@@ -9,7 +9,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rcx.algos import gae, grpo, masked_whiten, reinforce_plus_plus, rloo, token_rewards_from_scores
+from rcx.algos.advantages import (
+    gae,
+    grpo,
+    masked_whiten,
+    reinforce_plus_plus,
+    rloo,
+    token_rewards_from_scores,
+)
 
 MASK = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]])
 

@@ -1,23 +1,20 @@
-"""rcx.algos.losses: aggregation modes, dual-clip PPO, REINFORCE, both modes of policy_loss."""
+"""rcx.algos.losses: aggregation modes, dual-clip PPO, REINFORCE, value, entropy and KL."""
 
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from rcx.algos import (
+from rcx.algos.losses import (
     agg_loss,
     entropy_from_logits,
     kl_penalty,
-    policy_loss,
     ppo_clip_loss,
     reinforce_loss,
     value_loss,
 )
-from rcx.correction import compute_rollout_correction
 
 LN = math.log
 
@@ -143,113 +140,6 @@ def test_reinforce_gradient_is_minus_w_a_grad_log_pi():
     torch.testing.assert_close(log_probs.grad, -(weights * adv * mask).detach() / 5)
     assert weights.grad is None  # the weights are detached
     assert metrics["actor/pg_loss"] == pytest.approx(expected)
-
-
-# --------------------------------------------------------------------------------- policy_loss
-
-
-def correction_cfg(**kwargs):
-    base = dict(
-        rollout_is=None,
-        rollout_is_threshold=2.0,
-        rollout_is_batch_normalize=False,
-        rollout_rs=None,
-        rollout_rs_threshold=None,
-    )
-    return SimpleNamespace(**{**base, **kwargs})
-
-
-def micro_batch(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    rollout = -torch.rand(3, 6, generator=g) * 2
-    log_probs = (rollout + 0.3 * torch.randn(3, 6, generator=g)).requires_grad_(True)
-    adv = torch.randn(3, 6, generator=g)
-    mask = torch.ones(3, 6)
-    mask[1, 4:] = 0
-    return log_probs, rollout, adv, mask
-
-
-def test_decoupled_mode_is_ppo_clip_with_the_given_weights():
-    log_probs, old, adv, mask = micro_batch()
-    weights = torch.rand(3, 6) + 0.5
-    loss, metrics = policy_loss(log_probs, old, adv, mask, is_weights=weights)
-    ref, ref_metrics = ppo_clip_loss(old, log_probs, adv, mask, is_weights=weights)
-    assert loss.item() == pytest.approx(ref.item())
-    assert metrics == ref_metrics
-    assert not any(k.startswith("rollout_corr/") for k in metrics)
-    # reinforce is ignored outside bypass mode (decoupled always uses PPO-clip)
-    same, _ = policy_loss(log_probs, old, adv, mask, is_weights=weights, loss_type="reinforce")
-    assert same.item() == pytest.approx(ref.item())
-
-
-def test_bypass_ppo_clip_uses_rs_mask_and_never_multiplies_weights():
-    log_probs, rollout, adv, mask = micro_batch()
-    cfg = correction_cfg(rollout_is="token", rollout_rs="token_k1", rollout_rs_threshold="0.7_1.4")
-    loss, metrics = policy_loss(
-        log_probs, rollout, adv, mask, bypass_mode=True, rollout_correction=cfg
-    )
-    corr = compute_rollout_correction(
-        log_probs.detach(), rollout, mask, rollout_is="token", rollout_rs="token_k1",
-        rollout_rs_threshold="0.7_1.4",
-    )  # fmt: skip
-    assert 0 < corr.mask.sum() < mask.sum()  # the case rejects some tokens, not all
-    ref, _ = ppo_clip_loss(rollout, log_probs, adv, corr.mask)
-    assert loss.item() == pytest.approx(ref.item())
-    assert "actor/is_weight_mean" not in metrics  # weights are metrics only here
-    assert metrics["rollout_corr/rollout_is_mean"] == pytest.approx(
-        corr.metrics["rollout_corr/rollout_is_mean"]
-    )
-    assert metrics["actor/kept_token_fraction"] == pytest.approx(
-        float(corr.mask.sum() / mask.sum())
-    )
-
-
-def test_bypass_reinforce_recomputes_weights_from_current_log_probs():
-    log_probs, rollout, adv, mask = micro_batch(1)
-    cfg = correction_cfg(rollout_is="sequence", rollout_is_threshold=3.0)
-    loss, metrics = policy_loss(
-        log_probs, rollout, adv, mask, bypass_mode=True, loss_type="reinforce",
-        rollout_correction=cfg,
-    )  # fmt: skip
-    loss.backward()
-    corr = compute_rollout_correction(
-        log_probs.detach(), rollout, mask, rollout_is="sequence", rollout_is_threshold=3.0
-    )
-    w = corr.weights
-    # grad of -agg(w A log pi) = -w A / n_tokens (weights detached)
-    torch.testing.assert_close(log_probs.grad, -(w * adv * mask) / mask.sum())
-    assert metrics["actor/is_weight_mean"] == pytest.approx(float(w[mask.bool()].mean()))
-
-
-def test_bypass_without_correction_config_still_logs_diagnostics():
-    log_probs, rollout, adv, mask = micro_batch(2)
-    loss, metrics = policy_loss(log_probs, rollout, adv, mask, bypass_mode=True)
-    ref, _ = ppo_clip_loss(rollout, log_probs, adv, mask)
-    assert loss.item() == pytest.approx(ref.item())
-    assert "rollout_corr/kl" in metrics and "rollout_corr/chi2_token" in metrics
-
-
-def test_bypass_rejecting_everything_gives_zero_loss_and_gradient():
-    log_probs, rollout, adv, mask = micro_batch(3)
-    cfg = correction_cfg(rollout_is="token", rollout_rs="seq_max_k2", rollout_rs_threshold="1e-9")
-    loss, metrics = policy_loss(
-        log_probs, rollout, adv, mask, bypass_mode=True, loss_type="reinforce",
-        rollout_correction=cfg,
-    )  # fmt: skip
-    loss.backward()
-    assert loss.item() == 0.0
-    assert torch.all(log_probs.grad == 0)
-    assert metrics["actor/kept_token_fraction"] == 0.0
-    assert metrics["rollout_corr/rollout_rs_masked_fraction"] == 1.0
-    assert all(math.isfinite(v) for v in metrics.values())
-
-
-def test_policy_loss_argument_errors():
-    log_probs, rollout, adv, mask = micro_batch()
-    with pytest.raises(ValueError, match="loss_type must be one of"):
-        policy_loss(log_probs, rollout, adv, mask, loss_type="grpo")
-    with pytest.raises(ValueError, match="is_weights must be None in bypass mode"):
-        policy_loss(log_probs, rollout, adv, mask, bypass_mode=True, is_weights=torch.ones(3, 6))
 
 
 # ------------------------------------------------------------------------- value, entropy, KL

@@ -6,6 +6,13 @@ from rcx.config import CODES, validate_sources
 
 RC = "algorithm.rollout_correction"
 BYPASS = [f"{RC}.bypass_mode=true"]
+THRESHOLD = f"{RC}.rollout_rs_threshold"
+
+
+def rs(criteria: str, threshold: str) -> list[str]:
+    """The overrides that set rollout_rs and rollout_rs_threshold."""
+    return [f"{RC}.rollout_rs={criteria}", f"{RC}.rollout_rs_threshold={threshold}"]
+
 
 # code -> (overrides that trigger it, overrides that do not, path it names)
 CASES = {
@@ -29,26 +36,10 @@ CASES = {
         [*BYPASS, f"{RC}.loss_type=reinforce"],
         f"{RC}.loss_type",
     ),
-    "RCX-W005": (
-        [f"{RC}.rollout_rs=geometric", f"{RC}.rollout_rs_threshold=0.9_1.1"],
-        [f"{RC}.rollout_rs=seq_mean_k1", f"{RC}.rollout_rs_threshold=0.9_1.1"],
-        f"{RC}.rollout_rs",
-    ),
-    "RCX-W006": (
-        [f"{RC}.rollout_rs=token_k1", f"{RC}.rollout_rs_threshold=1.1_2"],
-        [f"{RC}.rollout_rs=token_k1", f"{RC}.rollout_rs_threshold=0.9_2"],
-        f"{RC}.rollout_rs_threshold",
-    ),
-    "RCX-W007": (
-        [f"{RC}.rollout_rs=token_k1", f"{RC}.rollout_rs_threshold=0.995_1.005"],
-        [f"{RC}.rollout_rs=token_k1", f"{RC}.rollout_rs_threshold=0.8_1.25"],
-        f"{RC}.rollout_rs_threshold",
-    ),
-    "RCX-W008": (
-        [f"{RC}.rollout_rs=seq_max_k2", f"{RC}.rollout_rs_threshold=100"],
-        [f"{RC}.rollout_rs=seq_max_k2", f"{RC}.rollout_rs_threshold=2.5"],
-        f"{RC}.rollout_rs_threshold",
-    ),
+    "RCX-W005": (rs("geometric", "0.9_1.1"), rs("seq_mean_k1", "0.9_1.1"), f"{RC}.rollout_rs"),
+    "RCX-W006": (rs("token_k1", "1.1_2"), rs("token_k1", "0.9_2"), THRESHOLD),
+    "RCX-W007": (rs("token_k1", "0.995_1.005"), rs("token_k1", "0.8_1.25"), THRESHOLD),
+    "RCX-W008": (rs("seq_max_k2", "100"), rs("seq_max_k2", "2.5"), THRESHOLD),
     "RCX-W009": (
         ["data.train_files=/nonexistent/train.parquet"],
         ["data.train_files=builtin:reverse"],
@@ -60,21 +51,13 @@ CASES = {
         "actor_rollout_ref.actor.ppo_mini_batch_size",
     ),
     "RCX-E001": (["trainer.project=x"], ["trainer.project_name=x"], "trainer.project"),
-    "RCX-E002": (
-        [f"{RC}.rollout_rs=token_k5", f"{RC}.rollout_rs_threshold=2"],
-        [f"{RC}.rollout_rs=token_k2", f"{RC}.rollout_rs_threshold=2"],
-        f"{RC}.rollout_rs",
-    ),
+    "RCX-E002": (rs("token_k5", "2"), rs("token_k2", "2"), f"{RC}.rollout_rs"),
     "RCX-E003": (
-        [f"{RC}.rollout_rs=token_k1,seq_max_k2", f"{RC}.rollout_rs_threshold=0.5_2,2,3"],
-        [f"{RC}.rollout_rs=token_k1,seq_max_k2", f"{RC}.rollout_rs_threshold=0.5_2,2"],
-        f"{RC}.rollout_rs_threshold",
+        rs("token_k1,seq_max_k2", "0.5_2,2,3"),
+        rs("token_k1,seq_max_k2", "0.5_2,2"),
+        THRESHOLD,
     ),
-    "RCX-E004": (
-        [f"{RC}.rollout_rs=seq_max_k2", f"{RC}.rollout_rs_threshold=0.5_2"],
-        [f"{RC}.rollout_rs=seq_max_k2", f"{RC}.rollout_rs_threshold=2"],
-        f"{RC}.rollout_rs_threshold",
-    ),
+    "RCX-E004": (rs("seq_max_k2", "0.5_2"), rs("seq_max_k2", "2"), THRESHOLD),
     "RCX-E005": (
         [f"{RC}.rollout_is=token", f"{RC}.rollout_is_threshold=1.0"],
         [f"{RC}.rollout_is=token", f"{RC}.rollout_is_threshold=1.01"],
@@ -98,7 +81,7 @@ CASES = {
     "RCX-E009": (["algorithm.gamma=1.5"], ["algorithm.gamma=0.99"], "algorithm.gamma"),
     "RCX-E010": (
         [f"{RC}.rollout_token_veto_threshold=1e-4"],
-        [f"{RC}.rollout_rs=seq_max_k2", f"{RC}.rollout_rs_threshold=2.5"],
+        rs("seq_max_k2", "2.5"),
         f"{RC}.rollout_token_veto_threshold",
     ),
     "RCX-E011": (["trainer.seed"], ["trainer.seed=2"], "trainer.seed"),
@@ -168,9 +151,7 @@ def test_all_errors_listed_at_once_even_with_a_bad_field():
 
 
 def test_every_malformed_threshold_entry_is_reported():
-    found = codes(
-        [f"{RC}.rollout_rs=token_k1,seq_max_k2,token_k3", f"{RC}.rollout_rs_threshold=2_1,0.5_2,x"]
-    )
+    found = codes(rs("token_k1,seq_max_k2,token_k3", "2_1,0.5_2,x"))
     assert found.count("RCX-E004") == 3
 
 

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from rcx.models import build_tiny_model
+from rcx.models.loading import build_tiny_model
 from rcx.rollout import (
     RolloutBatch,
     SamplingParams,
@@ -137,9 +137,9 @@ def mismatch(engine, trainer_model, prompts) -> tuple[float, float]:
 
 def test_float32_sync_every_step_has_no_mismatch(tiny, prompts):
     model, tokenizer = tiny
-    engine = make_rollout_engine("hf", model, tokenizer, weight_sync_interval=1)
+    engine = make_rollout_engine("hf", model, tokenizer)
     updated = perturbed(model, 0.01, seed=1)
-    assert engine.sync_weights(updated, step=1)
+    engine.sync_weights(updated, version=1)
     assert engine.weight_version == 1
     mean, largest = mismatch(engine, updated, prompts)
     assert largest < 1e-4
@@ -161,29 +161,27 @@ def test_every_precision_knob_gives_nonzero_bounded_mismatch(tiny, prompts, knob
     assert low < mean < high and largest < 5.0
 
 
-def test_weight_sync_interval_makes_data_stale(tiny, prompts):
+def test_the_copy_stays_stale_until_synced(tiny, prompts):
     model, tokenizer = tiny
-    engine = make_rollout_engine("hf", model, tokenizer, weight_sync_interval=4)
-    assert engine.sync_weights(model, step=0)
+    engine = make_rollout_engine("hf", model, tokenizer)
     trainer = model
-    refreshed = []
-    for step in range(1, 6):
+    for step in range(1, 5):
         trainer = perturbed(trainer, 0.01, seed=step)  # one "update" per step
-        refreshed.append(engine.sync_weights(trainer, step))
-    assert refreshed == [False, False, False, True, False]  # only step 4 refreshes
+    engine.sync_weights(trainer, version=4)
+    trainer = perturbed(trainer, 0.01, seed=5)
     assert engine.weight_version == 4
     mean, largest = mismatch(engine, trainer, prompts)  # one update behind
     assert 1e-4 < mean < 1.0
-    engine.sync_weights(trainer, step=6, force=True)
+    engine.sync_weights(trainer, version=5)
     assert mismatch(engine, trainer, prompts)[1] < 1e-4
 
 
 def test_state_dict_round_trip_restores_stale_copy(tiny, prompts):
     model, tokenizer = tiny
-    engine = make_rollout_engine("hf", model, tokenizer, dtype="bfloat16", weight_sync_interval=3)
-    engine.sync_weights(perturbed(model, 0.01, seed=2), step=3)
+    engine = make_rollout_engine("hf", model, tokenizer, dtype="bfloat16")
+    engine.sync_weights(perturbed(model, 0.01, seed=2), version=3)
     state = engine.state_dict()
-    restored = make_rollout_engine("hf", model, tokenizer, dtype="bfloat16", weight_sync_interval=3)
+    restored = make_rollout_engine("hf", model, tokenizer, dtype="bfloat16")
     restored.load_state_dict(state)
     assert restored.weight_version == 3
     sampling = SamplingParams(n=2, max_new_tokens=8)
@@ -191,11 +189,10 @@ def test_state_dict_round_trip_restores_stale_copy(tiny, prompts):
     b = restored.generate(prompts, sampling, seed=9)
     assert torch.equal(a.response_ids, b.response_ids)
     assert torch.equal(a.rollout_log_probs, b.rollout_log_probs)
-    float32 = make_rollout_engine("hf", model, tokenizer, weight_sync_interval=3)
+    float32 = make_rollout_engine("hf", model, tokenizer)
     with pytest.raises(ValueError, match="dtype"):
         float32.load_state_dict(state)
-    synced_every_step = make_rollout_engine("hf", model, tokenizer)
-    assert synced_every_step.state_dict()["weights"] is None  # the next sync refreshes anyway
+    assert engine.state_dict(with_weights=False)["weights"] is None  # version only
 
 
 def test_rollout_copy_is_separate_from_trainer(tiny):
@@ -204,7 +201,7 @@ def test_rollout_copy_is_separate_from_trainer(tiny):
     before = engine.model.model.embed_tokens.weight.clone()
     trainer = perturbed(model, 0.1, seed=0)
     assert torch.equal(engine.model.model.embed_tokens.weight, before)
-    assert engine.sync_weights(trainer, step=1)  # k=1 refreshes every step
+    engine.sync_weights(trainer, version=1)
     assert not torch.equal(engine.model.model.embed_tokens.weight, before)
     assert all(not p.requires_grad for p in engine.model.parameters())
 
@@ -214,7 +211,6 @@ def test_rollout_copy_is_separate_from_trainer(tiny):
     [
         ({"name": "sglang"}, "not an engine"),
         ({"quantization": "int4"}, "quantization"),
-        ({"weight_sync_interval": 0}, "weight_sync_interval"),
     ],
 )
 def test_engine_config_errors(tiny, kwargs, message):

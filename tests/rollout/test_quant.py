@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rcx.models import build_tiny_model
+from rcx.models.loading import build_tiny_model
 from rcx.rollout.quant import (
     fake_quantize_fp8,
     fake_quantize_int8,

@@ -84,7 +84,7 @@ def test_engine_kwargs_map_knobs_and_refuse_int8():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
 def test_vllm_engine_without_cuda_is_a_clear_error():
-    from rcx.models import build_tiny_model
+    from rcx.models.loading import build_tiny_model
     from rcx.rollout import make_rollout_engine
 
     model, tokenizer = build_tiny_model(0)
@@ -95,7 +95,7 @@ def test_vllm_engine_without_cuda_is_a_clear_error():
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_VLLM_GPU, reason="needs CUDA and vllm")
 def test_vllm_log_probs_match_teacher_forcing_and_weight_push(tmp_path):
-    from rcx.models import build_tiny_model, save_model_dir
+    from rcx.models.loading import build_tiny_model, save_model_dir
     from rcx.rollout import make_rollout_engine, token_log_probs
 
     model, tokenizer = build_tiny_model(0)
@@ -115,7 +115,7 @@ def test_vllm_log_probs_match_teacher_forcing_and_weight_push(tmp_path):
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(0.5)
-    assert engine.sync_weights(model, step=1)
+    engine.sync_weights(model, version=1)
     pushed = engine.generate(prompts, sampling, seed=0)
     with torch.no_grad():
         recomputed = token_log_probs(

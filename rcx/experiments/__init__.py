@@ -1,0 +1,1 @@
+"""Experiments over runs: sweeps, what-if replays and calibration of dumps, run comparisons."""

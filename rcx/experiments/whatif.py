@@ -1,0 +1,363 @@
+"""What-if : replay correction configs over log-prob dumps, offline, with no model.
+
+A run with ``trainer.dump_log_probs: true`` writes one file per step (format: the docstring of
+:mod:`rcx.store.dumps`; the keys read here are ``step``, ``train_log_probs``, ``rollout_log_probs``,
+``response_mask``). :func:`load_dumps` stacks every step's sequences into one ``(N, T)`` batch
+with a step index per row; :func:`replay` runs :func:`rcx.algos.correction.compute_rollout_correction`
+once per config over the whole stack and splits its weights and mask back into steps.
+
+Statistics per config, per step and overall (every fraction over valid tokens: in the response
+mask with a finite log-ratio, exactly as the correction counts them):
+
+==========================  ======================================================================
+``masked_fraction``         share of valid tokens that RS rejects (all criteria together)
+``seq_masked_fraction``     share of valid sequences with at least one rejected token
+``ess``                     effective sample size of the truncated IS weights, ``1 / mean(ŵ²)``
+                            with ``ŵ = w / mean w`` over the step's valid tokens
+``weight_mean``/``_max``    mean / max IS weight actually applied (after batch normalisation)
+``truncated_fraction``      share of raw ratios above the cap C (token IS: tokens; sequence IS:
+                            sequences), i.e. ``rollout_is_ratio_fraction_high``
+``<criterion>/masked_fraction``, ``<criterion>/seq_masked_fraction``  the same, one criterion alone
+==========================  ======================================================================
+
+Each per-step value equals the metric ``compute_rollout_correction`` reports when called on that
+step alone (tests check it). *Overall* pools every token (and sequence) of every step for the
+fractions and the weight mean, takes the max for ``weight_max`` and the mean over steps for
+``ess``; ``ess_min`` and ``masked_fraction_max`` give the worst step.
+
+Batch normalisation is per step (a dump step is a training batch): the stack is corrected without
+it and each step's weights are divided by that step's own mean, as the correction would.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rcx.algos.correction import LogRatios, compute_rollout_correction
+from rcx.algos.criteria import parse_rs_thresholds, split_threshold_entries
+from rcx.config.findings import Finding
+from rcx.config.loading import validate_raw
+from rcx.store.dumps import DumpStack
+
+#: The correction settings a what-if can vary (leaf names of algorithm.rollout_correction).
+CORRECTION_KEYS = (
+    "rollout_is",
+    "rollout_is_threshold",
+    "rollout_is_batch_normalize",
+    "rollout_rs",
+    "rollout_rs_threshold",
+)
+RC_PREFIX = "algorithm.rollout_correction."
+STAT_KEYS = (
+    "masked_fraction",
+    "seq_masked_fraction",
+    "ess",
+    "weight_mean",
+    "weight_max",
+    "truncated_fraction",
+)
+
+
+# --------------------------------------------------------------------------------- settings ---
+
+
+@dataclass(frozen=True)
+class CorrectionSettings:
+    """The five correction keys of one what-if config, as ``compute_rollout_correction`` takes them."""
+
+    rollout_is: str | None = None
+    rollout_is_threshold: float = 2.0
+    rollout_is_batch_normalize: bool = False
+    rollout_rs: str | None = None
+    rollout_rs_threshold: str | float | None = None
+
+    def kwargs(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in CORRECTION_KEYS}
+
+    @property
+    def label(self) -> str:
+        """A short readable name, e.g. ``is=token C=2 rs=token_k1@0.6_1.6``."""
+        parts = []
+        if self.rollout_is:
+            norm = "+norm" if self.rollout_is_batch_normalize else ""
+            parts.append(f"is={self.rollout_is}{norm} C={self.rollout_is_threshold:g}")
+        if self.rollout_rs:
+            parts.append(f"rs={self.rollout_rs}@{self.rollout_rs_threshold}")
+        return " ".join(parts) or "no correction"
+
+    def overrides(self) -> list[str]:
+        """The KEY=VALUE overrides that select this config in ``rcx train``."""
+        out = []
+        for key in CORRECTION_KEYS:
+            value = getattr(self, key)
+            text = (
+                "null"
+                if value is None
+                else str(value).lower()
+                if isinstance(value, bool)
+                else value
+            )
+            out.append(f"{RC_PREFIX}{key}={text}")
+        return out
+
+
+def correction_key(key: str) -> str:
+    """``rollout_rs`` or ``algorithm.rollout_correction.rollout_rs`` -> ``rollout_rs``.
+
+    Raises :class:`ValueError` for any other key (a what-if replays correction settings only).
+    """
+    leaf = key.removeprefix(RC_PREFIX)
+    if leaf not in CORRECTION_KEYS:
+        raise ValueError(
+            f"{key!r} cannot be replayed offline; a what-if varies only "
+            f"{', '.join(CORRECTION_KEYS)} (optionally prefixed {RC_PREFIX!r})"
+        )
+    return leaf
+
+
+def settings_from_config(rc: Any) -> CorrectionSettings:
+    """Settings from a rollout_correction config object or dict."""
+
+    def get(k: str) -> Any:
+        return rc.get(k) if isinstance(rc, Mapping) else getattr(rc, k)
+
+    rs = get("rollout_rs")
+    return CorrectionSettings(
+        rollout_is=get("rollout_is"),
+        rollout_is_threshold=float(get("rollout_is_threshold")),
+        rollout_is_batch_normalize=bool(get("rollout_is_batch_normalize")),
+        rollout_rs=",".join(rs) if isinstance(rs, list) else rs,
+        rollout_rs_threshold=get("rollout_rs_threshold"),
+    )
+
+
+def build_settings(
+    base: Mapping[str, Any], grid: Sequence[tuple[str, Sequence[Any]]]
+) -> tuple[list[CorrectionSettings], list[tuple[dict[str, Any], list[Finding]]]]:
+    """The cartesian product of ``grid`` (leaf key, values) over ``base`` (leaf key -> value).
+
+    Every config is checked with the validator (``rcx validate``'s finding codes); returns
+    ``(valid settings, [(params, error findings) for each invalid config])``.
+    """
+    import itertools
+
+    keys = [correction_key(k) for k, _ in grid]
+    settings: list[CorrectionSettings] = []
+    invalid: list[tuple[dict[str, Any], list[Finding]]] = []
+    for combo in itertools.product(*(values for _, values in grid)):
+        params = dict(zip(keys, combo, strict=True))
+        rc = {**dict(base), **params}
+        report = validate_raw({"algorithm": {"rollout_correction": rc}})
+        errors = [f for f in report.errors if f.path.startswith(("algorithm", "rollout"))]
+        if errors or report.config is None:
+            invalid.append((params, errors or report.errors))
+            continue
+        settings.append(settings_from_config(report.config.algorithm.rollout_correction))
+    return settings, invalid
+
+
+# ----------------------------------------------------------------------------------- replay ---
+
+
+@dataclass
+class WhatifResult:
+    """Statistics of one config: ``per_step[stat][k]`` for ``stack.steps[k]``, and ``overall``."""
+
+    settings: CorrectionSettings
+    steps: list[int]
+    per_step: dict[str, list[float]]
+    overall: dict[str, float]
+
+
+@dataclass
+class _Shared:
+    """Per-dump quantities every config reuses: the correction's own log-ratios, and counts."""
+
+    ratios: LogRatios  # valid tokens, clamped log-ratios, per-criterion statistics
+    counts: torch.Tensor  # (N,) float64 valid tokens per row
+    tokens_per_step: torch.Tensor  # (S,) float64
+    seqs_per_step: torch.Tensor  # (S,) float64
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return self.ratios.valid  # (N, T) bool: in the mask and finite log-ratio
+
+    @property
+    def seq_valid(self) -> torch.Tensor:
+        return self.ratios.seq_valid  # (N,) bool
+
+
+def _per_step(stack: DumpStack, row_values: torch.Tensor) -> torch.Tensor:
+    """Sum a ``(N,)`` row vector into ``(S,)`` per-step totals (float64)."""
+    out = torch.zeros(stack.num_steps, dtype=torch.float64)
+    return out.index_add_(0, stack.row_step, row_values.to(torch.float64))
+
+
+def _per_step_max(stack: DumpStack, row_values: torch.Tensor) -> torch.Tensor:
+    out = torch.full((stack.num_steps,), -math.inf, dtype=torch.float64)
+    return out.scatter_reduce_(
+        0, stack.row_step, row_values.to(torch.float64), "amax", include_self=True
+    )
+
+
+def shared_quantities(stack: DumpStack) -> _Shared:
+    """The valid mask, clamped log-ratios and counts of the whole stack, from the correction."""
+    ratios = LogRatios(stack.train_log_probs, stack.rollout_log_probs, stack.response_mask)
+    counts = ratios.counts.to(torch.float64)  # (N,)
+    return _Shared(
+        ratios=ratios,
+        counts=counts,
+        tokens_per_step=_per_step(stack, counts),
+        seqs_per_step=_per_step(stack, ratios.seq_valid),
+    )
+
+
+def _rejection_stats(
+    stack: DumpStack, shared: _Shared, kept_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rejected tokens per step, rejected sequences per step) for a returned mask."""
+    kept = (kept_mask.bool() & shared.valid).sum(-1).to(torch.float64)  # (N,)
+    rejected = shared.counts - kept
+    seq_rejected = (kept < shared.counts) & shared.seq_valid
+    return _per_step(stack, rejected), _per_step(stack, seq_rejected)
+
+
+def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    return torch.where(den > 0, num / den.clamp_min(1e-300), torch.full_like(num, math.nan))
+
+
+class Replayer:
+    """Replays configs over one :class:`DumpStack`, caching what configs share.
+
+    Single-criterion rejection masks are cached by (criterion, threshold entry), so a grid that
+    varies one criterion's bound pays for the others once.
+    """
+
+    def __init__(self, stack: DumpStack) -> None:
+        self.stack = stack
+        self.shared = shared_quantities(stack)
+        self._correct = compute_rollout_correction
+        self._criterion_cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _run(self, **kwargs: Any) -> Any:
+        s = self.stack
+        return self._correct(s.train_log_probs, s.rollout_log_probs, s.response_mask, **kwargs)
+
+    def criterion_stats(self, criterion: str, entry: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rejected tokens, rejected sequences) per step for one criterion alone."""
+        key = (criterion, entry)
+        if key not in self._criterion_cache:
+            result = self._run(rollout_rs=criterion, rollout_rs_threshold=entry)
+            self._criterion_cache[key] = _rejection_stats(self.stack, self.shared, result.mask)
+        return self._criterion_cache[key]
+
+    def replay(self, settings: CorrectionSettings) -> WhatifResult:
+        """Every statistic of the module docstring for one config."""
+        stack, sh = self.stack, self.shared
+        kwargs = settings.kwargs()
+        kwargs["rollout_is_batch_normalize"] = False  # per step, below
+        result = self._run(**kwargs)
+        per_step: dict[str, torch.Tensor] = {}
+        totals: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        criteria = parse_rs_thresholds(settings.rollout_rs, settings.rollout_rs_threshold)
+        if criteria:
+            rej, seq_rej = _rejection_stats(stack, sh, result.mask)
+            totals["masked_fraction"] = (rej, sh.tokens_per_step)
+            totals["seq_masked_fraction"] = (seq_rej, sh.seqs_per_step)
+            entries = split_threshold_entries(settings.rollout_rs_threshold)
+            entries = entries * len(criteria) if len(entries) == 1 else entries
+            for c, entry in zip(criteria, entries, strict=True):
+                c_rej, c_seq = self.criterion_stats(c.criterion, entry)
+                totals[f"{c.criterion}/masked_fraction"] = (c_rej, sh.tokens_per_step)
+                totals[f"{c.criterion}/seq_masked_fraction"] = (c_seq, sh.seqs_per_step)
+
+        weight_max_overall = None
+        if result.weights is not None:
+            w = result.weights.to(torch.float64)  # (N, T), 0 at invalid tokens
+            w_sum = _per_step(stack, w.sum(-1))
+            w_sq = _per_step(stack, (w * w).sum(-1))
+            w_max = _per_step_max(stack, w.amax(-1))
+            factor = torch.ones(stack.num_steps, dtype=torch.float64)
+            if settings.rollout_is_batch_normalize:
+                if settings.rollout_is == "token":
+                    mean = w_sum / sh.tokens_per_step
+                else:  # mean of the per-sequence weights over valid sequences
+                    seq_w = torch.where(sh.seq_valid, w.sum(-1) / sh.counts.clamp_min(1), 0.0)
+                    mean = _per_step(stack, seq_w) / sh.seqs_per_step
+                factor = torch.where(mean > 1e-8, mean, torch.ones_like(mean))
+                per_step["norm_factor"] = factor
+            per_step["ess"] = w_sum**2 / (sh.tokens_per_step * w_sq)
+            totals["weight_mean"] = (w_sum / factor, sh.tokens_per_step)
+            per_step["weight_max"] = w_max / factor
+            weight_max_overall = float(per_step["weight_max"].max())
+            log_c = math.log(settings.rollout_is_threshold)
+            if settings.rollout_is == "token":
+                above = (sh.ratios.log_ratio > log_c).sum(-1)
+                totals["truncated_fraction"] = (_per_step(stack, above), sh.tokens_per_step)
+            else:
+                above = (sh.ratios.seq_log_ratio > log_c) & sh.seq_valid
+                totals["truncated_fraction"] = (_per_step(stack, above), sh.seqs_per_step)
+
+        for name, (num, den) in totals.items():
+            per_step[name] = _safe_div(num, den)
+        overall = {
+            name: float(num.sum() / den.sum()) if float(den.sum()) > 0 else math.nan
+            for name, (num, den) in totals.items()
+        }
+        if "ess" in per_step:
+            overall["ess"] = float(per_step["ess"].nanmean())
+            overall["ess_min"] = float(per_step["ess"].min())
+            overall["weight_max"] = weight_max_overall  # type: ignore[assignment]
+        if "masked_fraction" in per_step:
+            overall["masked_fraction_max"] = float(per_step["masked_fraction"].max())
+        return WhatifResult(
+            settings,
+            list(stack.steps),
+            {k: v.tolist() for k, v in per_step.items()},
+            overall,
+        )
+
+
+def replay(stack: DumpStack, configs: Sequence[CorrectionSettings]) -> list[WhatifResult]:
+    """:class:`Replayer` over every config, in order."""
+    replayer = Replayer(stack)
+    return [replayer.replay(s) for s in configs]
+
+
+# ---------------------------------------------------------------------------------- display ---
+
+
+def stat_columns(results: Sequence[WhatifResult]) -> list[str]:
+    """The statistic names present in any result: the main ones first, then per criterion."""
+    present = {k for r in results for k in r.overall}
+    main = [k for k in STAT_KEYS if k in present]
+    extra = [k for k in ("ess_min", "masked_fraction_max") if k in present]
+    per_criterion = sorted(k for k in present if "/" in k)
+    return main + extra + per_criterion
+
+
+def format_stat(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.4g}"
+
+
+def results_json(results: Sequence[WhatifResult]) -> list[dict[str, Any]]:
+    """Plain data for ``--format json``: one object per config."""
+    return [
+        {
+            "config": r.settings.kwargs(),
+            "label": r.settings.label,
+            "overrides": r.settings.overrides(),
+            "overall": r.overall,
+            "steps": r.steps,
+            "per_step": r.per_step,
+        }
+        for r in results
+    ]

@@ -1,0 +1,1 @@
+"""What a run leaves behind: checkpoints, MLflow tracking and plots."""

@@ -1,0 +1,223 @@
+"""Log-prob dumps: one file per training step, written by the trainer, read by whatif and calibrate.
+
+With ``trainer.dump_log_probs: true`` the trainer writes ``<run dir>/log_probs/step_000001.pt``
+(run dir = the checkpoint folder) every step and uploads it to MLflow under ``log_probs/``. A
+``torch.save`` dict, loadable with ``torch.load(f, weights_only=True)``:
+
+    format             FORMAT_VERSION (1)
+    step               int
+    mode               "decoupled" | "bypass"
+    rollout_log_probs  (B, T) float32   log-prob of each sampled token under the rollout policy
+    train_log_probs    (B, T) float32   what the correction compared against: pi_old (decoupled)
+                                        or pi_theta at each micro-batch's forward, epoch 1 (bypass)
+    response_mask      (B, T) bool      real response tokens (before rejection)
+    prompt_index       (B,)   int32     which prompt of the step each response answers
+    scores             (B,)   float32   the outcome reward
+    rollout_correction dict             the algorithm.rollout_correction config in force
+
+Log-probs are kept in float32: a log-ratio of 1e-3 would not survive float16 rounding.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rcx.errors import RcxError
+
+FORMAT_VERSION = 1
+
+
+def write_dump(
+    folder: str | Path,
+    step: int,
+    *,
+    mode: str,
+    rollout_log_probs: torch.Tensor,
+    train_log_probs: torch.Tensor,
+    response_mask: torch.Tensor,
+    prompt_index: torch.Tensor,
+    scores: torch.Tensor,
+    rollout_correction: Mapping[str, Any],
+) -> Path:
+    """Write one step's dump as ``folder/step_<step:06d>.pt`` (atomically); returns its path."""
+    path = Path(folder) / f"step_{step:06d}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT_VERSION,
+        "step": step,
+        "mode": mode,
+        "rollout_log_probs": rollout_log_probs.detach().float().cpu(),
+        "train_log_probs": train_log_probs.detach().float().cpu(),
+        "response_mask": response_mask.detach().bool().cpu(),
+        "prompt_index": prompt_index.detach().to(torch.int32).cpu(),
+        "scores": scores.detach().float().cpu(),
+        "rollout_correction": dict(rollout_correction),
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+class DumpError(RcxError, ValueError):
+    """A dump cannot be read or used; the message names the file and what was wrong."""
+
+
+@dataclass
+class DumpStack:
+    """Every dumped step stacked: row i of the ``(N, T)`` tensors belongs to ``steps[row_step[i]]``.
+
+    Rows of shorter steps are padded with mask 0. ``sources`` lists the files read, in step order.
+    """
+
+    train_log_probs: torch.Tensor  # (N, T) float32
+    rollout_log_probs: torch.Tensor  # (N, T) float32
+    response_mask: torch.Tensor  # (N, T) bool
+    row_step: torch.Tensor  # (N,) int64 index into steps
+    steps: list[int]
+    sources: list[Path] = field(default_factory=list)
+    rollout_correction: dict[str, Any] = field(default_factory=dict)  # the first dump's config
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.steps)
+
+    def step_slice(self, k: int) -> slice:
+        """Rows of the k-th step (steps are stacked contiguously)."""
+        rows = torch.nonzero(self.row_step == k).flatten()
+        return slice(int(rows[0]), int(rows[-1]) + 1)
+
+
+def dump_files(paths: Iterable[str | Path]) -> list[Path]:
+    """Expand DUMP arguments: a ``.pt`` file, a ``log_probs/`` folder, or a run folder holding one.
+
+    Raises :class:`DumpError` when a path does not exist or a folder holds no dump.
+    """
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_file():
+            files.append(path)
+            continue
+        if not path.exists():
+            raise DumpError(f"dump {path}: no such file or folder")
+        folder = path / "log_probs" if (path / "log_probs").is_dir() else path
+        found = sorted(p for p in folder.glob("*.pt") if p.is_file())
+        if not found:
+            raise DumpError(
+                f"dump {path}: no *.pt log-prob dump in it (a run writes them to "
+                f"<checkpoint dir>/log_probs/ when trainer.dump_log_probs=true)"
+            )
+        files += found
+    if not files:
+        raise DumpError("no dump given: pass one or more dump files or folders")
+    return files
+
+
+def read_dump(path: Path) -> dict[str, Any]:
+    """One step's dump, checked: the three ``(B, T)`` tensors with equal shapes, and a step."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear error
+        raise DumpError(f"dump {path}: not a readable torch dump ({exc})") from None
+    if not isinstance(data, Mapping):
+        raise DumpError(f"dump {path}: expected a dict, got {type(data).__name__}")
+    missing = [
+        k for k in ("train_log_probs", "rollout_log_probs", "response_mask") if k not in data
+    ]
+    if missing:
+        raise DumpError(
+            f"dump {path}: missing {', '.join(missing)} (has {', '.join(map(str, data))}); "
+            f"expected a trainer.dump_log_probs file"
+        )
+    shapes = {k: tuple(data[k].shape) for k in ("train_log_probs", "rollout_log_probs")}
+    shapes["response_mask"] = tuple(data["response_mask"].shape)
+    if len(set(shapes.values())) != 1 or len(shapes["response_mask"]) != 2:
+        raise DumpError(f"dump {path}: tensors must share one (B, T) shape, got {shapes}")
+    return dict(data)
+
+
+def load_dumps(paths: Iterable[str | Path]) -> DumpStack:
+    """Read every dump, order them by step, and stack them (see :class:`DumpStack`)."""
+    files = dump_files(paths)
+    dumps = [(read_dump(f), f) for f in files]
+    for i, (d, f) in enumerate(dumps):
+        d.setdefault("step", i + 1)
+        if not isinstance(d["step"], int):
+            d["step"] = int(d["step"])
+        d["_file"] = f
+    dumps.sort(key=lambda df: df[0]["step"])
+    steps = [d["step"] for d, _ in dumps]
+    dupes = sorted({s for s in steps if steps.count(s) > 1})
+    if dupes:
+        raise DumpError(
+            f"step(s) {dupes} appear in more than one dump; pass the dumps of one run at a time"
+        )
+    width = max(d["response_mask"].shape[1] for d, _ in dumps)
+    train, rollout, mask, row_step = [], [], [], []
+    for k, (d, _) in enumerate(dumps):
+        pad = width - d["response_mask"].shape[1]
+        train.append(torch.nn.functional.pad(d["train_log_probs"].float(), (0, pad)))
+        rollout.append(torch.nn.functional.pad(d["rollout_log_probs"].float(), (0, pad)))
+        mask.append(torch.nn.functional.pad(d["response_mask"].bool(), (0, pad)))
+        row_step.append(torch.full((d["response_mask"].shape[0],), k, dtype=torch.int64))
+    return DumpStack(
+        torch.cat(train),
+        torch.cat(rollout),
+        torch.cat(mask),
+        torch.cat(row_step),
+        steps,
+        [f for _, f in dumps],
+        dict(dumps[0][0].get("rollout_correction") or {}),
+    )
+
+
+def write_synthetic_dumps(
+    folder: str | Path,
+    *,
+    steps: int = 100,
+    batch: int = 256,
+    length: int = 8,
+    log_ratio_std: float = 0.05,
+    outlier_share: float = 0.01,
+    seed: int = 0,
+    rollout_correction: Mapping[str, Any] | None = None,
+) -> list[Path]:
+    """Write ``steps`` dumps in the trainer's format (``step_000001.pt``, ...) into ``folder``.
+
+    For tests, benchmarks and trying ``rcx whatif`` without a run. The defaults match the default
+    preset's batch (32 prompts x 8 responses, 8 response tokens). Each token's log-ratio is
+    Gaussian with std ``log_ratio_std`` (bf16-like mismatch is ~0.006, staleness 0.04-0.14), plus
+    a share ``outlier_share`` of tokens with a log-ratio of +-U(1, 3); response lengths are uniform
+    in [1, length] (mask 1 up to the length).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    paths = []
+    for step in range(1, steps + 1):
+        rollout = -torch.rand(batch, length, generator=gen) * 3.0  # (B, T) log-probs in [-3, 0]
+        log_ratio = torch.randn(batch, length, generator=gen) * log_ratio_std
+        outlier = torch.rand(batch, length, generator=gen) < outlier_share
+        sign = torch.where(torch.rand(batch, length, generator=gen) < 0.5, -1.0, 1.0)
+        jump = sign * (1.0 + 2.0 * torch.rand(batch, length, generator=gen))
+        log_ratio = torch.where(outlier, jump, log_ratio)
+        lengths = torch.randint(1, length + 1, (batch,), generator=gen)  # (B,)
+        mask = torch.arange(length)[None, :] < lengths[:, None]  # (B, T) bool
+        path = write_dump(
+            folder,
+            step,
+            mode="bypass",
+            rollout_log_probs=rollout,
+            train_log_probs=rollout + log_ratio,
+            response_mask=mask,
+            prompt_index=torch.arange(batch) // 8,
+            scores=torch.zeros(batch),
+            rollout_correction=dict(rollout_correction or {}),
+        )
+        paths.append(path)
+    return paths

@@ -1,0 +1,494 @@
+"""Experiment tracking: MLflow behind a five-method interface, or nothing at all.
+
+The trainer talks to a :class:`Tracker` only::
+
+    tracker = open_tracker(cfg)                 # MlflowTracker or NullTracker
+    tracker.log_params(flatten_config(tree))    # once, at start
+    tracker.log_metrics({"reward/mean": .4}, step=1)   # one batched call per step
+    tracker.log_artifact(path) / tracker.log_text(text, "config.yaml")
+    tracker.finish("FINISHED" | "FAILED" | "KILLED")
+
+A sweep's parent run also ends, tags and untags its child runs (``end_child_run``,
+``delete_run_tag``, ``set_tag``), so that sweeps need no MLflow client of their own.
+
+Decisions:
+
+* **Store.** ``trainer.tracking_uri`` if set, else ``$MLFLOW_TRACKING_URI`` if set, else a local
+  SQLite database ``./mlflow.db`` in the working directory (MLflow 3's own default; its plain
+  file store is in maintenance mode and refuses to start without an opt-in). For a SQLite store
+  rcx puts the artifacts of a *new* experiment next to the database, in ``mlruns/``, so that the
+  two travel together; ``mlflow ui --backend-store-uri sqlite:///mlflow.db`` run from that
+  directory shows both.
+* **Reachability.** An ``http(s)`` store is contacted once before training, with retries off and a
+  short timeout (``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` / ``MLFLOW_HTTP_REQUEST_TIMEOUT``), so an
+  unreachable server fails in seconds with :class:`TrackingError` instead of mid-run.
+* **Names.** Experiment = ``trainer.project_name``, run name = ``trainer.experiment_name``.
+  A sweep passes ``parent_run_id`` to nest a trial under its parent run
+  (tag ``mlflow.parentRunId``).
+* **Params** are the flattened resolved config (``a.b.c`` keys); values longer than MLflow's
+  limit are truncated with a marker, and the full config is always logged as an artifact.
+  Params are immutable in MLflow: when a run is resumed, new keys are added, and keys whose value
+  changed (``trainer.total_training_steps`` typically) are recorded in the tag
+  ``rcx.resume.changed_params`` instead of failing.
+* **Metrics** go out as one ``log_batch`` per step (chunked at MLflow's 1000-entity limit).
+  A logging failure mid-run warns once and training continues: the run's own history (kept by
+  the trainer) is not lost, and losing a 3-hour run to a dashboard hiccup is worse.
+* **Status** is ``FINISHED``, ``FAILED`` or ``KILLED`` as it happened; a resumed run goes back to
+  ``RUNNING`` under the same run id (stored in the checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from rcx.errors import RcxError
+
+RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
+
+DEFAULT_DB_NAME = "mlflow.db"
+DEFAULT_ARTIFACT_DIR = "mlruns"
+# MLflow's limits (mlflow.utils.validation): param values 6000 chars, 100 params/tags per batch,
+# 1000 metrics per batch. Kept here so a server with the same limits never rejects a batch.
+MAX_PARAM_VALUE_LENGTH = 6000
+MAX_PARAMS_PER_BATCH = 100
+MAX_METRICS_PER_BATCH = 1000
+TRUNCATION_MARKER = "...[truncated]"
+# Reachability check: fail in seconds, not after MLflow's default 5 retries x 120 s.
+CHECK_TIMEOUT_S = 5
+RUN_HTTP_RETRIES = 2
+RUN_HTTP_TIMEOUT_S = 30
+# Panels of the end-of-run PNG, in this order: each a tuple of curves drawn together.
+PLOT_PANELS: tuple[tuple[str, ...], ...] = (
+    ("reward/mean",),
+    ("val/accuracy", "val/sampled_accuracy"),
+    ("rollout_corr/kl",),
+    ("rollout_corr/rollout_is_eff_sample_size",),
+    ("rollout_corr/rollout_rs_masked_fraction",),
+    ("actor/pg_clipfrac",),
+)
+
+
+class TrackingError(RcxError, RuntimeError):
+    """The tracking backend cannot be used; the message says why and what to do."""
+
+
+class Tracker(Protocol):
+    """What the trainer needs from a tracking backend."""
+
+    run_id: str | None
+
+    def describe(self) -> str:
+        """One or two lines for the console: where the run is stored and how to view it."""
+        ...
+
+    def log_params(self, params: Mapping[str, str]) -> list[str]:
+        """Log flattened params; return human-readable notes (e.g. changed values on resume)."""
+        ...
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Log every metric of one step in one batched call."""
+        ...
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """Upload a local file (or directory) under ``artifact_path``."""
+        ...
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """Store ``text`` as the artifact ``artifact_file``."""
+        ...
+
+    def finish(self, status: RunStatus) -> None:
+        """End the run with ``status``. Idempotent."""
+        ...
+
+
+@dataclass
+class NullTracker:
+    """Tracker used when ``mlflow`` is not in ``trainer.logger``: accepts everything, stores nothing."""
+
+    run_id: str | None = None
+
+    def describe(self) -> str:
+        return 'MLflow tracking off (add "mlflow" to trainer.logger to record this run).'
+
+    def log_params(self, params: Mapping[str, str]) -> list[str]:
+        return []
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        pass
+
+    def finish(self, status: RunStatus) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------- store resolution
+
+
+def resolve_tracking_uri(tracking_uri: str | None, cwd: Path | None = None) -> str:
+    """The store URI a run will use: explicit > ``$MLFLOW_TRACKING_URI`` > ``./mlflow.db``.
+
+    A relative SQLite path is made absolute against ``cwd`` so that the printed location is exact.
+    """
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_DB_NAME}"
+    db = sqlite_path(uri)
+    if db is not None and not db.is_absolute():
+        db = (cwd or Path.cwd()) / db
+        uri = f"sqlite:///{db}"
+    return uri
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///path`` URI, or None for any other scheme."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return None
+    rest = uri[len(prefix) :]
+    # sqlite:////abs/path -> "/abs/path"; sqlite:///rel.db -> "rel.db"
+    return Path(rest)
+
+
+def is_http(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+@contextmanager
+def _env(**values: str) -> Iterator[None]:
+    """Temporarily set environment variables (restored afterwards, even on error)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def check_reachable(uri: str, timeout_s: int = CHECK_TIMEOUT_S) -> None:
+    """Raise :class:`TrackingError` unless the store at ``uri`` answers within ``timeout_s``.
+
+    For ``http(s)`` the server is asked for one experiment with MLflow's HTTP retries disabled;
+    for SQLite the database's directory must exist or be creatable and be writable.
+    """
+    db = sqlite_path(uri)
+    if db is not None:
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TrackingError(
+                f"cannot create the MLflow store directory {db.parent}: {exc}"
+            ) from exc
+        if not os.access(db.parent, os.W_OK):
+            raise TrackingError(f"the MLflow store directory {db.parent} is not writable")
+        return
+    if not is_http(uri):
+        return  # databricks, postgresql, ...: MLflow's own errors are already specific
+    from mlflow.tracking import MlflowClient
+
+    with _env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=str(timeout_s)):
+        try:
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        except Exception as exc:  # noqa: BLE001 - any failure means "cannot use this server"
+            first_line = (
+                str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            )
+            raise TrackingError(
+                f"MLflow tracking server {uri} is not reachable ({first_line[:300]}).\n"
+                f"Start it (e.g. `mlflow server --host 127.0.0.1 --port 5000`), fix "
+                f"trainer.tracking_uri, or unset it to use the local store ./{DEFAULT_DB_NAME}."
+            ) from exc
+
+
+# --------------------------------------------------------------------------- params
+
+
+def flatten_config(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Flatten a nested config into ``{"a.b.c": "value"}`` with MLflow-safe string values.
+
+    Scalars are rendered as JSON (``null``, ``true``, ``3e-4``) except strings, which stay bare;
+    lists are JSON. Values longer than :data:`MAX_PARAM_VALUE_LENGTH` are truncated and end with
+    :data:`TRUNCATION_MARKER`.
+    """
+    from rcx.config.loading import flatten_tree
+
+    flat: dict[str, str] = {}
+    for name, value in flatten_tree(tree, prefix).items():
+        text = value if isinstance(value, str) else json.dumps(value, default=str)
+        if len(text) > MAX_PARAM_VALUE_LENGTH:
+            text = text[: MAX_PARAM_VALUE_LENGTH - len(TRUNCATION_MARKER)] + TRUNCATION_MARKER
+        flat[name] = text
+    return flat
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+# --------------------------------------------------------------------------- MLflow
+
+
+@dataclass
+class MlflowTracker:
+    """One MLflow run, driven through ``MlflowClient`` (no global ``mlflow.start_run`` state).
+
+    Build it with :meth:`start`; ``resumed`` tells whether an existing run was reopened.
+    """
+
+    uri: str
+    run_id: str
+    experiment_id: str
+    resumed: bool = False
+    _client: Any = field(default=None, repr=False)
+    _finished: bool = False
+    _warned: bool = False
+
+    @classmethod
+    def start(
+        cls,
+        *,
+        experiment: str,
+        run_name: str,
+        tracking_uri: str | None = None,
+        resume_run_id: str | None = None,
+        parent_run_id: str | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> MlflowTracker:
+        """Open a run: reopen ``resume_run_id`` if it exists in this store, else create one.
+
+        Raises :class:`TrackingError` if the store cannot be reached or the run cannot be made.
+        """
+        uri = resolve_tracking_uri(tracking_uri)
+        check_reachable(uri)
+        # A new SQLite store announces its schema migrations at INFO; rcx prints the store itself.
+        for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(RUN_HTTP_RETRIES))
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(RUN_HTTP_TIMEOUT_S))
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        try:
+            client = MlflowClient(tracking_uri=uri)
+            if resume_run_id and (run := _get_run_or_none(client, resume_run_id)) is not None:
+                client.update_run(resume_run_id, status="RUNNING")
+                return cls(uri, resume_run_id, run.info.experiment_id, True, client)
+            experiment_id = _get_or_create_experiment(client, experiment, uri)
+            run_tags = dict(tags or {})
+            if parent_run_id:
+                run_tags["mlflow.parentRunId"] = parent_run_id
+            run = client.create_run(experiment_id, run_name=run_name, tags=run_tags)
+        except MlflowException as exc:
+            raise TrackingError(f"MLflow store {uri}: {exc.message}") from exc
+        return cls(uri, run.info.run_id, experiment_id, False, client)
+
+    def describe(self) -> str:
+        db = sqlite_path(self.uri)
+        verb = "resumed" if self.resumed else "run"
+        if db is not None:
+            view = f"cd {db.parent} && mlflow ui --backend-store-uri sqlite:///{db.name}"
+            where = f"{db} (artifacts in {db.parent / DEFAULT_ARTIFACT_DIR})"
+        else:
+            view = f"open {self.uri}"
+            where = self.uri
+        return f"MLflow {verb} {self.run_id} in {where}\n  view: {view}"
+
+    def log_params(self, params: Mapping[str, str]) -> list[str]:
+        from mlflow.entities import Param, RunTag
+
+        existing = self._client.get_run(self.run_id).data.params if self.resumed else {}
+        new = [Param(k, v) for k, v in params.items() if k not in existing]
+        changed = [
+            f"{k}: {existing[k]} -> {v}"
+            for k, v in params.items()
+            if k in existing and existing[k] != v
+        ]
+        for chunk in _chunks(new, MAX_PARAMS_PER_BATCH):
+            self._client.log_batch(self.run_id, params=list(chunk))
+        truncated = [k for k, v in params.items() if v.endswith(TRUNCATION_MARKER)]
+        tags = []
+        if changed:
+            tags.append(RunTag("rcx.resume.changed_params", "\n".join(changed)[:8000]))
+        if truncated:
+            tags.append(RunTag("rcx.truncated_params", ",".join(truncated)[:8000]))
+        if tags:
+            self._client.log_batch(self.run_id, tags=tags)
+        return [f"param changed on resume (kept the first value in MLflow): {c}" for c in changed]
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now_ms = int(time.time() * 1000)
+        entries = [Metric(k, float(v), now_ms, step) for k, v in metrics.items() if _is_number(v)]
+        try:
+            for chunk in _chunks(entries, MAX_METRICS_PER_BATCH):
+                self._client.log_batch(self.run_id, metrics=list(chunk))
+        except Exception as exc:  # noqa: BLE001 - see module docstring: warn, keep training
+            self._warn_once(f"MLflow metric logging failed at step {step}: {exc}")
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        try:
+            if Path(path).is_dir():
+                self._client.log_artifacts(self.run_id, str(path), artifact_path)
+            else:
+                self._client.log_artifact(self.run_id, str(path), artifact_path)
+        except Exception as exc:  # noqa: BLE001
+            self._warn_once(f"MLflow artifact upload of {path} failed: {exc}")
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        try:
+            self._client.log_text(self.run_id, text, artifact_file)
+        except Exception as exc:  # noqa: BLE001
+            self._warn_once(f"MLflow artifact {artifact_file} failed: {exc}")
+
+    def finish(self, status: RunStatus) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        try:
+            self._client.set_terminated(self.run_id, status=status)
+        except Exception as exc:  # noqa: BLE001
+            warnings.warn(f"could not mark MLflow run {self.run_id} {status}: {exc}", stacklevel=2)
+
+    def set_tag(self, key: str, value: str) -> None:
+        """Set a tag on this run."""
+        self._client.set_tag(self.run_id, key, value)
+
+    def end_child_run(
+        self,
+        run_name: str,
+        status: RunStatus,
+        *,
+        run_id: str | None = None,
+        error: str | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> str:
+        """End the child run ``run_id`` (else the one named ``run_name``, else a new one with
+        ``tags``) with ``status``, recording ``error`` as a tag and as ``error.txt``; its id."""
+        client = self._client
+        run_id = run_id or self._find_child(run_name)
+        if run_id is None:
+            child_tags = {"mlflow.parentRunId": self.run_id, **(tags or {})}
+            run_id = client.create_run(
+                self.experiment_id, run_name=run_name, tags=child_tags
+            ).info.run_id
+        if error:
+            client.set_tag(run_id, "rcx.error", error[:4900])
+            client.log_text(run_id, error, "error.txt")
+        client.set_terminated(run_id, status=status)
+        return run_id
+
+    def delete_run_tag(self, run_id: str, key: str) -> None:
+        """Drop the tag ``key`` of the run ``run_id`` (a child, typically) if it has one."""
+        if key in self._client.get_run(run_id).data.tags:
+            self._client.delete_tag(run_id, key)
+
+    def _find_child(self, run_name: str) -> str | None:
+        runs = self._client.search_runs(
+            [self.experiment_id],
+            filter_string=(
+                f"tags.mlflow.parentRunId = '{self.run_id}' and attributes.run_name = '{run_name}'"
+            ),
+            max_results=1,
+        )
+        return runs[0].info.run_id if runs else None
+
+    def _warn_once(self, message: str) -> None:
+        if not self._warned:
+            self._warned = True
+            warnings.warn(message + " (further tracking errors are not repeated)", stacklevel=3)
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _get_run_or_none(client: Any, run_id: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        return None
+
+
+def _get_or_create_experiment(client: Any, name: str, uri: str) -> str:
+    """Experiment id for ``name``; new SQLite experiments keep artifacts beside the database."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+    db = sqlite_path(uri)
+    location = (db.parent / DEFAULT_ARTIFACT_DIR).as_uri() if db is not None else None
+    return client.create_experiment(name, artifact_location=location)
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def open_tracker(
+    *,
+    logger: Sequence[str],
+    project_name: str,
+    experiment_name: str,
+    tracking_uri: str | None = None,
+    resume_run_id: str | None = None,
+    parent_run_id: str | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> Tracker:
+    """An :class:`MlflowTracker` if ``"mlflow"`` is in ``logger``, else a :class:`NullTracker`."""
+    if "mlflow" not in logger:
+        return NullTracker()
+    return MlflowTracker.start(
+        experiment=project_name,
+        run_name=experiment_name,
+        tracking_uri=tracking_uri,
+        resume_run_id=resume_run_id,
+        parent_run_id=parent_run_id,
+        tags=tags,
+    )
+
+
+def plot_history(history: Mapping[str, Sequence[tuple[int, float]]], path: Path) -> Path | None:
+    """Draw the :data:`PLOT_PANELS` curves present in ``history`` (key -> [(step, value)]) as a
+    PNG, one panel per group. Returns the path written, or None when none of the keys was logged.
+    Uses the Agg backend, so it works without a display.
+    """
+    panels = [[k for k in panel if history.get(k)] for panel in PLOT_PANELS]
+    panels = [keys for keys in panels if keys]
+    if not panels:
+        return None
+    from rcx.store.plots import panel_grid, plot_curve, save_figure
+
+    fig, axes = panel_grid(len(panels))
+    for ax, keys in zip(axes, panels, strict=True):
+        for key in keys:
+            plot_curve(ax, history[key], key)
+        ax.set_title(", ".join(keys), fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if len(keys) > 1:
+            ax.legend(fontsize=8)
+    return save_figure(fig, path)

@@ -1,0 +1,197 @@
+"""The actor: its forwards and its update, where the rollout correction meets the loss.
+
+The update step, not the loss, decides the correction (see :mod:`rcx.algos.modes`):
+
+* decoupled: the IS weights and the RS mask were computed once for the batch from
+  (pi_old, pi_rollout); each micro-batch takes its rows of both.
+* bypass: the correction is recomputed for every micro-batch from the same forward that carries
+  the gradient (pi_theta, detached) against pi_rollout, with no extra forward.
+
+Micro-batches accumulate gradients, each scaled by its share of the mini-batch's responses
+(verl's rule). A micro-batch whose tokens RS rejects entirely adds nothing; a mini-batch with no
+token left takes no optimiser step (AdamW would still move the weights through momentum and
+weight decay). The entropy bonus and the KL loss are aggregated over the plain response mask:
+they are regularisers, not part of the off-policy correction, so RS does not switch them off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rcx.algos import losses
+from rcx.algos.correction import compute_correction
+from rcx.algos.criteria import CorrectionSpec
+from rcx.algos.modes import UpdatePlan
+from rcx.config.models import ActorConfig
+from rcx.rollout import SamplingParams, processed_log_probs, response_logits, token_log_probs
+from rcx.train.batch import StepBatch
+from rcx.train.metrics import MetricBag, masked_mean
+from rcx.train.setup import autocast, batch_split, derive_seed
+
+
+def policy_loss(
+    plan: UpdatePlan,
+    spec: CorrectionSpec,
+    actor: ActorConfig,
+    log_probs: torch.Tensor,
+    mb: StepBatch,
+) -> tuple[torch.Tensor, dict[str, float], float]:
+    """The policy-gradient loss of one micro-batch, its metrics, and the tokens it trains on.
+
+    ``log_probs`` (b, T) are pi_theta's, with gradient; the anchor of the PPO ratio is
+    ``mb.old_log_probs`` (pi_old, or pi_rollout in bypass mode). Where the IS weights go follows
+    ``plan.is_weights``. In bypass mode the metrics add ``actor/kept_token_fraction`` (share of
+    the response tokens left in the loss) and this micro-batch's ``rollout_corr/*``.
+    """
+    correction_metrics: dict[str, float] = {}
+    if plan.bypass:
+        correction = compute_correction(
+            spec, log_probs.detach(), mb.rollout_log_probs, mb.response_mask
+        )
+        mask, weights, correction_metrics = correction.mask, correction.weights, correction.metrics
+    else:
+        mask, weights = mb.train_mask, mb.is_weights
+    applied = weights if plan.is_weights == "loss" else None
+    if plan.loss == "ppo_clip":
+        loss, metrics = losses.ppo_clip_loss(
+            mb.old_log_probs,
+            log_probs,
+            mb.advantages,
+            mask,
+            clip_ratio=actor.clip_ratio,
+            clip_ratio_low=actor.clip_ratio_low,
+            clip_ratio_high=actor.clip_ratio_high,
+            clip_ratio_c=actor.clip_ratio_c,
+            loss_agg_mode=actor.loss_agg_mode,
+            is_weights=applied,
+        )
+    else:
+        loss, metrics = losses.reinforce_loss(
+            log_probs, mb.advantages, mask, is_weights=applied, loss_agg_mode=actor.loss_agg_mode
+        )
+    if not plan.bypass:
+        return loss, metrics, float(mask.sum())
+    rejected = correction_metrics.get("rollout_corr/rollout_rs_masked_fraction", 0.0)
+    nonfinite = correction_metrics["rollout_corr/nonfinite_fraction"]
+    metrics["actor/kept_token_fraction"] = (1.0 - nonfinite) * (1.0 - rejected)
+    metrics.update(correction_metrics)
+    kept = metrics["actor/kept_token_fraction"] * float(mb.response_mask.sum())
+    return loss, metrics, kept
+
+
+def actor_loss(
+    plan: UpdatePlan,
+    spec: CorrectionSpec,
+    actor: ActorConfig,
+    log_probs: torch.Tensor,
+    entropy: torch.Tensor,
+    mb: StepBatch,
+) -> tuple[torch.Tensor, dict[str, float], float]:
+    """:func:`policy_loss` minus the entropy bonus plus the KL loss (when on)."""
+    loss, metrics, kept = policy_loss(plan, spec, actor, log_probs, mb)
+    if actor.entropy_coeff > 0:
+        bonus = losses.agg_loss(entropy, mb.response_mask, actor.loss_agg_mode)
+        loss = loss - actor.entropy_coeff * bonus
+    if mb.ref_log_probs is not None:
+        kl = losses.kl_penalty(log_probs, mb.ref_log_probs, actor.kl_loss_type)  # (b, T)
+        kl_loss = losses.agg_loss(kl, mb.response_mask, actor.loss_agg_mode)
+        loss = loss + actor.kl_loss_coef * kl_loss
+        metrics["actor/kl_loss"] = float(kl_loss.detach())
+    return loss, metrics, kept
+
+
+@dataclass
+class Actor:
+    """The policy being trained, its optimiser, and how it scores and updates."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    cfg: ActorConfig
+    plan: UpdatePlan
+    spec: CorrectionSpec
+    scoring: SamplingParams  # temperature of the training-side log-probs, no truncation
+    n: int  # responses per prompt
+    seed: int
+    device: torch.device
+
+    def log_probs(self, model: torch.nn.Module, batch: StepBatch) -> torch.Tensor:
+        """Log-probs (B, T) of the sampled tokens under ``model`` (the policy for pi_old, or the
+        reference), without gradient, in forwards of ``ppo_micro_batch_size_per_gpu`` rows."""
+        chunk = self.cfg.ppo_micro_batch_size_per_gpu or 1 << 30
+        length = batch.response_length
+        out = []
+        with torch.no_grad(), autocast(self.device):
+            for s in range(0, batch.size, chunk):
+                ids, am = batch.input_ids[s : s + chunk], batch.attention_mask[s : s + chunk]
+                out.append(token_log_probs(model, ids, am, length, self.scoring))
+        return torch.cat(out)  # (B, T)
+
+    def scored(self, mb: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probs, entropy), each (b, T), of the policy on a micro-batch, with gradient.
+
+        Scored under ``logits / temperature`` with no top-k/top-p truncation (what verl's
+        actor does), so a truncated rollout is a real mismatch source.
+        """
+        length = mb.response_length
+        with torch.enable_grad(), autocast(self.device):
+            logits = response_logits(self.model, mb.input_ids, mb.attention_mask, length)
+            log_probs = processed_log_probs(logits, mb.input_ids[:, -length:], self.scoring)
+            scaled = logits.float() / self.scoring.temperature
+            entropy = losses.entropy_from_logits(scaled)
+        return log_probs, entropy
+
+    def update(self, batch: StepBatch, step: int) -> tuple[dict[str, float], torch.Tensor]:
+        """``ppo_epochs`` passes of mini-batch updates; returns (metrics, epoch-1 log-probs).
+
+        The epoch-1 log-probs are what the bypass correction compared against (the dumps record
+        them). ``rollout_corr/skipped_update`` is 1 when no mini-batch took an optimiser step.
+        """
+        actor, size = self.cfg, batch.size
+        mini, micro = batch_split(
+            size, actor.ppo_mini_batch_size, self.n, actor.ppo_micro_batch_size_per_gpu
+        )
+        epoch1_log_probs = torch.zeros_like(batch.rollout_log_probs)
+        bag, optimizer_steps = MetricBag(), 0
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "shuffle", step))
+        for epoch in range(actor.ppo_epochs):
+            order = (
+                torch.randperm(size, generator=generator) if actor.shuffle else torch.arange(size)
+            )
+            for start in range(0, size, mini):
+                mini_rows = order[start : start + mini]
+                self.optimizer.zero_grad(set_to_none=True)
+                kept_tokens = 0.0
+                for mstart in range(0, len(mini_rows), micro):
+                    rows = mini_rows[mstart : mstart + micro].to(self.device)
+                    mb = batch.rows(rows)
+                    log_probs, entropy = self.scored(mb)  # (b, T) each
+                    if epoch == 0:
+                        epoch1_log_probs[rows] = log_probs.detach().float()
+                    loss, loss_metrics, kept = actor_loss(
+                        self.plan, self.spec, actor, log_probs, entropy, mb
+                    )
+                    bag.add(loss_metrics)
+                    bag.add({"actor/entropy": masked_mean(entropy.detach(), mb.response_mask)})
+                    if kept > 0:  # an all-rejected micro-batch contributes no update at all
+                        kept_tokens += kept
+                        (loss * (len(rows) / len(mini_rows))).backward()
+                if kept_tokens == 0:
+                    bag.add({"actor/skipped_minibatch": 1.0})
+                    continue
+                bag.add({"actor/skipped_minibatch": 0.0})
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), actor.grad_clip)
+                bag.add({"actor/grad_norm": grad_norm})
+                if torch.isfinite(grad_norm):
+                    self.optimizer.step()
+                    optimizer_steps += 1
+                else:
+                    bag.add({"actor/nonfinite_grad": 1.0})
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics = bag.means()
+        metrics["rollout_corr/skipped_update"] = 1.0 if optimizer_steps == 0 else 0.0
+        metrics["actor/optimizer_steps"] = float(optimizer_steps)
+        return metrics, epoch1_log_probs

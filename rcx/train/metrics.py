@@ -1,0 +1,167 @@
+"""Step metrics and the console: timers, per-micro-batch means, reward/length/advantage metrics,
+the progress line and the end-of-run table."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+#: Metrics shown in the progress bar and the summary table, when present.
+KEY_METRICS = (
+    ("reward/mean", "reward"),
+    ("reward/accuracy", "acc"),
+    ("rollout_corr/rollout_rs_masked_fraction", "masked"),
+    ("rollout_corr/rollout_is_eff_sample_size", "ess"),
+    ("rollout_corr/kl", "kl"),
+    ("actor/pg_clipfrac", "clipfrac"),
+)
+#: Further metrics of the summary table.
+SUMMARY_EXTRA = (
+    "val/accuracy",
+    "val/reward_mean",
+    "val/sampled_accuracy",
+    "timing/step",
+    "perf/tokens_per_s",
+)
+
+
+class StageTimer:
+    """``with timer("gen"):`` accumulates wall time into ``timing/gen`` (seconds)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.seconds[stage] += time.perf_counter() - start
+
+    def metrics(self) -> dict[str, float]:
+        return {f"timing/{k}": v for k, v in self.seconds.items()}
+
+
+class MetricBag:
+    """Collects per-micro-batch values; ``means()`` averages each key."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, list[float]] = defaultdict(list)
+
+    def add(self, metrics: Mapping[str, Any], prefix: str = "") -> None:
+        for key, value in metrics.items():
+            value = float(value.item() if torch.is_tensor(value) else value)
+            self.values[prefix + key].append(value)
+
+    def means(self) -> dict[str, float]:
+        return {k: float(np.mean(v)) for k, v in self.values.items() if v}
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
+    """``sum(values * mask) / sum(mask)`` on the host (0 for an empty mask)."""
+    total = float(mask.sum())
+    return float((values * mask).sum()) / total if total > 0 else 0.0
+
+
+def reward_metrics(scores: torch.Tensor, prefix: str) -> dict[str, float]:
+    """``<prefix>/mean``, ``/std`` and ``/accuracy`` (share with full credit, score >= 1)."""
+    return {
+        f"{prefix}/mean": float(scores.mean()),
+        f"{prefix}/std": float(scores.std()) if len(scores) > 1 else 0.0,
+        f"{prefix}/accuracy": float((scores >= 1.0).float().mean()),
+    }
+
+
+def length_metrics(
+    response_ids: torch.Tensor, response_mask: torch.Tensor, eos_ids: torch.Tensor, max_length: int
+) -> dict[str, float]:
+    """response_length/{mean,max,min,clip_ratio}; clipped = hit max length without EOS."""
+    lengths = response_mask.sum(-1).float().cpu()  # (B,)
+    last = (lengths.long() - 1).clamp(min=0)  # (B,)
+    last_token = response_ids.cpu()[torch.arange(len(lengths)), last]  # (B,)
+    ended = torch.isin(last_token, eos_ids)
+    clipped = (lengths >= max_length) & ~ended
+    return {
+        "response_length/mean": float(lengths.mean()),
+        "response_length/max": float(lengths.max()),
+        "response_length/min": float(lengths.min()),
+        "response_length/clip_ratio": float(clipped.float().mean()),
+    }
+
+
+def advantage_metrics(
+    advantages: torch.Tensor,
+    returns: torch.Tensor,
+    values: torch.Tensor | None,
+    mask: torch.Tensor,
+) -> dict[str, float]:
+    """Masked means of the advantages, returns and (gae) values."""
+    out = {
+        "critic/advantages/mean": masked_mean(advantages, mask),
+        "critic/returns/mean": masked_mean(returns, mask),
+    }
+    if values is not None:
+        out["critic/values/mean"] = masked_mean(values, mask)
+    return out
+
+
+def throughput_metrics(
+    step_seconds: float, tokens: float, device: torch.device
+) -> dict[str, float]:
+    """``timing/step``, ``perf/tokens_per_s`` (prompt + response) and, on CUDA, peak memory."""
+    out = {
+        "timing/step": step_seconds,
+        "perf/tokens_per_s": tokens / max(step_seconds, 1e-9),
+    }
+    if device.type == "cuda":
+        out["perf/max_memory_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+def progress_info(metrics: Mapping[str, float]) -> str:
+    """The short ``reward 0.41  acc 0.38 ...`` line of the progress bar."""
+    return "  ".join(f"{short} {metrics[k]:.3f}" for k, short in KEY_METRICS if k in metrics)
+
+
+def progress_bar(console: Console, show: bool) -> Progress:
+    """The step progress bar (disabled when the console logger is off)."""
+    return Progress(
+        TextColumn("step"),
+        MofNCompleteColumn(),
+        BarColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console,
+        disable=not show,
+        transient=False,
+    )
+
+
+def summary_table(
+    title: str, history: Mapping[str, list[tuple[int, float]]], run_id: str | None
+) -> Table:
+    """Start (first logged) vs end (last logged) values of the key metrics."""
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("start", justify="right")
+    table.add_column("end", justify="right")
+    for key in [k for k, _ in KEY_METRICS] + list(SUMMARY_EXTRA):
+        points = history.get(key)
+        if points:
+            table.add_row(key, f"{points[0][1]:.4g}", f"{points[-1][1]:.4g}")
+    if run_id:
+        table.caption = f"MLflow run {run_id}"
+    return table

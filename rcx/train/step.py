@@ -1,0 +1,191 @@
+"""One training step, as stages that read top to bottom (listed in :mod:`rcx.train.trainer`)."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from rcx.algos.advantages import compute_advantages, token_rewards_from_scores
+from rcx.algos.correction import compute_correction
+from rcx.config.models import RcxConfig
+from rcx.rollout import SamplingParams
+from rcx.store.dumps import write_dump
+from rcx.store.tracking import Tracker
+from rcx.train.actor import Actor
+from rcx.train.batch import StepBatch
+from rcx.train.critic import Critic
+from rcx.train.metrics import (
+    StageTimer,
+    advantage_metrics,
+    length_metrics,
+    reward_metrics,
+    throughput_metrics,
+)
+from rcx.train.setup import derive_seed, step_scheduler
+
+
+class StepHost(Protocol):
+    """What a step reads from (and ``weights_dirty``, sets on) the trainer that runs it."""
+
+    cfg: RcxConfig
+    actor: Actor
+    critic: Critic | None
+    ref_model: torch.nn.Module | None
+    engine: Any  # the rollout engine
+    sampling: SamplingParams
+    train_data: Any
+    device: torch.device
+    eos_ids: torch.Tensor  # (E,) every token id that ends a response
+    ckpt_dir: Path
+    tracker: Tracker
+    weights_dirty: bool
+
+    def score(
+        self, batch: Any, examples: Sequence[Any]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
+def train_step(trainer: StepHost, step: int) -> dict[str, float]:
+    """Run step ``step`` (1-based) end to end; return its metrics."""
+    cfg, plan = trainer.cfg, trainer.actor.plan
+    timer, metrics = StageTimer(trainer.device), {}
+    step_start = time.perf_counter()
+    metrics["actor/lr"] = trainer.actor.optimizer.param_groups[0]["lr"]  # the lr of this step
+
+    # 1. Prompts: a pure function of (seed, step), so a resumed run sees the same batch.
+    indices = trainer.train_data.batch(step - 1, cfg.data.train_batch_size, cfg.trainer.seed)
+    examples = [trainer.train_data.examples[i] for i in indices]
+    prompts = [trainer.train_data.prompt_ids[i] for i in indices]
+
+    # 2. Generate n responses per prompt from the rollout copy (step - 1 updates so far).
+    with timer("gen"):
+        sync_rollout_weights(trainer, step - 1)
+        seed = derive_seed(cfg.trainer.seed, "gen", step)
+        rollout = trainer.engine.generate(prompts, trainer.sampling, seed=seed).to(trainer.device)
+    batch = StepBatch.from_rollout(rollout)
+    metrics["rollout/staleness"] = float(step - 1 - rollout.weight_version)
+
+    # 3. Rewards: the outcome score sits on each response's last valid token.
+    with timer("reward"):
+        per_response = [examples[i] for i in rollout.prompt_index.tolist()]
+        scores, extras = trainer.score(rollout, per_response)  # (B,), {name: (B,)}
+        token_rewards = token_rewards_from_scores(scores, batch.response_mask)  # (B, T)
+    metrics.update(reward_metrics(scores, "reward"))
+    metrics.update({f"reward/extra/{k}": float(v.float().mean()) for k, v in extras.items()})
+    metrics.update(
+        length_metrics(
+            rollout.response_ids,
+            rollout.response_mask,
+            trainer.eos_ids,
+            cfg.data.max_response_length,
+        )
+    )
+
+    # 4. The anchor pi_old. Decoupled: one extra forward of the training model. Bypass: the
+    #    rollout's log-probs.
+    if plan.bypass:
+        batch.old_log_probs = batch.rollout_log_probs
+    else:
+        with timer("old_log_prob"):
+            batch.old_log_probs = trainer.actor.log_probs(trainer.actor.model, batch)  # (B, T)
+
+    # 5. Reference log-probs, only when a KL loss is on.
+    if trainer.ref_model is not None:
+        with timer("ref"):
+            batch.ref_log_probs = trainer.actor.log_probs(trainer.ref_model, batch)  # (B, T)
+
+    # 6. Values (gae): the critic's estimate before each response token.
+    if trainer.critic is not None:
+        with timer("values"):
+            batch.values = trainer.critic.values(batch)  # (B, T)
+
+    # 7. Advantages.
+    with timer("adv"):
+        alg = cfg.algorithm
+        batch.advantages, batch.returns = compute_advantages(
+            alg.adv_estimator,
+            scores,
+            token_rewards,
+            batch.response_mask,
+            batch.prompt_index,
+            batch.values,
+            gamma=alg.gamma,
+            lam=alg.lam,
+            norm_by_std=alg.norm_adv_by_std_in_grpo,
+        )  # (B, T) each
+    metrics.update(
+        advantage_metrics(batch.advantages, batch.returns, batch.values, batch.response_mask)
+    )
+
+    # 8. Rollout correction, decoupled mode: once per batch, w = pi_old / pi_rollout.
+    batch.train_mask = batch.response_mask
+    if not plan.bypass:
+        with timer("correction"):
+            correction = compute_correction(
+                trainer.actor.spec,
+                batch.old_log_probs,
+                batch.rollout_log_probs,
+                batch.response_mask,
+            )
+        batch.is_weights, batch.train_mask = correction.weights, correction.mask
+        metrics.update(correction.metrics)
+
+    # 9. Actor update. From here until the step is logged, the weights belong to no
+    #    completed step.
+    trainer.weights_dirty = True
+    with timer("update_actor"):
+        actor_metrics, epoch1_log_probs = trainer.actor.update(batch, step)
+    metrics.update(actor_metrics)
+    if metrics.get("rollout_corr/skipped_update", 0.0) >= 1.0:
+        warnings.warn(
+            f"step {step}: rejection sampling masked every token; update skipped",
+            stacklevel=2,
+        )
+
+    # 10. Critic update (gae).
+    if trainer.critic is not None:
+        with timer("update_critic"):
+            metrics.update(trainer.critic.update(batch))
+        step_scheduler(trainer.critic.scheduler)
+    step_scheduler(trainer.actor.scheduler)
+
+    # 11. Metrics: timing, throughput; optional log-prob dump.
+    if cfg.trainer.dump_log_probs:
+        compared = epoch1_log_probs if plan.bypass else batch.old_log_probs
+        dump_log_probs(trainer, step, rollout, compared, scores)
+    metrics.update(timer.metrics())
+    tokens = float(rollout.response_mask.sum() + rollout.prompt_mask.sum())
+    metrics.update(throughput_metrics(time.perf_counter() - step_start, tokens, trainer.device))
+    return metrics
+
+
+def sync_rollout_weights(trainer: StepHost, updates: int) -> None:
+    """Refresh the rollout copy after ``updates`` training steps when it is due: every
+    ``weight_sync_interval`` steps (k > 1 leaves the copy up to k - 1 updates stale)."""
+    if updates % trainer.cfg.actor_rollout_ref.rollout.weight_sync_interval == 0:
+        trainer.engine.sync_weights(trainer.actor.model, updates)
+
+
+def dump_log_probs(
+    trainer: StepHost, step: int, rollout: Any, train_log_probs: torch.Tensor, scores: torch.Tensor
+) -> Path:
+    """Write this step's log-prob dump (:mod:`rcx.store.dumps`) and upload it."""
+    rc = trainer.cfg.algorithm.rollout_correction
+    path = write_dump(
+        trainer.ckpt_dir / "log_probs",
+        step,
+        mode=trainer.actor.plan.mode,
+        rollout_log_probs=rollout.rollout_log_probs,
+        train_log_probs=train_log_probs,
+        response_mask=rollout.response_mask,
+        prompt_index=rollout.prompt_index,
+        scores=scores,
+        rollout_correction=rc.model_dump(mode="json"),
+    )
+    trainer.tracker.log_artifact(path, "log_probs")
+    return path

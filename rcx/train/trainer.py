@@ -1,0 +1,441 @@
+"""The single-node trainer behind ``rcx train``: setup and resume, the loop, one step.
+
+One step, as :meth:`Trainer.train_step` reads top to bottom::
+
+    1 prompts        train_batch_size prompts, a pure function of (seed, step)
+    2 generate       n responses each from the rollout copy, with their rollout log-probs
+    3 rewards        outcome score of each response, placed on its last valid token
+    4 pi_old         the anchor: decoupled, one extra forward of the training model;
+                     bypass, the rollout log-probs
+    5 ref log-probs  only with use_kl_loss: the frozen reference model
+    6 values         gae only: the critic
+    7 advantages     grpo | rloo | gae | reinforce_plus_plus
+    8 correction     decoupled: IS weights + RS mask once per batch from (pi_old, pi_rollout)
+    9 actor update   ppo_epochs x mini-batches x micro-batches (:mod:`rcx.train.actor`; bypass:
+                     correction recomputed per micro-batch from pi_theta vs pi_rollout)
+   10 critic update  gae only (:mod:`rcx.train.critic`)
+   11 metrics        reward/, response_length/, actor/, critic/, rollout_corr/, timing/, perf/
+
+Choices and simplifications, each deliberate:
+
+* The policy stays in ``eval()`` mode (no dropout): pi_old and pi_theta must be the same function
+  of the weights, or the PPO ratio would measure dropout noise.
+* In bypass mode the ``rollout_corr/*`` metrics are means over the step's micro-batches and
+  epochs. A step in which no mini-batch took an optimiser step logs
+  ``rollout_corr/skipped_update = 1`` and a warning. The critic still learns from such a batch:
+  value targets do not depend on the policy mismatch.
+* The learning rate is constant after a linear warm-up over ``lr_warmup_steps`` training steps.
+* The rollout copy is refreshed every ``weight_sync_interval`` steps (the trainer decides when:
+  :func:`rcx.train.step.sync_rollout_weights`); in between it samples from stale weights.
+* Sampling is seeded per step (``engine.generate(seed=...)``) and the prompt order is a pure
+  function of ``(seed, step)``, so a resumed run replays exactly what an uninterrupted one does.
+* Validation generates from a float32 copy of the *training* weights (not the possibly stale,
+  low-precision rollout copy): ``val/reward_mean`` and ``val/accuracy`` follow
+  ``rollout.val_kwargs`` (greedy by default); when that is greedy, ``val/sampled_accuracy`` and
+  ``val/sampled_reward_mean`` add one sample per prompt at the rollout sampling settings.
+  ``accuracy`` is the share of responses with score >= 1 (full credit).
+
+Ctrl-C: the first press finishes the current step, saves a checkpoint, marks the MLflow run
+KILLED and returns a :class:`TrainResult` with ``exit_code == 130``; a second press stops at once,
+and saves a checkpoint only if the interrupted step had not yet touched the weights (from its
+first update until it is logged, the weights belong to no completed step).
+
+With ``trainer.dump_log_probs: true`` each step's log-probs are dumped (format in
+:mod:`rcx.store.dumps`).
+"""
+
+from __future__ import annotations
+
+import copy
+import signal
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from rcx.algos.modes import update_plan
+from rcx.config.models import RcxConfig
+from rcx.config.yamlio import dump_yaml
+from rcx.rollout.hf import eos_token_ids
+from rcx.store.checkpoint import (
+    capture_rng_state,
+    latest_checkpoint,
+    load_checkpoint,
+    read_meta,
+    restore_rng_state,
+    save_checkpoint,
+)
+from rcx.store.tracking import RunStatus, Tracker, flatten_config, open_tracker, plot_history
+from rcx.train.actor import Actor
+from rcx.train.critic import Critic, ValueModel
+from rcx.train.evaluate import score_rollout, validate
+from rcx.train.metrics import (
+    progress_bar,
+    progress_info,
+    summary_table,
+)
+from rcx.train.setup import (
+    configure_threads,
+    find_resume_checkpoint,
+    load_data,
+    load_policy,
+    make_optimizer,
+    resolve_device,
+    rollout_engines,
+    sampling_params,
+    seed_everything,
+    total_steps,
+)
+from rcx.train.state import load_parts_state, parts_state
+from rcx.train.step import train_step
+
+EXIT_CODES = {"FINISHED": 0, "FAILED": 1, "KILLED": 130}
+
+
+@dataclass
+class TrainResult:
+    """What a training run did. ``exit_code`` is what ``rcx train`` should exit with."""
+
+    status: RunStatus
+    step: int  # last completed step
+    total_steps: int
+    run_id: str | None
+    checkpoint: Path | None
+    metrics: dict[str, float]  # the last step's metrics
+    val_start: dict[str, float]
+    val_end: dict[str, float]
+    history: dict[str, list[tuple[int, float]]]
+    wall_s: float
+    resumed_from: int = 0
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.status]
+
+
+def train(
+    cfg: RcxConfig,
+    *,
+    findings: Sequence[Any] | None = None,
+    console: Console | None = None,
+    parent_run_id: str | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> TrainResult:
+    """Train ``cfg`` to ``trainer.total_training_steps``; the CLI's entry point.
+
+    ``findings`` (the validate findings, already printed by the CLI) are recorded as an MLflow
+    tag. ``parent_run_id`` nests the run under a sweep. Raises, after marking the MLflow run
+    FAILED, on errors the user must fix (tracking server unreachable, model or data unusable,
+    unreadable checkpoint); returns a KILLED result on Ctrl-C.
+    """
+    console = console or Console(highlight=False)
+    trainer = Trainer(cfg, console=console, parent_run_id=parent_run_id, tags=tags)
+    if findings:
+        trainer.tracker.log_text(
+            "\n".join(
+                f"{getattr(f, 'code', '')} {getattr(f, 'path', '')}: {getattr(f, 'message', f)}"
+                for f in findings
+            ),
+            "validate_findings.txt",
+        )
+    return trainer.fit()
+
+
+class Trainer:
+    """Holds the run's parts; :meth:`fit` runs the loop, :meth:`train_step` one step."""
+
+    def __init__(
+        self,
+        cfg: RcxConfig,
+        *,
+        console: Console,
+        parent_run_id: str | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.console = console
+        self.show = "console" in cfg.trainer.logger
+        self.ckpt_dir = Path(cfg.checkpoint_dir())
+        self.started = time.perf_counter()
+        self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        self.val_start: dict[str, float] = {}
+        self.val_end: dict[str, float] = {}
+        self.last_metrics: dict[str, float] = {}
+        self.step = 0
+        self.resumed_from = 0
+        # True from a step's first weight update until its metrics are logged: the weights then
+        # belong to no completed step, so a hard interrupt must not checkpoint them.
+        self.weights_dirty = False
+        self._stop_requested = False
+
+        # Resume target first (cheap: only its meta.json), so that the MLflow run can be reopened
+        # and an unreachable server reported before anything heavy loads.
+        self.resume_path = find_resume_checkpoint(cfg, self.ckpt_dir)
+        resume_run_id = (
+            None if self.resume_path is None else read_meta(self.resume_path).get("mlflow_run_id")
+        )
+        self.tracker: Tracker = open_tracker(
+            logger=cfg.trainer.logger,
+            project_name=cfg.trainer.project_name,
+            experiment_name=cfg.trainer.experiment_name,
+            tracking_uri=cfg.trainer.tracking_uri,
+            resume_run_id=resume_run_id,
+            parent_run_id=parent_run_id,
+            tags=tags,
+        )
+        self.console.print(self.tracker.describe(), markup=False, highlight=False)
+        try:
+            self._build()
+        except KeyboardInterrupt:
+            self.tracker.finish("KILLED")
+            raise
+        except BaseException:
+            self.tracker.finish("FAILED")
+            raise
+
+    # ------------------------------------------------------------------ setup
+
+    def _build(self) -> None:
+        """Load model, data, engines, optimisers; restore the checkpoint when resuming."""
+        cfg, arr = self.cfg, self.cfg.actor_rollout_ref
+        rc = cfg.algorithm.rollout_correction
+        self.device = resolve_device(cfg.trainer.device)
+        self.threads = configure_threads(cfg.trainer.num_threads)
+        seed_everything(cfg.trainer.seed)
+        model, self.tokenizer, self.model_path = load_policy(cfg, self.device, self.show)
+        self.ref_model = None
+        if arr.actor.use_kl_loss:
+            self.ref_model = copy.deepcopy(model).requires_grad_(False)
+        model.requires_grad_(True)
+        self.sampling, self.val_sampling, scoring = sampling_params(cfg)
+        self.actor = Actor(
+            model,
+            *make_optimizer(model.parameters(), arr.actor.optim),
+            cfg=arr.actor,
+            plan=update_plan(rc.rollout_is, rc.bypass_mode, rc.loss_type),
+            spec=rc.spec,
+            scoring=scoring,
+            n=arr.rollout.n,
+            seed=cfg.trainer.seed,
+            device=self.device,
+        )
+        self.critic = None
+        if cfg.critic.enable:
+            value_model = ValueModel(model)
+            self.critic = Critic(
+                value_model,
+                *make_optimizer(value_model.parameters(), cfg.critic.optim),
+                cfg=cfg.critic,
+                ppo_epochs=arr.actor.ppo_epochs,
+                mini_batch_prompts=arr.actor.ppo_mini_batch_size,
+                n=arr.rollout.n,
+                loss_agg_mode=arr.actor.loss_agg_mode,
+                device=self.device,
+            )
+        self.train_data, self.val_data, self.scorer = load_data(cfg, self.tokenizer)
+        self.total_steps = total_steps(cfg, len(self.train_data))
+        self.engine, self.val_engine = rollout_engines(
+            cfg, model, self.tokenizer, self.model_path, self.device
+        )
+        self.eos_ids = torch.tensor(eos_token_ids(model, self.tokenizer))
+        if self.resume_path is not None:
+            self._restore(self.resume_path)
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> TrainResult:
+        """Validate, run the remaining steps, validate, save; end the MLflow run."""
+        status: RunStatus = "FAILED"
+        previous_handler = _install_sigint(self._on_sigint)
+        try:
+            self._announce()
+            if self.step >= self.total_steps:
+                self.console.print(
+                    f"already complete: checkpoint at step {self.step} of {self.total_steps}"
+                )
+            else:
+                self._run_loop()
+            self._save()
+            self._finish_artifacts()
+            status = "FINISHED"
+        except _StopRequested:
+            status = "KILLED"
+            self._save()
+            self.console.print(
+                f"[yellow]interrupted: checkpoint of step {self.step} saved in {self.ckpt_dir}; "
+                f"run again with the same config to resume[/]"
+            )
+        except KeyboardInterrupt:
+            status = "KILLED"
+            if not self.weights_dirty:
+                self._save()
+            self.console.print(f"[yellow]interrupted at step {self.step + 1}[/]")
+        finally:
+            _restore_sigint(previous_handler)
+            self.tracker.finish(status)
+        result = TrainResult(
+            status=status,
+            step=self.step,
+            total_steps=self.total_steps,
+            run_id=self.tracker.run_id,
+            checkpoint=latest_checkpoint(self.ckpt_dir),
+            metrics=dict(self.last_metrics),
+            val_start=self.val_start,
+            val_end=self.val_end,
+            history={k: list(v) for k, v in self.history.items()},
+            wall_s=time.perf_counter() - self.started,
+            resumed_from=self.resumed_from,
+        )
+        if self.show and status == "FINISHED":
+            title = f"rcx train: {status} after {result.step} steps ({result.wall_s:.0f} s)"
+            self.console.print(summary_table(title, result.history, result.run_id))
+        return result
+
+    def _run_loop(self) -> None:
+        t = self.cfg.trainer
+        if self.step == 0 and t.val_before_train:
+            self.val_start = self.validate(step=0)
+            self._log(self.val_start, step=0)
+        with progress_bar(self.console, self.show) as progress:
+            bar = progress.add_task("train", total=self.total_steps, completed=self.step, info="")
+            for step in range(self.step + 1, self.total_steps + 1):
+                metrics = self.train_step(step)
+                last = step == self.total_steps
+                if last or (t.test_freq > 0 and step % t.test_freq == 0):
+                    val = self.validate(step=step)
+                    metrics.update(val)
+                    if last:
+                        self.val_end = val
+                self.step = step
+                self._log(metrics, step=step)
+                self.weights_dirty = False
+                if not last and t.save_freq > 0 and step % t.save_freq == 0:
+                    self._save()
+                progress.update(bar, completed=step, info=progress_info(metrics))
+                if self._stop_requested:
+                    raise _StopRequested
+
+    # ------------------------------------------------------------------ one step
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """Run step ``step`` (1-based) end to end; return its metrics (:mod:`rcx.train.step`)."""
+        return train_step(self, step)
+
+    # ------------------------------------------------------------------ rewards & validation
+
+    def score(
+        self, batch: Any, examples: Sequence[Any]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Outcome reward (B,) of each response, and the reward hook's extras."""
+        return score_rollout(self.scorer, self.tokenizer, batch, examples, self.device)
+
+    def validate(self, step: int) -> dict[str, float]:
+        """Reward and accuracy on the validation prompts, from float32 training weights."""
+        self.val_engine.sync_weights(self.actor.model, step)
+        return validate(
+            self.val_engine,
+            self.val_data,
+            self.scorer,
+            self.tokenizer,
+            val_sampling=self.val_sampling,
+            sampling=self.sampling,
+            batch_size=self.cfg.data.val_batch_size,
+            seed=self.cfg.trainer.seed,
+            device=self.device,
+        )
+
+    # ------------------------------------------------------------------ persistence
+
+    def _save(self) -> Path | None:
+        """Checkpoint the completed step ``self.step`` (nothing before the first step)."""
+        if self.step == 0:
+            return None
+        # With k = 1 every step refreshes the rollout copy first: its weights need no saving.
+        keep_rollout = self.cfg.actor_rollout_ref.rollout.weight_sync_interval > 1
+        state = parts_state(self.actor, self.critic, self.engine, keep_rollout)
+        state["rng"] = capture_rng_state()
+        state["extra"] = {
+            "history": {k: list(v) for k, v in self.history.items()},
+            "val_start": dict(self.val_start),
+        }
+        return save_checkpoint(
+            self.ckpt_dir,
+            self.step,
+            state,
+            config_yaml=dump_yaml(self.cfg.model_dump(mode="json")),
+            mlflow_run_id=self.tracker.run_id,
+            keep_last=self.cfg.trainer.max_actor_ckpt_to_keep,
+        )
+
+    def _restore(self, path: Path) -> None:
+        ckpt = load_checkpoint(path, map_location=self.device)
+        state = ckpt.state
+        load_parts_state(state, path, self.actor, self.critic, self.engine)
+        restore_rng_state(state["rng"])
+        extra = state.get("extra", {})
+        for key, points in extra.get("history", {}).items():
+            self.history[key] = [(int(s), float(v)) for s, v in points]
+        self.val_start = dict(extra.get("val_start", {}))
+        self.step = self.resumed_from = ckpt.step
+
+    # ------------------------------------------------------------------ console & tracking
+
+    def _announce(self) -> None:
+        """Print where things go; log params and the resolved config (first session only)."""
+        notes = self.tracker.log_params(flatten_config(self.cfg.model_dump(mode="json")))
+        self.tracker.log_text(dump_yaml(self.cfg.model_dump(mode="json")), "config.yaml")
+        self.console.print(
+            f"rcx train: {self.total_steps} steps, {self.actor.plan.mode} mode, "
+            f"{self.cfg.algorithm.adv_estimator}, device {self.device} "
+            f"({self.threads} thread{'s' * (self.threads != 1)}); "
+            f"checkpoints in {self.ckpt_dir}",
+            markup=False,
+        )
+        if self.resumed_from:
+            self.console.print(f"resumed from step {self.resumed_from} ({self.resume_path})")
+        for note in notes:
+            self.console.print(f"[yellow]{note}[/]")
+
+    def _log(self, metrics: Mapping[str, float], step: int) -> None:
+        clean = {k: float(v) for k, v in metrics.items()}
+        for key, value in clean.items():
+            self.history[key].append((step, value))
+        self.last_metrics = clean
+        self.tracker.log_metrics(clean, step=step)
+
+    def _finish_artifacts(self) -> None:
+        png = plot_history(self.history, self.ckpt_dir / "metrics.png")
+        if png is not None:
+            self.tracker.log_artifact(png, "plots")
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self._stop_requested:
+            raise KeyboardInterrupt
+        self._stop_requested = True
+        self.console.print(
+            "[yellow]Ctrl-C: finishing this step, then saving a checkpoint "
+            "(press again to stop now)[/]"
+        )
+
+
+class _StopRequested(Exception):
+    """Raised at a step boundary after the first Ctrl-C."""
+
+
+def _install_sigint(handler: Any) -> Any:
+    try:
+        return signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: leave the default KeyboardInterrupt behaviour
+        return None
+
+
+def _restore_sigint(previous: Any) -> None:
+    if previous is not None:
+        with suppress(ValueError):
+            signal.signal(signal.SIGINT, previous)

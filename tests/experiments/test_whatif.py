@@ -1,0 +1,313 @@
+"""rcx whatif: replaying correction configs over log-prob dumps.
+
+The central check: every per-step statistic of the replay equals what
+``compute_rollout_correction`` reports when called on that step alone, for token and sequence IS,
+batch normalisation, single and combined criteria, and NaN log-probs in a dump.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from rcx.algos.correction import compute_rollout_correction
+from rcx.cli import app
+from rcx.experiments.whatif import CorrectionSettings, build_settings, correction_key, replay
+from rcx.store.dumps import DumpError, load_dumps, write_synthetic_dumps
+
+P = "rollout_corr/"
+
+
+@pytest.fixture
+def dumps(tmp_path: Path) -> Path:
+    """4 steps x 24 sequences x 6 tokens, mismatch std 0.1 with 3% outliers."""
+    folder = tmp_path / "run" / "log_probs"
+    write_synthetic_dumps(
+        folder,
+        steps=4,
+        batch=24,
+        length=6,
+        log_ratio_std=0.1,
+        outlier_share=0.03,
+        seed=3,
+        rollout_correction={
+            "rollout_is": "token",
+            "rollout_is_threshold": 2.0,
+            "rollout_rs": "token_k1",
+            "rollout_rs_threshold": "0.5_2.0",
+            "bypass_mode": True,
+        },
+    )
+    return folder
+
+
+CONFIGS = [
+    CorrectionSettings("token", 2.0, False, "token_k1,seq_max_k2", "0.6_1.6,2.5"),
+    CorrectionSettings("sequence", 3.0, True, "seq_mean_k1", "1.1"),
+    CorrectionSettings("token", 1.2, True, None, None),
+    CorrectionSettings(None, 2.0, False, "seq_sum_k3,token_k2", "0.3,0.02"),
+    CorrectionSettings("sequence", 1.5, False, "seq_sum_k1", "0.8_1.3"),
+]
+
+
+def direct_step(stack, k: int, settings: CorrectionSettings):
+    sl = stack.step_slice(k)
+    return compute_rollout_correction(
+        stack.train_log_probs[sl],
+        stack.rollout_log_probs[sl],
+        stack.response_mask[sl],
+        **settings.kwargs(),
+    )
+
+
+def assert_matches_direct(stack, result, settings: CorrectionSettings) -> None:
+    for k in range(stack.num_steps):
+        direct = direct_step(stack, k, settings)
+        m = direct.metrics
+        got = {name: values[k] for name, values in result.per_step.items()}
+        if settings.rollout_rs:
+            assert got["masked_fraction"] == pytest.approx(m[P + "rollout_rs_masked_fraction"])
+            assert got["seq_masked_fraction"] == pytest.approx(
+                m[P + "rollout_rs_seq_masked_fraction"]
+            )
+            for name in settings.rollout_rs.split(","):
+                key = f"{P}rollout_rs_{name}_masked_fraction"
+                assert got[f"{name}/masked_fraction"] == pytest.approx(m[key]), (name, k)
+                seq_key = f"{P}rollout_rs_{name}_seq_masked_fraction"
+                assert got[f"{name}/seq_masked_fraction"] == pytest.approx(m[seq_key])
+        else:
+            assert "masked_fraction" not in got
+        if settings.rollout_is:
+            valid = direct.weights != 0  # weights are > 0 exactly at valid tokens
+            assert got["ess"] == pytest.approx(m[P + "rollout_is_eff_sample_size"], rel=1e-5)
+            assert got["truncated_fraction"] == pytest.approx(
+                m[P + "rollout_is_ratio_fraction_high"]
+            )
+            assert got["weight_mean"] == pytest.approx(
+                float(direct.weights[valid].double().mean()), rel=1e-5
+            )
+            assert got["weight_max"] == pytest.approx(float(direct.weights.max()), rel=1e-5)
+            if settings.rollout_is_batch_normalize:
+                assert got["norm_factor"] == pytest.approx(
+                    m[P + "rollout_is_batch_norm_factor"], rel=1e-5
+                )
+        else:
+            assert "ess" not in got
+
+
+@pytest.mark.parametrize("settings", CONFIGS, ids=lambda s: s.label)
+def test_replay_matches_compute_rollout_correction_per_step(dumps: Path, settings) -> None:
+    stack = load_dumps([dumps])
+    (result,) = replay(stack, [settings])
+    assert result.steps == [1, 2, 3, 4]
+    assert_matches_direct(stack, result, settings)
+
+
+def test_overall_pools_tokens_and_averages_ess(dumps: Path) -> None:
+    stack = load_dumps([dumps])
+    settings = CONFIGS[0]
+    (result,) = replay(stack, [settings])
+    tokens = [int(stack.response_mask[stack.step_slice(k)].sum()) for k in range(4)]
+    pooled = sum(f * n for f, n in zip(result.per_step["masked_fraction"], tokens, strict=True))
+    assert result.overall["masked_fraction"] == pytest.approx(pooled / sum(tokens))
+    assert result.overall["ess"] == pytest.approx(sum(result.per_step["ess"]) / 4)
+    assert result.overall["ess_min"] == min(result.per_step["ess"])
+    assert result.overall["masked_fraction_max"] == max(result.per_step["masked_fraction"])
+    # The data has 3% outliers at |log r| >= 1: token_k1 in [0.6, 1.6] must reject some.
+    assert result.overall["masked_fraction"] > 0.01
+
+
+def test_nonfinite_log_probs_are_counted_as_the_correction_counts_them(tmp_path: Path) -> None:
+    write_synthetic_dumps(tmp_path, steps=2, batch=8, length=5, seed=1)
+    path = tmp_path / "step_000002.pt"
+    data = torch.load(path, weights_only=True)
+    data["train_log_probs"][0, 0] = float("nan")
+    data["rollout_log_probs"][1, 0] = float("-inf")
+    torch.save(data, path)
+    stack = load_dumps([tmp_path])
+    settings = CorrectionSettings("token", 2.0, True, "token_k1", "0.8_1.25")
+    (result,) = replay(stack, [settings])
+    assert_matches_direct(stack, result, settings)
+    assert all(math.isfinite(v) for v in result.overall.values())
+
+
+def test_steps_are_ordered_and_padded(tmp_path: Path) -> None:
+    write_synthetic_dumps(tmp_path / "a", steps=1, batch=4, length=3, seed=0)
+    write_synthetic_dumps(tmp_path / "b", steps=2, batch=5, length=7, seed=1)
+    (tmp_path / "b" / "step_000001.pt").rename(tmp_path / "b" / "late.pt")
+    late = torch.load(tmp_path / "b" / "late.pt", weights_only=True)
+    late["step"] = 9
+    torch.save(late, tmp_path / "b" / "late.pt")
+    stack = load_dumps([tmp_path / "b", tmp_path / "a" / "step_000001.pt"])
+    assert stack.steps == [1, 2, 9]
+    assert stack.response_mask.shape == (4 + 5 + 5, 7)
+    assert not stack.response_mask[:4, 3:].any()  # the 3-token step is padded with mask 0
+    assert stack.row_step.tolist() == [0] * 4 + [1] * 5 + [2] * 5
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        ("missing_key", "missing response_mask"),
+        ("missing_path", "no such file or folder"),
+        ("empty_folder", "no *.pt log-prob dump"),
+        ("duplicate_step", "appear in more than one dump"),
+        ("shape", "share one (B, T) shape"),
+        ("not_torch", "not a readable torch dump"),
+    ],
+)
+def test_bad_dumps_get_specific_errors(tmp_path: Path, setup: str, message: str) -> None:
+    write_synthetic_dumps(tmp_path / "d", steps=1, batch=4, length=3)
+    path = tmp_path / "d" / "step_000001.pt"
+    data = torch.load(path, weights_only=True)
+    args: list[Path] = [path]
+    if setup == "missing_key":
+        del data["response_mask"]
+        torch.save(data, path)
+    elif setup == "missing_path":
+        args = [tmp_path / "nope"]
+    elif setup == "empty_folder":
+        (tmp_path / "empty").mkdir()
+        args = [tmp_path / "empty"]
+    elif setup == "duplicate_step":
+        torch.save(data, tmp_path / "copy.pt")
+        args = [path, tmp_path / "copy.pt"]
+    elif setup == "shape":
+        data["train_log_probs"] = data["train_log_probs"][:, :2]
+        torch.save(data, path)
+    elif setup == "not_torch":
+        path.write_text("hello")
+    with pytest.raises(DumpError, match=re.escape(message)):
+        load_dumps(args)
+
+
+def test_build_settings_validates_with_the_config_finding_codes() -> None:
+    configs, invalid = build_settings(
+        {"rollout_is": "token"},
+        [
+            ("algorithm.rollout_correction.rollout_is_threshold", [1.0, 2.0]),
+            ("rollout_rs", ["seq_max_k2"]),
+            ("rollout_rs_threshold", ["0.5_2.5", "2.5"]),
+        ],
+    )
+    assert [(c.rollout_is_threshold, c.rollout_rs_threshold) for c in configs] == [(2.0, "2.5")]
+    codes = sorted({f.code for _, findings in invalid for f in findings})
+    assert codes == ["RCX-E004", "RCX-E005"]
+    assert len(invalid) == 3
+
+
+def test_only_correction_keys_can_be_replayed() -> None:
+    assert correction_key("algorithm.rollout_correction.rollout_rs") == "rollout_rs"
+    with pytest.raises(ValueError, match="cannot be replayed offline"):
+        correction_key("actor_rollout_ref.actor.optim.lr")
+
+
+def test_cli_whatif_grid_over_the_dump_config(dumps: Path) -> None:
+    result = CliRunner().invoke(
+        app,
+        [
+            "whatif",
+            str(dumps.parent),  # the run folder holding log_probs/
+            "--grid",
+            "rollout_is_threshold=1.5,3.0",
+            "--grid",
+            'rollout_rs_threshold=["0.6_1.6", 0.5_2]',
+            "--format",
+            "json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    configs = [c["config"] for c in doc["configs"]]
+    assert [(c["rollout_is_threshold"], c["rollout_rs_threshold"]) for c in configs] == [
+        (1.5, "0.6_1.6"),
+        (1.5, "0.5_2"),  # verbatim: never 0.52
+        (3.0, "0.6_1.6"),
+        (3.0, "0.5_2"),
+    ]
+    # The base (rollout_is, rollout_rs) comes from the config recorded in the dump.
+    assert {c["rollout_is"] for c in configs} == {"token"}
+    assert {c["rollout_rs"] for c in configs} == {"token_k1"}
+    assert doc["steps"] == [1, 2, 3, 4]
+    assert len(doc["configs"][0]["per_step"]["ess"]) == 4
+
+
+def test_cli_whatif_text_tables(dumps: Path) -> None:
+    result = CliRunner().invoke(
+        app, ["whatif", str(dumps), "-g", "rollout_is=token,sequence", "--per-step"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "what-if, overall" in result.output
+    assert "#1: is=sequence C=2 rs=token_k1@0.5_2.0" in result.output  # base from the dump
+    assert "per criterion alone" in result.output
+    assert result.output.count("per step:") == 2
+
+
+def test_cli_whatif_invalid_config_replays_nothing(dumps: Path) -> None:
+    result = CliRunner().invoke(
+        app, ["whatif", str(dumps), "--grid", "rollout_rs=seq_max_k2,token_k9"]
+    )
+    assert result.exit_code == 1
+    assert "RCX-E002" in result.output
+    assert "nothing was replayed" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_cli_whatif_rejects_a_training_key(dumps: Path) -> None:
+    result = CliRunner().invoke(
+        app, ["whatif", str(dumps), "--grid", "actor_rollout_ref.actor.ppo_epochs=1,2"]
+    )
+    assert result.exit_code == 1
+    assert "cannot be replayed offline" in result.output
+
+
+def test_whatif_reads_the_trainers_own_dumps(tiny_config, tmp_path: Path) -> None:
+    """A real 2-step decoupled run with trainer.dump_log_probs=true, replayed from its folder.
+
+    Decoupled mode computes the correction once per batch from exactly the dumped tensors, so
+    replaying the run's own config must reproduce the metrics the trainer logged.
+    """
+    from rcx.train.trainer import train
+
+    cfg = tiny_config(
+        "grpo-multi-rs",
+        "trainer.dump_log_probs=true",
+        'trainer.logger=["console"]',
+        "algorithm.rollout_correction.bypass_mode=false",
+        "actor_rollout_ref.rollout.dtype=bfloat16",  # a real mismatch, so RS has work to do
+    )
+    result = train(cfg)
+    assert result.status == "FINISHED"
+    stack = load_dumps([cfg.checkpoint_dir()])
+    assert stack.steps == [1, 2]
+    assert stack.rollout_correction["rollout_rs"] == "token_k1,seq_max_k2"
+    response = CliRunner().invoke(
+        app,
+        [
+            "whatif",
+            cfg.checkpoint_dir(),
+            "--grid",
+            "rollout_is_threshold=2.0,1.5",
+            "--format",
+            "json",
+        ],
+    )
+    assert response.exit_code == 0, response.output
+    doc = json.loads(response.output)
+    assert len(doc["configs"]) == 2
+    own = doc["configs"][0]
+    assert own["config"]["rollout_rs_threshold"] == "0.6_1.6,2.5"  # the run's own, from the dump
+    for name in ("rollout_rs_masked_fraction", "rollout_is_eff_sample_size"):
+        logged = [v for _, v in sorted(result.history[P + name])]
+        stat = "masked_fraction" if "masked" in name else "ess"
+        assert own["per_step"][stat] == pytest.approx(logged, rel=1e-5), name
+    for entry in doc["configs"]:
+        settings = CorrectionSettings(**entry["config"])
+        (replayed,) = replay(stack, [settings])
+        assert_matches_direct(stack, replayed, settings)

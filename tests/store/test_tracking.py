@@ -1,0 +1,176 @@
+"""MLflow tracking: store resolution, params, batched metrics, status, resume, child runs."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from rcx.store.tracking import (
+    MAX_PARAM_VALUE_LENGTH,
+    TRUNCATION_MARKER,
+    MlflowTracker,
+    NullTracker,
+    TrackingError,
+    check_reachable,
+    flatten_config,
+    open_tracker,
+    plot_history,
+    resolve_tracking_uri,
+)
+
+
+def _start(uri: str, name: str, **kw) -> MlflowTracker:
+    return MlflowTracker.start(experiment="rcx-tests", run_name=name, tracking_uri=uri, **kw)
+
+
+def test_flatten_config_dots_keys_and_renders_values() -> None:
+    tree = {"a": {"b": {"c": 1}, "d": None, "e": [1, "x"]}, "s": "grpo", "f": 3e-4, "t": True}
+    assert flatten_config(tree) == {
+        "a.b.c": "1",
+        "a.d": "null",
+        "a.e": '[1, "x"]',
+        "s": "grpo",
+        "f": "0.0003",
+        "t": "true",
+    }
+
+
+def test_flatten_config_truncates_to_mlflow_limit() -> None:
+    flat = flatten_config({"long": "x" * (MAX_PARAM_VALUE_LENGTH + 10), "short": "y"})
+    assert len(flat["long"]) == MAX_PARAM_VALUE_LENGTH
+    assert flat["long"].endswith(TRUNCATION_MARKER)
+    assert flat["short"] == "y"
+
+
+def test_default_store_is_sqlite_in_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri(None, cwd=tmp_path) == f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://example:5000")
+    assert resolve_tracking_uri(None) == "http://example:5000"
+    assert resolve_tracking_uri("sqlite:////x/y.db") == "sqlite:////x/y.db"
+
+
+def test_null_tracker_when_mlflow_not_in_logger() -> None:
+    tracker = open_tracker(logger=["console"], project_name="p", experiment_name="e")
+    assert isinstance(tracker, NullTracker)
+    assert tracker.run_id is None
+    tracker.log_metrics({"a": 1.0}, step=1)
+    tracker.finish("FINISHED")
+
+
+def test_run_records_params_metrics_artifacts_and_status(mlflow_uri: str, run_name: str) -> None:
+    tracker = _start(mlflow_uri, run_name)
+    assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in tracker.describe()
+    tracker.log_params({"trainer.seed": "1", "algorithm.adv_estimator": "grpo"})
+    tracker.log_metrics({"reward/mean": 0.25, "rollout_corr/kl": 0.01}, step=1)
+    tracker.log_metrics({"reward/mean": 0.5, "rollout_corr/kl": 0.02}, step=2)
+    tracker.log_text("trainer:\n  seed: 1\n", "config.yaml")
+    tracker.finish("FINISHED")
+    tracker.finish("FAILED")  # idempotent: the first status stays
+
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    run = client.get_run(tracker.run_id)
+    assert run.info.run_name == run_name
+    assert run.info.status == "FINISHED"
+    assert run.data.params == {"trainer.seed": "1", "algorithm.adv_estimator": "grpo"}
+    history = client.get_metric_history(tracker.run_id, "reward/mean")
+    assert [(m.step, m.value) for m in history] == [(1, 0.25), (2, 0.5)]
+    assert [a.path for a in client.list_artifacts(tracker.run_id)] == ["config.yaml"]
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.name == "rcx-tests"
+    # Artifacts of a SQLite store live beside the database.
+    assert experiment.artifact_location.endswith("/mlruns")
+
+
+def test_more_metrics_than_one_batch_allows(mlflow_uri: str, run_name: str) -> None:
+    tracker = _start(mlflow_uri, run_name)
+    tracker.log_metrics({f"m/{i}": float(i) for i in range(1500)}, step=3)
+    tracker.finish("FINISHED")
+    metrics = MlflowClient(tracking_uri=mlflow_uri).get_run(tracker.run_id).data.metrics
+    assert len(metrics) == 1500 and metrics["m/1499"] == 1499.0
+
+
+def test_resume_reopens_same_run_and_tolerates_changed_params(
+    mlflow_uri: str, run_name: str
+) -> None:
+    first = _start(mlflow_uri, run_name)
+    first.log_params({"trainer.total_training_steps": "2", "trainer.seed": "1"})
+    first.log_metrics({"reward/mean": 0.1}, step=1)
+    first.finish("KILLED")
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    assert client.get_run(first.run_id).info.status == "KILLED"
+
+    second = _start(mlflow_uri, run_name, resume_run_id=first.run_id)
+    assert second.resumed and second.run_id == first.run_id
+    assert client.get_run(first.run_id).info.status == "RUNNING"
+    notes = second.log_params(
+        {"trainer.total_training_steps": "4", "trainer.seed": "1", "trainer.new_key": "x"}
+    )
+    assert notes == [
+        "param changed on resume (kept the first value in MLflow): trainer.total_training_steps: 2 -> 4"
+    ]
+    second.log_metrics({"reward/mean": 0.2}, step=2)
+    second.finish("FINISHED")
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["trainer.total_training_steps"] == "2"
+    assert run.data.params["trainer.new_key"] == "x"
+    assert "2 -> 4" in run.data.tags["rcx.resume.changed_params"]
+    steps = [m.step for m in client.get_metric_history(first.run_id, "reward/mean")]
+    assert steps == [1, 2]
+
+
+def test_resume_of_unknown_run_id_starts_a_new_run(mlflow_uri: str, run_name: str) -> None:
+    tracker = _start(mlflow_uri, run_name, resume_run_id="0" * 32)
+    assert not tracker.resumed and tracker.run_id != "0" * 32
+    tracker.finish("FINISHED")
+
+
+def test_child_run_is_nested_under_parent(mlflow_uri: str, run_name: str) -> None:
+    parent = _start(mlflow_uri, run_name + "-sweep")
+    child = _start(mlflow_uri, run_name + "-trial0", parent_run_id=parent.run_id)
+    child.finish("FAILED")
+    parent.finish("FINISHED")
+    run = MlflowClient(tracking_uri=mlflow_uri).get_run(child.run_id)
+    assert run.data.tags["mlflow.parentRunId"] == parent.run_id
+    assert run.info.status == "FAILED"
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again when the block ends: nothing listens there
+
+
+def test_unreachable_server_fails_fast_with_clear_error() -> None:
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    start = time.monotonic()
+    with pytest.raises(TrackingError) as info:
+        open_tracker(logger=["mlflow"], project_name="p", experiment_name="e", tracking_uri=uri)
+    assert time.monotonic() - start < 10
+    message = str(info.value)
+    assert uri in message and "not reachable" in message and "trainer.tracking_uri" in message
+
+
+def test_sqlite_store_in_unwritable_place_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(TrackingError, match="cannot create the MLflow store directory"):
+        check_reachable(f"sqlite:///{blocker}/sub/mlflow.db")
+
+
+def test_plot_history_draws_only_logged_keys(tmp_path: Path) -> None:
+    history = {
+        "reward/mean": [(1, 0.2), (2, 0.4)],
+        "val/accuracy": [(0, 0.1), (2, 0.3)],
+        "val/sampled_accuracy": [(0, 0.05), (2, 0.2)],
+        "rollout_corr/kl": [(1, 0.01), (2, 0.03)],
+    }
+    out = plot_history(history, tmp_path / "plots" / "metrics.png")
+    assert out is not None and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_history({"other": [(1, 1.0)]}, tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()
