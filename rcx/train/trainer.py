@@ -91,6 +91,7 @@ from rich.table import Table
 
 from rcx.algos.advantages import token_rewards_from_scores
 from rcx.algos.losses import entropy_from_logits
+from rcx.cli.common import esc
 from rcx.config.models import RcxConfig
 from rcx.errors import RcxError
 from rcx.store.checkpoint import (
@@ -404,7 +405,7 @@ class Trainer:
             status = "KILLED"
             self._save()
             self.console.print(
-                f"[yellow]interrupted: checkpoint of step {self.step} saved in {self.ckpt_dir}; "
+                f"[yellow]interrupted: checkpoint of step {self.step} saved in {esc(self.ckpt_dir)}; "
                 f"run again with the same config to resume[/]"
             )
         except KeyboardInterrupt:
@@ -877,9 +878,9 @@ class Trainer:
             markup=False,
         )
         if self.resumed_from:
-            self.console.print(f"resumed from step {self.resumed_from} ({self.resume_path})")
+            self.console.print(f"resumed from step {self.resumed_from} ({esc(self.resume_path)})")
         for note in notes:
-            self.console.print(f"[yellow]{note}[/]")
+            self.console.print(f"[yellow]{esc(note)}[/]")
 
     def _log(self, metrics: Mapping[str, float], step: int) -> None:
         clean = {k: float(v) for k, v in metrics.items()}
