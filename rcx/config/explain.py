@@ -81,10 +81,10 @@ def _loss_line(cfg: RcxConfig) -> str:
     plan = update_plan(rc.rollout_is, rc.bypass_mode, rc.loss_type)
     if plan.loss == "reinforce":
         return f"Loss: REINFORCE, L = -{a.loss_agg_mode}(w * A * log pi_theta), no clipping."
-    extra = " (loss_type reinforce is ignored in decoupled mode)" if rc.loss_type != plan.loss else ""
-    return (
-        f"Loss: PPO-clip on pi_theta / {plan.anchor}, {clip}, aggregated by {a.loss_agg_mode}{extra}."
+    extra = (
+        " (loss_type reinforce is ignored in decoupled mode)" if rc.loss_type != plan.loss else ""
     )
+    return f"Loss: PPO-clip on pi_theta / {plan.anchor}, {clip}, aggregated by {a.loss_agg_mode}{extra}."
 
 
 def _is_line(cfg: RcxConfig, applied: str) -> str:

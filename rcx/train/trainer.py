@@ -92,6 +92,7 @@ from rich.table import Table
 from rcx.algos.advantages import token_rewards_from_scores
 from rcx.algos.losses import entropy_from_logits
 from rcx.cli.common import esc
+from rcx.config.limits import checkpoint_dir_problem
 from rcx.config.models import RcxConfig
 from rcx.errors import RcxError
 from rcx.store.checkpoint import (
@@ -303,6 +304,8 @@ class Trainer:
         self.console = console
         self.show = "console" in cfg.trainer.logger
         self.ckpt_dir = Path(cfg.checkpoint_dir())
+        if problem := checkpoint_dir_problem(str(self.ckpt_dir)):  # before any run is opened
+            raise RcxError(f"checkpoint folder: {problem}")
         self.rc = cfg.algorithm.rollout_correction
         self.started = time.perf_counter()
         self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
