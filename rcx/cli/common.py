@@ -10,29 +10,42 @@ console, a table cell or a table title: ``[/bold]`` is then printed as typed, ne
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
 from rcx.config.findings import Finding
 
 console = Console(highlight=False, soft_wrap=True)
 
 
+#: An empty span: a complete tag pair that renders nothing and ends whatever text precedes it.
+_BREAK = "[none][/none]"
+_OPENING = re.compile(r"(\\*)(\[|\Z)|:")
+
+
+def _neutralise(match: re.Match[str]) -> str:
+    if match.group(0) == ":":  # ":x:" would print as an emoji
+        return ":" + _BREAK
+    slashes, bracket = len(match.group(1)), match.group(2)
+    # Backslashes right before a tag are halved by Rich: double them, then a tag (the break).
+    out = "\\" * (2 * slashes) + (_BREAK if slashes else "")
+    return out + ("[" + _BREAK if bracket else "")
+
+
 def esc(text: object) -> str:
     """``str(text)`` as Rich markup that prints exactly as typed, wherever it is embedded.
 
-    ``rich.markup.escape`` escapes tag-like brackets, but trailing backslashes then escape
-    whatever tag follows (``esc("a\\") + "[/]"``). Here trailing backslashes are doubled and
-    closed by an empty ``[none][/none]`` span, so they print as typed before a tag or at the end.
+    ``rich.markup.escape`` is not enough: escaped pieces can still combine into a tag (``"a[b"``
+    then ``"c]"``), a trailing backslash escapes the tag that follows, and ``\\[`` loses its
+    backslash, and ``:x:`` becomes an emoji. Here every ``[`` and ``:`` is followed by an empty
+    span, so it never opens a tag or an emoji code, and a run of backslashes before a ``[`` or at
+    the end is doubled and closed by one, so it prints as typed.
     """
-    raw = str(text)
-    body = raw.rstrip("\\")
-    trailing = len(raw) - len(body)
-    return escape(body) + ("\\" * (2 * trailing) + "[none][/none]" if trailing else "")
+    return _OPENING.sub(_neutralise, str(text))
 
 
 class OutputFormat(str, Enum):
