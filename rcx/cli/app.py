@@ -19,7 +19,14 @@ from typing import Annotated, Any  # noqa: E402
 import typer  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from rcx.cli.common import OutputFormat, console, fail, print_findings, split_args  # noqa: E402
+from rcx.cli.common import (  # noqa: E402
+    OutputFormat,
+    console,
+    esc,
+    fail,
+    print_findings,
+    split_args,
+)
 from rcx.cli.experiments import register as register_experiments  # noqa: E402
 from rcx.config import ValidationReport, validate_sources  # noqa: E402
 from rcx.config.explain import explain, explain_lines  # noqa: E402
@@ -184,11 +191,11 @@ def pretrain(
 @presets_app.command("list")
 def presets_list() -> None:
     """The built-in presets, one line each."""
-    table = Table(title=f"presets ({presets_dir()})")
+    table = Table(title=f"presets ({esc(presets_dir())})")
     table.add_column("name", style="bold")
     table.add_column("what it is for")
     for name in list_presets():
-        table.add_row(name, preset_description(name))
+        table.add_row(esc(name), esc(preset_description(name)))
     console.print(table)
 
 

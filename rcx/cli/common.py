@@ -1,6 +1,9 @@
 """What every ``rcx`` command shares: the console, output formats, argument splitting, findings.
 
 No torch here: commands that train import their machinery lazily.
+
+Any text that did not come from rcx itself goes through :func:`rcx.markup.esc` before it meets
+the console (re-exported here for the commands).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import typer
 from rich.console import Console
 
 from rcx.config.findings import Finding
+from rcx.markup import esc
 
 console = Console(highlight=False, soft_wrap=True)
 
@@ -38,11 +42,12 @@ def print_findings(findings: list[Finding]) -> None:
     for f in findings:
         style = "bold red" if f.level == "error" else "yellow"
         console.print(
-            f"[{style}]{f.level:<7}[/] [bold]{f.code}[/] {f.path}: {f.message}", markup=True
+            f"[{style}]{f.level:<7}[/] [bold]{f.code}[/] {esc(f.path)}: {esc(f.message)}",
+            markup=True,
         )
 
 
 def fail(message: str) -> typer.Exit:
-    """Print an error line and return the exit to raise (code 1)."""
-    console.print(f"[bold red]error[/] {message}", markup=True)
+    """Print an error line and return the exit to raise (code 1); ``message`` is escaped."""
+    console.print(f"[bold red]error[/] {esc(message)}", markup=True)
     return typer.Exit(1)

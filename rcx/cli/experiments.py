@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from rcx.cli.common import OutputFormat, console, fail, print_findings, split_args
+from rcx.cli.common import OutputFormat, console, esc, fail, print_findings, split_args
 
 
 class Executor(str, Enum):
@@ -178,7 +178,7 @@ def sweep_command(
     bad = invalid_trials(plan)
     if bad:
         for trial in bad:
-            console.print(f"[bold red]{trial.name} is invalid[/] ({trial.label}):")
+            console.print(f"[bold red]{esc(trial.name)} is invalid[/] ({esc(trial.label)}):")
             print_findings(trial.report.errors if trial.report else [])
         raise fail(f"{len(bad)} of {len(plan.trials)} trials are invalid; nothing was started")
     if dry_run:
@@ -192,13 +192,13 @@ def sweep_command(
             executor=executor.value,
             ray_address=ray_address,
             resume=resume,
-            on_event=lambda line: console.print(f"[bold]sweep[/] {line}", markup=True),
+            on_event=lambda line: console.print(f"[bold]sweep[/] {esc(line)}", markup=True),
         )
     except SweepError as e:
         raise fail(str(e)) from None
     except KeyboardInterrupt:
         console.print(
-            f"[yellow]interrupted[/]: finished trials are kept in {plan.out_dir}; continue with "
+            f"[yellow]interrupted[/]: finished trials are kept in {esc(plan.out_dir)}; continue with "
             f"the same command and --resume"
         )
         raise typer.Exit(130) from None
@@ -209,10 +209,10 @@ def sweep_command(
 
 def trials_table(plan: Any) -> Table:
     """The planned trials with their grid values and validity."""
-    table = Table(title=f"sweep {plan.name}: {len(plan.trials)} trials")
+    table = Table(title=f"sweep {esc(plan.name)}: {len(plan.trials)} trials")
     table.add_column("trial", style="bold")
     for axis in plan.axes:
-        table.add_column(axis.key.rsplit(".", 1)[-1])
+        table.add_column(esc(axis.key.rsplit(".", 1)[-1]))
     table.add_column("config")
     from rcx.experiments.sweep import format_value
 
@@ -221,7 +221,9 @@ def trials_table(plan: Any) -> Table:
         state = "valid" if report is not None and report.valid else "[red]invalid[/]"
         if report is not None and report.valid and report.warnings:
             state += f" ({len(report.warnings)} warning{'s' * (len(report.warnings) != 1)})"
-        table.add_row(trial.name, *(format_value(trial.params[a.key]) for a in plan.axes), state)
+        table.add_row(
+            esc(trial.name), *(esc(format_value(trial.params[a.key])) for a in plan.axes), state
+        )
     return table
 
 
@@ -231,11 +233,11 @@ def print_ranking(outcome: Any) -> None:
 
     plan = outcome.plan
     ranked = rank_trials(plan.trials, outcome.results, plan.metric, plan.mode)
-    table = Table(title=f"sweep {plan.name}: ranked by {plan.metric} ({plan.mode})")
+    table = Table(title=esc(f"sweep {plan.name}: ranked by {plan.metric} ({plan.mode})"))
     for col in ("rank", "trial", "status", plan.metric):
-        table.add_column(col)
+        table.add_column(esc(col))
     for axis in plan.axes:
-        table.add_column(axis.key.rsplit(".", 1)[-1])
+        table.add_column(esc(axis.key.rsplit(".", 1)[-1]))
     table.add_column("run id")
     from rcx.experiments.sweep import format_value
 
@@ -244,16 +246,17 @@ def print_ranking(outcome: Any) -> None:
         style = {"FINISHED": "green", "FAILED": "red", "KILLED": "yellow"}.get(status, "")
         table.add_row(
             "-" if r.rank is None else str(r.rank),
-            r.trial.name,
-            f"[{style}]{status}[/]" if style else status,
+            esc(r.trial.name),
+            f"[{style}]{status}[/]" if style else esc(status),
             "-" if r.value is None else f"{r.value:.4g}",
-            *(format_value(r.trial.params[a.key]) for a in plan.axes),
+            *(esc(format_value(r.trial.params[a.key])) for a in plan.axes),
             ((r.result.run_id or "-") if r.result else "-")[:8],
         )
     console.print(table)
     for r in ranked:
         if r.result and r.result.error:
-            console.print(f"[red]{r.trial.name}[/]: {r.result.error.splitlines()[0]}")
+            first_line = r.result.error.splitlines()[0]
+            console.print(f"[red]{esc(r.trial.name)}[/]: {esc(first_line)}")
     if outcome.plot is not None:
         console.print(f"plot: {outcome.plot}", markup=False)
     if outcome.parent_run_id:
@@ -300,7 +303,7 @@ def whatif_command(
     if invalid:
         for params, findings in invalid:
             shown = " ".join(f"{k}={v}" for k, v in params.items())
-            console.print(f"[bold red]invalid config[/] {shown}:")
+            console.print(f"[bold red]invalid config[/] {esc(shown)}:")
             print_findings(findings)
         raise fail(f"{len(invalid)} invalid config(s); nothing was replayed")
     results = replay(stack, configs)
@@ -309,7 +312,8 @@ def whatif_command(
         return
     console.print(
         f"{len(stack.sources)} dump file(s), steps {stack.steps[0]}..{stack.steps[-1]}, "
-        f"{int(stack.response_mask.sum())} response tokens"
+        f"{int(stack.response_mask.sum())} response tokens",
+        markup=False,
     )
     for part in whatif_tables(results):
         console.print(part)
@@ -343,7 +347,7 @@ def whatif_tables(results: list[Any]) -> list[Any]:
     overall = Table(title="what-if, overall (fractions pooled over steps; ESS: mean over steps)")
     overall.add_column("#")
     for c in cols:
-        overall.add_column(WHATIF_HEADERS.get(c, c), justify="right")
+        overall.add_column(esc(WHATIF_HEADERS.get(c, c)), justify="right")
     for i, r in enumerate(results):
         overall.add_row(f"#{i}", *(format_stat(r.overall.get(c)) for c in cols))
     out: list[Any] = [legend, overall]
@@ -352,7 +356,7 @@ def whatif_tables(results: list[Any]) -> list[Any]:
         per = Table(title="per criterion alone (masked / seq masked)")
         per.add_column("#")
         for name in criteria:
-            per.add_column(name, justify="right")
+            per.add_column(esc(name), justify="right")
         for i, r in enumerate(results):
             cells = []
             for name in criteria:
@@ -370,12 +374,12 @@ def whatif_steps_table(result: Any) -> Table:
     main = [c for c in (*STAT_KEYS, "norm_factor") if c in result.per_step]
     # Per criterion, only the token share fits a terminal (--format json has everything).
     cols = main + sorted(c for c in result.per_step if c.endswith("/masked_fraction"))
-    table = Table(title=f"per step: {result.settings.label}")
+    table = Table(title=f"per step: {esc(result.settings.label)}")
     table.add_column("step")
     for c in cols:
         name, _, stat = c.rpartition("/")
         header = WHATIF_HEADERS.get(stat, stat)
-        table.add_column(f"{name}\n{header}" if name else header, justify="right")
+        table.add_column(esc(f"{name}\n{header}" if name else header), justify="right")
     for k, step in enumerate(result.steps):
         table.add_row(str(step), *(format_stat(result.per_step[c][k]) for c in cols))
     return table
@@ -455,13 +459,13 @@ def calibrate_command(
             )
         if "ess" in o:
             parts.append(f"ESS {o[cal.targets.ess_key]:.4f} (target >= {cal.targets.min_ess})")
-        console.print(f"measured with the proposal ({scope}): " + ", ".join(parts))
+        console.print(f"measured with the proposal ({scope}): " + ", ".join(parts), markup=False)
     for note in cal.notes:
-        console.print(f"[yellow]note[/] {note}")
+        console.print(f"[yellow]note[/] {esc(note)}")
     if png is not None:
         console.print(f"trade-off plot: {png}", markup=False)
     verdict = "meets every target" if all(met.values()) else "does NOT meet every target"
-    console.print(f"proposal {verdict} on this dump; overrides:")
+    console.print(f"proposal {verdict} on this dump; overrides:", markup=False)
     for line in cal.overrides():
         print(line)
     raise typer.Exit(0 if all(met.values()) else 1)
@@ -469,14 +473,14 @@ def calibrate_command(
 
 def rs_table(cal: Any, name: str) -> Table:
     budget = cal.targets.max_masked / max(len(cal.criteria), 1)
-    table = Table(title=f"{name}: masked fraction against the bound (budget {budget:.2%})")
+    table = Table(title=f"{esc(name)}: masked fraction against the bound (budget {budget:.2%})")
     for col in ("threshold", "masked", "worst step", "seq masked", ""):
         table.add_column(col, justify="right")
     chosen = cal.rs_chosen.get(name)
     for p in cal.rs_curves[name]:
         mark = "<- proposed" if chosen is p else ("too tight (W007)" if p.too_tight else "")
         table.add_row(
-            p.entry,
+            esc(p.entry),
             f"{p.masked_fraction:.3%}",
             f"{p.masked_fraction_max:.3%}",
             f"{p.seq_masked_fraction:.3%}",
@@ -486,7 +490,9 @@ def rs_table(cal: Any, name: str) -> Table:
 
 
 def is_table(cal: Any) -> Table:
-    table = Table(title=f"{cal.is_level} IS: ESS against the cap (target {cal.targets.min_ess})")
+    table = Table(
+        title=esc(f"{cal.is_level} IS: ESS against the cap (target {cal.targets.min_ess})")
+    )
     for col in ("cap C", "ESS", "ESS worst step", "truncated", ""):
         table.add_column(col, justify="right")
     for p in cal.is_curve:
@@ -553,7 +559,7 @@ def runs_compare_command(
     console.print(table)
     missing = [m for m in comparison.metrics if not any(r.history.get(m) for r in comparison.runs)]
     for m in missing:
-        console.print(f"[yellow]note[/] no run logged {m!r}")
+        console.print(f"[yellow]note[/] no run logged {esc(repr(m))}")
     png = plot_comparison(comparison, plot)
     if png is not None:
         console.print(f"plot: {png}", markup=False)
@@ -582,27 +588,30 @@ def comparison_table(comparison: Any) -> Table:
 
     def cell(run: Any, kind: str, key: str) -> str:
         if kind == "param":
-            return run.params.get(key, "-")
-        return format_metric(final_value(run, key))
+            return esc(run.params.get(key, "-"))
+        return esc(format_metric(final_value(run, key)))
 
     def label(key: str) -> str:
-        return key.replace("algorithm.rollout_correction.", "").replace("rollout_corr/", "")
+        return esc(key.replace("algorithm.rollout_correction.", "").replace("rollout_corr/", ""))
 
     if len(runs) <= 6:
         table = Table(title=f"{len(runs)} runs (final values)")
         table.add_column("")
         for name in names:
-            table.add_column(name, justify="right")
-        table.add_row("status", *(r.status for r in runs))
+            table.add_column(esc(name), justify="right")
+        table.add_row("status", *(esc(r.status) for r in runs))
         for kind, key in fields:
             table.add_row(label(key), *(cell(r, kind, key) for r in runs))
-        table.add_row("run id", *(r.run_id[:8] for r in runs))
+        table.add_row("run id", *(esc(r.run_id[:8]) for r in runs))
         return table
     table = Table(title=f"{len(runs)} runs (final values)")
     for col in ("run", "status", *(label(k) for _, k in fields), "run id"):
         table.add_column(col)
     for run, name in zip(runs, names, strict=True):
         table.add_row(
-            name, run.status, *(cell(run, kind, key) for kind, key in fields), run.run_id[:8]
+            esc(name),
+            esc(run.status),
+            *(cell(run, kind, key) for kind, key in fields),
+            esc(run.run_id[:8]),
         )
     return table

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 from rcx.algos.criteria import RSCriterion, token_ratio_interval
+from rcx.config import limits
 from rcx.config.models import RcxConfig, RolloutCorrectionConfig
 
 Level = Literal["error", "warning"]
@@ -40,6 +41,8 @@ CODES: dict[str, str] = {
     "RCX-E009": "invalid type or value",
     "RCX-E010": "removed legacy key",
     "RCX-E011": "unreadable input: config file, preset name or KEY=VALUE override",
+    "RCX-E012": "checkpoint folder that cannot be written here (not a folder, no permission, path too long)",
+    "RCX-E013": "a step or the built-in data needs more memory than this machine has available",
 }
 
 RC = "algorithm.rollout_correction"
@@ -156,6 +159,67 @@ def _file_findings(cfg: RcxConfig) -> list[Finding]:
     return out
 
 
+def _machine_findings(cfg: RcxConfig) -> list[Finding]:
+    """The checkpoint folder (RCX-E012) and the memory estimate (RCX-E013), on this machine."""
+    out: list[Finding] = []
+    folder_key = (
+        "trainer.default_local_dir" if cfg.trainer.default_local_dir else "trainer.project_name"
+    )
+    problem = limits.checkpoint_dir_problem(cfg.checkpoint_dir())
+    if problem:
+        out.append(error("RCX-E012", folder_key, f"checkpoint folder: {problem}"))
+    available = limits.available_memory()
+    if available is None:
+        return out
+    data, arr = cfg.data, cfg.actor_rollout_ref
+    builtin = [
+        f
+        for key in ("train_files", "val_files")
+        for f in (
+            [getattr(data, key)] if isinstance(getattr(data, key), str) else getattr(data, key)
+        )
+        if f.startswith("builtin:")
+    ]
+    if builtin:
+        prompts = data.builtin.num_train + data.builtin.num_val
+        need = prompts * limits.BYTES_PER_BUILTIN_PROMPT
+        if need > available:
+            out.append(
+                error(
+                    "RCX-E013",
+                    "data.builtin.num_train",
+                    f"{prompts:,} built-in prompts need ~{limits.human_bytes(need)} "
+                    f"(~{limits.BYTES_PER_BUILTIN_PROMPT} B each), more than the "
+                    f"{limits.human_bytes(available)} available here; use fewer",
+                )
+            )
+    shape = limits.model_shape(arr.model.path)
+    if shape is not None:
+        est = limits.step_memory(
+            shape,
+            data.train_batch_size,
+            arr.rollout.n,
+            data.max_prompt_length,
+            data.max_response_length,
+            arr.actor.ppo_micro_batch_size_per_gpu,
+            arr.rollout.name,
+        )
+        if est.total > available:
+            h = limits.human_bytes
+            out.append(
+                error(
+                    "RCX-E013",
+                    "data.train_batch_size",
+                    f"a step of {est.responses:,} responses x {est.tokens} tokens needs "
+                    f"~{h(est.total)} (KV cache {h(est.kv_cache)}, scores {h(est.scores)}, "
+                    f"forward {h(est.forward)}), more than the {h(available)} available here; "
+                    f"lower data.train_batch_size or rollout.n, or set "
+                    f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu",
+                )
+            )
+    return out
+
+
 def check_config(cfg: RcxConfig) -> list[Finding]:
     """Cross-field checks of a config whose individual fields are already valid."""
     rc = cfg.algorithm.rollout_correction
@@ -247,4 +311,4 @@ def check_config(cfg: RcxConfig) -> list[Finding]:
                 "uses PPO-clip, so this setting is ignored",
             )
         )
-    return out + _file_findings(cfg)
+    return out + _file_findings(cfg) + _machine_findings(cfg)

@@ -19,8 +19,8 @@ from pydantic import BaseModel, ValidationError
 
 from rcx.algos.criteria import is_off
 from rcx.config.findings import Finding, check_config, error
-from rcx.config.models import RcxConfig
-from rcx.config.yamlio import load_yaml
+from rcx.config.models import RcxConfig, short_repr
+from rcx.config.yamlio import MAX_CHARS, YamlLimitError, describe_yaml_error, load_yaml
 
 #: Fields whose override value is taken exactly as typed (the threshold grammar is its own).
 VERBATIM_FIELDS = ("rollout_rs", "rollout_rs_threshold")
@@ -114,15 +114,35 @@ def read_config_file(path: str | Path, source: str | None = None) -> dict[str, A
     """Read one YAML 1.2 config file into a nested dict."""
     where = source or str(path)
     try:
-        text = Path(path).read_text()
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CHARS * 4 + 1)  # a UTF-8 character is at most 4 bytes
     except OSError as e:
         raise ConfigError(
             [error("RCX-E011", str(path), f"cannot read config file: {e.strerror}")]
         ) from None
+    if len(raw) > MAX_CHARS * 4:
+        raise ConfigError(
+            [error("RCX-E011", where, f"larger than a config may be ({MAX_CHARS:,} characters)")]
+        )
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            [
+                error(
+                    "RCX-E011",
+                    where,
+                    f"not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                    f"config files must be UTF-8 YAML",
+                )
+            ]
+        ) from None
     try:
         data = load_yaml(text)
     except yaml.YAMLError as e:
-        raise ConfigError([error("RCX-E011", where, f"not valid YAML: {e}")]) from None
+        raise ConfigError(
+            [error("RCX-E011", where, f"not accepted YAML: {describe_yaml_error(e)}")]
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -156,6 +176,8 @@ def parse_override(text: str) -> tuple[str, Any]:
         return key, None if is_off(value) else value
     try:
         return key, load_yaml(value) if value.strip() else None
+    except YamlLimitError as e:
+        raise ConfigError([error("RCX-E011", key, f"value refused: {e}")]) from None
     except yaml.YAMLError:
         return key, value
 
@@ -332,8 +354,11 @@ def build_config(raw: dict[str, Any]) -> tuple[RcxConfig | None, list[Finding]]:
             path = _loc_path(loc)
             if any(f.path == path for f in findings):
                 continue
-            got = err.get("input")
-            findings.append(error("RCX-E009", path, f"{err['msg']}; got {got!r}"))
+            if err["type"] == "value_error":  # our validators' messages quote the value
+                message = str(err["ctx"]["error"])
+            else:
+                message = f"{err['msg']}; got {short_repr(err.get('input'))}"
+            findings.append(error("RCX-E009", path, message))
             _drop_path(trimmed, loc)
         try:
             partial = RcxConfig.model_validate(trimmed)

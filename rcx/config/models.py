@@ -8,17 +8,144 @@ and the JSON schema. Models forbid unknown keys; the loader reports them first w
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import math
+import re
+import types
+import typing
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+import annotated_types
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from rcx.algos.criteria import CorrectionSpec, ParsedCorrection, is_off, parse_correction
 
+#: A number as YAML 1.2's core schema writes it (no ``_``; ``.inf``/``.nan``, not ``inf``/``nan``).
+YAML12_NUMBER = re.compile(
+    r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|0o[0-7]+|0x[0-9a-fA-F]+"
+    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)"
+)
+
+#: Seeds: torch.manual_seed takes 64 bits, but the data order seeds torch with
+#: ``seed * 1_000_003 + epoch`` and numpy's legacy seed is 32-bit: 32 bits fit every use.
+MAX_SEED = 2**32 - 1
+#: Sampling temperatures. Below 0.01, logits / T leave float16's range (65504) for logits over
+#: 655 (rollout.dtype may be float16), and sampling is greedy in all but name (use
+#: do_sample: false); above 100 every distribution is uniform to within 1% per logit unit.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
+#: MLflow's limits: an experiment name is a 256-character column, a run name a 250-character one.
+MAX_PROJECT_NAME, MAX_EXPERIMENT_NAME = 256, 250
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to about ``limit`` characters (a finding is one line)."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f"{len(value):,} characters" if isinstance(value, str) else f"{len(text):,} in all"
+    return f"{text[:limit]}... ({size})"
+
+
+def _number_types(annotation: Any) -> set[type]:
+    """{int} / {float} / {int, float} for a numeric field (optionally nullable), else empty."""
+    args = (
+        typing.get_args(annotation)
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType)
+        else (annotation,)
+    )
+    args = tuple(a for a in args if a is not type(None))
+    return set(args) if args and all(a in (int, float) for a in args) else set()
+
+
+def accepted(model: type[Section], name: str) -> str:
+    """What a numeric field accepts, in words: "a finite number > 0.0", "an integer >= 0 and
+    <= 7", or the section's own words (``Section.accepts``)."""
+    if name in model.accepts:
+        return model.accepts[name]
+    info = model.model_fields[name]
+    kinds = _number_types(info.annotation)
+    finite = not model.model_config.get("allow_inf_nan", True)
+    noun = "an integer" if kinds == {int} else ("a finite number" if finite else "a number")
+    lo = hi = None
+    for m in info.metadata:
+        if isinstance(m, annotated_types.Gt):
+            lo = f"> {m.gt}"
+        elif isinstance(m, annotated_types.Ge):
+            lo = f">= {m.ge}"
+        elif isinstance(m, annotated_types.Lt):
+            hi = f"< {m.lt}"
+        elif isinstance(m, annotated_types.Le):
+            hi = f"<= {m.le}"
+    bounds = " and ".join(b for b in (lo, hi) if b)
+    nullable = type(None) in typing.get_args(info.annotation)
+    return f"{noun}{' ' + bounds if bounds else ''}{' or null' if nullable else ''}"
+
 
 class Section(BaseModel):
-    """A config section: unknown keys are errors; assignments are validated."""
+    """A config section: unknown keys are errors; assignments are validated.
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    Numbers are YAML 1.2 numbers and finite: a string reaching a numeric field must read as a
+    YAML 1.2 number (pydantic alone would read ``1.5_2`` as 1.52 and ``inf`` as infinity), and
+    infinities and NaN are refused (a section may allow them, see ``allow_inf_nan``).
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    #: Field -> why a string that is not a number is wrong there (instead of the generic words).
+    string_hints: ClassVar[dict[str, str]] = {}
+    #: Field -> what it accepts, where the field's type and bounds do not say it all.
+    accepts: ClassVar[dict[str, str]] = {}
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _yaml12_finite_numbers(cls, v: Any, info: ValidationInfo) -> Any:
+        name = info.field_name
+        if name is None:
+            return v
+        annotation = cls.model_fields[name].annotation
+        if _number_types(annotation):
+            return cls._check_number(name, v)
+        items = typing.get_args(annotation)
+        if (
+            typing.get_origin(annotation) is tuple
+            and isinstance(v, (list, tuple))
+            and items
+            and all(_number_types(t) for t in items if t is not Ellipsis)
+        ):
+            return type(v)(cls._check_number(name, item) for item in v)
+        return v
+
+    @classmethod
+    def _check_number(cls, name: str, v: Any) -> Any:
+        if isinstance(v, str) and not YAML12_NUMBER.fullmatch(v.strip()):
+            hint = cls.string_hints.get(name) if "_" in v else None
+            why = hint or (
+                "not a number (YAML 1.2 numbers have no '_')" if "_" in v else "not a number"
+            )
+            raise ValueError(f"{why}; got {short_repr(v)}; accepted: {accepted(cls, name)}")
+        if float not in _number_types(cls.model_fields[name].annotation) and not isinstance(
+            v, float
+        ):
+            return v
+        if isinstance(v, str):
+            v = v.strip()
+            try:
+                number = float(v)
+            except ValueError:
+                return v  # 0x1f, 0o17: pydantic says what is wrong
+            finite = math.isfinite(number)
+        else:
+            finite = not isinstance(v, float) or math.isfinite(v)
+        if not finite and not cls.model_config.get("allow_inf_nan", True):
+            raise ValueError(f"not finite; got {v!r}; accepted: {accepted(cls, name)}")
+        return v
 
 
 def _none_if_off(value: Any) -> Any:
@@ -41,7 +168,9 @@ class BuiltinTaskConfig(Section):
     num_val: int = Field(
         256, ge=1, description="Number of validation prompts (disjoint from training)."
     )
-    seed: int = Field(0, description="Seed of the built-in task's train/validation split.")
+    seed: int = Field(
+        0, ge=0, le=MAX_SEED, description="Seed of the built-in task's train/validation split."
+    )
 
 
 class DataConfig(Section):
@@ -76,6 +205,15 @@ class DataConfig(Section):
 
 
 class RolloutCorrectionConfig(Section):
+    # The grammar checks its own numbers (RCX-E004/E005 say what is wrong with inf there).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=True)
+    string_hints: ClassVar[dict[str, str]] = {
+        "rollout_is_threshold": "a lo_hi band, which rollout_is_threshold does not take yet "
+        "(IcePop-style IS bands are not supported; to reject outside a band use "
+        "rollout_rs=token_k1 with rollout_rs_threshold=L_U)",
+    }
+    accepts: ClassVar[dict[str, str]] = {"rollout_is_threshold": "one number C > 1"}
+
     rollout_is: Literal["token", "sequence"] | None = Field(
         None, description="IS weights: token, sequence, or null (off)."
     )
@@ -223,7 +361,8 @@ class ActorConfig(Section):
     grad_clip: float = Field(1.0, gt=0.0, description="Max gradient norm.")
     temperature: float | None = Field(
         None,
-        gt=0.0,
+        ge=MIN_TEMPERATURE,
+        le=MAX_TEMPERATURE,
         description="Temperature the trainer scores tokens at (null: rollout.temperature); "
         "a different value is a mismatch source.",
     )
@@ -231,7 +370,12 @@ class ActorConfig(Section):
 
 class ValKwargsConfig(Section):
     do_sample: bool = Field(False, description="Validation: sample (true) or greedy (false).")
-    temperature: float = Field(1.0, gt=0.0, description="Validation sampling temperature.")
+    temperature: float = Field(
+        1.0,
+        ge=MIN_TEMPERATURE,
+        le=MAX_TEMPERATURE,
+        description="Validation sampling temperature.",
+    )
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Validation nucleus sampling p.")
     top_k: int = Field(-1, ge=-1, description="Validation top-k (-1: off).")
     n: int = Field(1, ge=1, description="Validation samples per prompt.")
@@ -243,7 +387,10 @@ class RolloutConfig(Section):
     )
     n: int = Field(8, ge=1, description="Responses sampled per prompt.")
     temperature: float = Field(
-        1.0, gt=0.0, description="Sampling temperature (the rollout log-probs include it)."
+        1.0,
+        ge=MIN_TEMPERATURE,
+        le=MAX_TEMPERATURE,
+        description="Sampling temperature (the rollout log-probs include it).",
     )
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling p (1.0: off).")
     top_k: int = Field(-1, ge=-1, description="Top-k sampling (-1: off).")
@@ -306,9 +453,14 @@ class CriticConfig(Section):
 
 
 class TrainerConfig(Section):
-    project_name: str = Field("rcx", description="MLflow experiment name.")
+    project_name: str = Field(
+        "rcx", min_length=1, max_length=MAX_PROJECT_NAME, description="MLflow experiment name."
+    )
     experiment_name: str = Field(
-        "default", description="MLflow run name; also names the checkpoint folder."
+        "default",
+        min_length=1,
+        max_length=MAX_EXPERIMENT_NAME,
+        description="MLflow run name; also names the checkpoint folder.",
     )
     logger: list[Literal["console", "mlflow"]] = Field(
         default_factory=lambda: ["console", "mlflow"],
@@ -344,7 +496,9 @@ class TrainerConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto: CUDA (bf16 autocast) when present, else CPU."
     )
-    seed: int = Field(1, description="Seed of sampling, shuffling and initialisation.")
+    seed: int = Field(
+        1, ge=0, le=MAX_SEED, description="Seed of sampling, shuffling and initialisation."
+    )
     num_threads: int | None = Field(
         None, ge=1, description="Torch CPU threads (null: 1 on <= 2 cores, else cores // 2)."
     )

@@ -4,6 +4,12 @@ PyYAML implements YAML 1.1, where ``0.5_2`` is the float 0.52, ``yes``/``on`` ar
 ``1e-3`` is a string. rcx reads YAML 1.2's core schema instead: only ``true``/``false`` are
 booleans, numbers have no underscores, and ``1e-3`` is a float. That is what makes a threshold
 such as ``rollout_rs_threshold: 0.5_2`` reach the grammar as the string ``0.5_2``.
+
+Hostile or broken input is refused with a one-line :class:`YamlLimitError` before it can cost
+time or memory: a document over :data:`MAX_CHARS` characters, nesting deeper than
+:data:`MAX_DEPTH`, more than :data:`MAX_NODES` values once every alias is expanded (aliases and
+``<<`` merge keys stay usable; an alias bomb is refused), a recursive alias, and a key given
+twice in one mapping (naming both lines). Files must be UTF-8 (checked by the config reader).
 """
 
 from __future__ import annotations
@@ -14,9 +20,54 @@ from typing import Any
 
 import yaml
 
+#: Longest document read (characters): configs and sweep files are a few KB, and PyYAML's pure
+#: Python parser needs ~2 s for 100 KB of dense YAML.
+MAX_CHARS = 100_000
+#: Deepest nesting of mappings and sequences (the config tree itself is 4 deep).
+MAX_DEPTH = 64
+#: Most values (mapping keys, values and sequence items) once every alias is expanded.
+MAX_NODES = 50_000
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class YamlLimitError(yaml.YAMLError):
+    """YAML refused for its shape (size, depth, aliases, duplicate keys); a one-line message."""
+
+
+def describe_yaml_error(e: yaml.YAMLError) -> str:
+    """A YAML error on one line: the problem and where (line, column)."""
+    if isinstance(e, yaml.MarkedYAMLError) and e.problem:
+        mark = e.problem_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        context = f"{e.context} " if e.context else ""
+        return f"{context}{e.problem}{where}".replace("\n", " ")
+    return " ".join(str(e).split())
+
 
 class Yaml12Loader(yaml.SafeLoader):
-    """A SafeLoader whose implicit scalar types follow the YAML 1.2 core schema."""
+    """A SafeLoader whose implicit scalar types follow the YAML 1.2 core schema, with limits."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        # The composer recurses once per level: refuse before Python's recursion limit does.
+        if self._depth >= MAX_DEPTH:
+            line = self.peek_event().start_mark.line + 1
+            raise YamlLimitError(f"nested deeper than {MAX_DEPTH} levels (line {line})")
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def get_single_node(self) -> Any:
+        node = super().get_single_node()
+        if node is not None:
+            _check_tree(node)
+        return node
 
 
 _YAML11_NUMERIC_TAGS = {
@@ -43,11 +94,16 @@ Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+01
 
 def _construct_int(loader: yaml.SafeLoader, node: yaml.Node) -> int:
     text = loader.construct_scalar(node)
-    if text.startswith("0o"):
-        return int(text[2:], 8)
-    if text.startswith("0x"):
-        return int(text[2:], 16)
-    return int(text, 10)
+    try:
+        if text.startswith("0o"):
+            return int(text[2:], 8)
+        if text.startswith("0x"):
+            return int(text[2:], 16)
+        return int(text, 10)
+    except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits)
+        raise YamlLimitError(
+            f"an integer of {len(text):,} digits (line {node.start_mark.line + 1})"
+        ) from None
 
 
 def _construct_float(loader: yaml.SafeLoader, node: yaml.Node) -> float:
@@ -63,8 +119,65 @@ Yaml12Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 Yaml12Loader.add_constructor("tag:yaml.org,2002:float", _construct_float)
 
 
+def _key_text(node: yaml.Node) -> str:
+    return str(node.value) if isinstance(node, yaml.ScalarNode) else f"<{node.id}>"
+
+
+def _check_tree(root: yaml.Node) -> None:
+    """Refuse duplicate keys, recursive aliases and more than MAX_NODES expanded values.
+
+    Each node is visited once (an alias is the same node object as its anchor), its expanded
+    size memoised, so checking an alias bomb costs as little as composing it.
+    """
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node, path: str) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            line = node.start_mark.line + 1
+            raise YamlLimitError(f"{path or 'the document'}: a recursive alias (line {line})")
+        open_nodes.add(key)
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[tuple[str, str], int] = {}
+            for k, v in node.value:
+                if k.tag == _MERGE_TAG:
+                    total += size(v, path)
+                    continue
+                name = _key_text(k)
+                child = f"{path}.{name}" if path else name
+                if isinstance(k, yaml.ScalarNode):
+                    line = k.start_mark.line + 1
+                    if (k.tag, k.value) in seen:
+                        lines = f"lines {seen[k.tag, k.value]} and {line}"
+                        raise YamlLimitError(f"{child}: duplicate key ({lines}); give it once")
+                    seen[k.tag, k.value] = line
+                total += size(k, child) + size(v, child)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                total += size(item, f"{path}[{i}]")
+        open_nodes.discard(key)
+        if total > MAX_NODES:
+            raise YamlLimitError(
+                f"{path or 'the document'}: more than {MAX_NODES:,} values once aliases are "
+                f"expanded (an alias bomb?); write the values out or use fewer aliases"
+            )
+        sizes[key] = total
+        return total
+
+    size(root, "")
+
+
 def load_yaml(text: str) -> Any:
-    """Parse YAML 1.2 core-schema text (raises ``yaml.YAMLError`` on malformed input)."""
+    """Parse YAML 1.2 core-schema text (raises ``yaml.YAMLError`` on malformed or refused input:
+    :class:`YamlLimitError` for the limits above)."""
+    if len(text) > MAX_CHARS:
+        raise YamlLimitError(
+            f"{len(text):,} characters, more than the {MAX_CHARS:,} a config may have"
+        )
     return yaml.load(text, Loader=Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
 
 

@@ -60,8 +60,11 @@ import torch
 from rich.console import Console
 
 from rcx.algos.modes import update_plan
+from rcx.config.limits import checkpoint_dir_problem
 from rcx.config.models import RcxConfig
 from rcx.config.yamlio import dump_yaml
+from rcx.errors import RcxError
+from rcx.markup import esc
 from rcx.rollout.hf import eos_token_ids
 from rcx.store.checkpoint import (
     capture_rng_state,
@@ -162,6 +165,8 @@ class Trainer:
         self.console = console
         self.show = "console" in cfg.trainer.logger
         self.ckpt_dir = Path(cfg.checkpoint_dir())
+        if problem := checkpoint_dir_problem(str(self.ckpt_dir)):  # before any run is opened
+            raise RcxError(f"checkpoint folder: {problem}")
         self.started = time.perf_counter()
         self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
         self.val_start: dict[str, float] = {}
@@ -268,7 +273,7 @@ class Trainer:
             status = "KILLED"
             self._save()
             self.console.print(
-                f"[yellow]interrupted: checkpoint of step {self.step} saved in {self.ckpt_dir}; "
+                f"[yellow]interrupted: checkpoint of step {self.step} saved in {esc(self.ckpt_dir)}; "
                 f"run again with the same config to resume[/]"
             )
         except KeyboardInterrupt:
@@ -398,9 +403,9 @@ class Trainer:
             markup=False,
         )
         if self.resumed_from:
-            self.console.print(f"resumed from step {self.resumed_from} ({self.resume_path})")
+            self.console.print(f"resumed from step {self.resumed_from} ({esc(self.resume_path)})")
         for note in notes:
-            self.console.print(f"[yellow]{note}[/]")
+            self.console.print(f"[yellow]{esc(note)}[/]")
 
     def _log(self, metrics: Mapping[str, float], step: int) -> None:
         clean = {k: float(v) for k, v in metrics.items()}

@@ -85,6 +85,16 @@ CASES = {
         f"{RC}.rollout_token_veto_threshold",
     ),
     "RCX-E011": (["trainer.seed"], ["trainer.seed=2"], "trainer.seed"),
+    "RCX-E012": (
+        ["trainer.default_local_dir=/dev/null/x"],
+        ["trainer.default_local_dir=null"],
+        "trainer.default_local_dir",
+    ),
+    "RCX-E013": (
+        ["data.builtin.num_train=1000000000000"],
+        ["data.builtin.num_train=1000"],
+        "data.builtin.num_train",
+    ),
 }
 
 
