@@ -7,6 +7,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,14 @@ KEY_METRICS = (
     ("rollout_corr/rollout_is_eff_sample_size", "ess"),
     ("rollout_corr/kl", "kl"),
     ("actor/pg_clipfrac", "clipfrac"),
+)
+#: The mismatch line of the end-of-run summary: (metric, label, format), averaged over steps.
+MISMATCH_SUMMARY = (
+    ("rollout_corr/kl", "kl", "{:.2e}"),
+    ("rollout_corr/rollout_rs_masked_fraction", "RS-masked tokens", "{:.2%}"),
+    ("rollout_corr/rollout_rs_seq_masked_fraction", "RS-masked sequences", "{:.2%}"),
+    ("rollout_corr/rollout_is_eff_sample_size", "IS ESS", "{:.3f}"),
+    ("rollout/staleness", "staleness", "{:.2f}"),
 )
 #: Further metrics of the summary table.
 SUMMARY_EXTRA = (
@@ -148,6 +157,53 @@ def progress_bar(console: Console, show: bool) -> Progress:
         disable=not show,
         transient=False,
     )
+
+
+def run_summary(
+    history: Mapping[str, list[tuple[int, float]]],
+    *,
+    steps_run: int,
+    wall_s: float,
+    tracking: str,
+    plot: Path | None,
+    checkpoint: Path | None,
+) -> list[str]:
+    """The lines a person reads at the end of ``rcx train``: validation accuracy before → after,
+    the mean mismatch over the steps (kl, RS masked fraction, IS ESS, staleness), speed, and
+    where the MLflow run, the plot and the checkpoint are. Lines whose metrics were not logged
+    are left out."""
+    lines = []
+    greedy, sampled = history.get("val/accuracy"), history.get("val/sampled_accuracy")
+    if greedy and len(greedy) > 1:
+        (_, first), (_, last) = greedy[0], greedy[-1]
+        line = f"validation accuracy  {first:.1%} -> {last:.1%} greedy ({100 * (last - first):+.1f} points)"
+        if sampled and len(sampled) > 1:
+            line += f", {sampled[0][1]:.1%} -> {sampled[-1][1]:.1%} sampled"
+        lines.append(line)
+    parts = [
+        f"{label} {fmt.format(_mean(history[key]))}"
+        for key, label, fmt in MISMATCH_SUMMARY
+        if history.get(key)
+    ]
+    if parts:
+        steps = len(history.get("rollout_corr/kl") or next(iter(history.values())))
+        lines.append(f"mismatch, mean of {steps} steps  " + " | ".join(parts))
+    step_times = [value for _, value in history.get("timing/step", [])]
+    if steps_run and step_times:
+        lines.append(
+            f"speed  {steps_run} steps in {wall_s:.0f} s, set-up included "
+            f"({steps_run / wall_s:.2f} steps/s); median step {float(np.median(step_times)):.2f} s"
+        )
+    lines.append(tracking.replace("\n", "\n  "))
+    if plot is not None:
+        lines.append(f"plots  {plot}")
+    if checkpoint is not None:
+        lines.append(f"checkpoint  {checkpoint}")
+    return lines
+
+
+def _mean(points: list[tuple[int, float]]) -> float:
+    return float(np.mean([value for _, value in points]))
 
 
 def summary_table(

@@ -205,6 +205,20 @@ def ensure_warm_start(
     return target
 
 
+def warm_start_metadata(path: str | Path) -> dict | None:
+    """The `warm_start.json` of `path` when it is a warm-start directory, else None."""
+    file = Path(path) / METADATA_FILE
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
+def warm_start_params(metadata: dict | None) -> dict[str, str]:
+    """MLflow params describing the warm start a run began from (empty for other models)."""
+    if metadata is None:
+        return {}
+    keys = ("reached_target", "steps_run", "target_accuracy", "val_greedy_accuracy")
+    return {f"warm_start.{key}": str(metadata.get(key)) for key in keys}
+
+
 def warm_start_shortfall(metadata: dict) -> str | None:
     """A warning when a warm start ended below its target accuracy, else None.
 

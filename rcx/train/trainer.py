@@ -47,6 +47,7 @@ With ``trainer.dump_log_probs: true`` each step's log-probs are dumped (format i
 from __future__ import annotations
 
 import copy
+import json
 import signal
 import time
 from collections import defaultdict
@@ -74,6 +75,7 @@ from rcx.store.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from rcx.store.provenance import environment_params, environment_record
 from rcx.store.tracking import RunStatus, Tracker, flatten_config, open_tracker, plot_history
 from rcx.train.actor import Actor
 from rcx.train.critic import Critic, ValueModel
@@ -81,8 +83,10 @@ from rcx.train.evaluate import score_rollout, validate
 from rcx.train.metrics import (
     progress_bar,
     progress_info,
+    run_summary,
     summary_table,
 )
+from rcx.train.pretrain import warm_start_metadata, warm_start_params, warm_start_shortfall
 from rcx.train.setup import (
     configure_threads,
     find_resume_checkpoint,
@@ -214,6 +218,7 @@ class Trainer:
         self.threads = configure_threads(cfg.trainer.num_threads)
         seed_everything(cfg.trainer.seed)
         model, self.tokenizer, self.model_path = load_policy(cfg, self.device, self.show)
+        self.warm_start = warm_start_metadata(self.model_path)
         self.ref_model = None
         if arr.actor.use_kl_loss:
             self.ref_model = copy.deepcopy(model).requires_grad_(False)
@@ -300,6 +305,7 @@ class Trainer:
         if self.show and status == "FINISHED":
             title = f"rcx train: {status} after {result.step} steps ({result.wall_s:.0f} s)"
             self.console.print(summary_table(title, result.history, result.run_id))
+            self._print_summary(result)
         return result
 
     def _run_loop(self) -> None:
@@ -393,8 +399,17 @@ class Trainer:
 
     def _announce(self) -> None:
         """Print where things go; log params and the resolved config (first session only)."""
-        notes = self.tracker.log_params(flatten_config(self.cfg.model_dump(mode="json")))
+        environment = environment_record()
+        notes = self.tracker.log_params(
+            {
+                **flatten_config(self.cfg.model_dump(mode="json")),
+                **environment_params(environment),
+                **warm_start_params(self.warm_start),
+            }
+        )
         self.tracker.log_text(dump_yaml(self.cfg.model_dump(mode="json")), "config.yaml")
+        self.tracker.log_text(json.dumps(environment, indent=2) + "\n", "versions.json")
+        self._warn_about_warm_start()
         self.console.print(
             f"rcx train: {self.total_steps} steps, {self.actor.plan.mode} mode, "
             f"{self.cfg.algorithm.adv_estimator}, device {self.device} "
@@ -406,6 +421,25 @@ class Trainer:
             self.console.print(f"resumed from step {self.resumed_from} ({esc(self.resume_path)})")
         for note in notes:
             self.console.print(f"[yellow]{esc(note)}[/]")
+
+    def _print_summary(self, result: TrainResult) -> None:
+        """The end-of-run lines a person reads (see `run_summary`), then any warm-start warning."""
+        plot = self.ckpt_dir / "metrics.png"
+        lines = run_summary(
+            result.history,
+            steps_run=result.step - result.resumed_from,
+            wall_s=result.wall_s,
+            tracking=self.tracker.describe(),
+            plot=plot if plot.is_file() else None,
+            checkpoint=result.checkpoint,
+        )
+        for line in lines:
+            self.console.print(line, markup=False, highlight=False, soft_wrap=True)
+        self._warn_about_warm_start()
+
+    def _warn_about_warm_start(self) -> None:
+        if shortfall := warm_start_shortfall(self.warm_start or {}):
+            self.console.print(f"[bold red]warning[/] {esc(shortfall)}", soft_wrap=True)
 
     def _log(self, metrics: Mapping[str, float], step: int) -> None:
         clean = {k: float(v) for k, v in metrics.items()}

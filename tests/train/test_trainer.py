@@ -17,6 +17,7 @@ from rich.console import Console
 from rcx.errors import RcxError
 from rcx.models.loading import build_tiny_model
 from rcx.store.checkpoint import latest_checkpoint, load_checkpoint
+from rcx.store.provenance import package_version, rcx_revision
 from rcx.store.tracking import TrackingError
 from rcx.train import actor as actor_mod
 from rcx.train import trainer as trainer_mod
@@ -110,7 +111,10 @@ def test_preset_trains_logs_and_checkpoints(preset: str, tiny_config, mlflow_uri
     assert set(_history(client, result.run_id, "reward/mean")) == {1, 2}
     assert set(_history(client, result.run_id, "val/accuracy")) == {0, 2}  # before and at end
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
-    assert {"config.yaml", "plots"} <= artifacts
+    assert {"config.yaml", "plots", "versions.json"} <= artifacts
+    # Where it ran: package versions and rcx's revision, as params and as an artifact.
+    assert run.data.params["env.torch"] == package_version("torch")
+    assert run.data.params["env.rcx_revision"] == rcx_revision()
 
 
 # ----------------------------------------------------------------------------- resume
@@ -387,3 +391,25 @@ def test_trainer_temperature_differing_from_the_rollout_is_a_mismatch(tiny_confi
     mismatched = step1_kl("actor_rollout_ref.actor.temperature=0.25", "trainer.resume_mode=disable")
     assert on_policy < 1e-6
     assert mismatched > 100 * max(on_policy, 1e-7)
+
+
+def test_summary_and_warm_start_warning_at_the_end(tiny_config, monkeypatch) -> None:
+    missed = {
+        "reached_target": False,
+        "steps": 1000,
+        "steps_run": 1000,
+        "probes": [[1000, 0.117]],
+        "target_accuracy": 0.3,
+        "val_greedy_accuracy": 0.227,
+    }
+    monkeypatch.setattr(trainer_mod, "warm_start_metadata", lambda path: missed)
+    out = io.StringIO()
+    cfg = tiny_config("grpo-multi-rs", 'trainer.logger=["console","mlflow"]')
+    result = train(cfg, console=Console(file=out, width=200, highlight=False))
+    text = out.getvalue()
+    assert result.status == "FINISHED"
+    # Loud at the start and again at the end, with the accuracy reached and what to do.
+    assert text.count("BELOW its target") == 2 and "11.7%" in text and "warm_start_steps" in text
+    assert "validation accuracy" in text and "greedy (" in text
+    assert "mismatch, mean of 2 steps" in text and "kl " in text
+    assert "checkpoint  " in text and "plots  " in text and "MLflow run" in text
