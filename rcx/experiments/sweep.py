@@ -50,6 +50,8 @@ from typing import Any, Literal
 
 import yaml
 
+from rcx.algos.modes import update_plan
+from rcx.config.findings import RC
 from rcx.config.loading import (
     ConfigError,
     ValidationReport,
@@ -240,6 +242,60 @@ def plan_sweep(
         trial.report = validate_raw(raw)
         trials.append(trial)
     return SweepPlan(name, Path(out_dir), list(axes), dict(base_raw), trials, metric, mode)
+
+
+def inert_keys(cfg: Any) -> dict[str, str]:
+    """Correction keys that cannot change training under ``cfg`` (an ``RcxConfig``), each with
+    the reason, read from the update plan the trainer follows (:func:`rcx.algos.modes.update_plan`):
+
+    * IS weights that do not enter the loss (metrics-only under bypass + ppo_clip, RCX-W002, or
+      ``rollout_is`` null) make ``rollout_is_threshold`` and ``rollout_is_batch_normalize``
+      inert, and, when metrics-only, ``rollout_is`` itself;
+    * decoupled mode always uses PPO-clip, so ``loss_type`` is inert (RCX-W004);
+    * with ``rollout_rs`` null, ``rollout_rs_threshold`` is inert (RCX-W011).
+
+    The metrics of an inert key may still change; the weights the run trains do not.
+    """
+    rc = cfg.algorithm.rollout_correction
+    plan = update_plan(rc.rollout_is, rc.bypass_mode, rc.loss_type)
+    out: dict[str, str] = {}
+    if plan.is_weights == "metrics_only":
+        why = "under bypass + ppo_clip the IS weights are metrics-only (RCX-W002)"
+        for key in ("rollout_is", "rollout_is_threshold", "rollout_is_batch_normalize"):
+            out[f"{RC}.{key}"] = why
+    elif plan.is_weights == "off":
+        for key in ("rollout_is_threshold", "rollout_is_batch_normalize"):
+            out[f"{RC}.{key}"] = "rollout_is is null: there are no IS weights"
+    if not plan.bypass:
+        out[f"{RC}.loss_type"] = "decoupled mode (bypass_mode=false) always uses ppo_clip (RCX-W004)"
+    if rc.rollout_rs is None:
+        out[f"{RC}.rollout_rs_threshold"] = "rollout_rs is null: nothing is rejected (RCX-W011)"
+    return out
+
+
+def inert_axes(plan: SweepPlan) -> dict[str, str]:
+    """Grid keys that cannot change training in any trial (:func:`inert_keys` of every valid
+    trial's config), each with the first trial's reason. Empty when a trial is invalid."""
+    configs = [t.report.config for t in plan.trials if t.report is not None and t.report.valid]
+    if not configs or len(configs) != len(plan.trials):
+        return {}
+    per_trial = [inert_keys(cfg) for cfg in configs]
+    return {
+        axis.key: per_trial[0][axis.key]
+        for axis in plan.axes
+        if all(axis.key in inert for inert in per_trial)
+    }
+
+
+def name_clash(plan: SweepPlan, resume: bool) -> str | None:
+    """Why the sweep cannot start under this name (its folder holds a sweep already and
+    ``resume`` is false), or None. :func:`run_sweep` refuses on the same condition."""
+    if resume or load_state(plan.out_dir) is None:
+        return None
+    return (
+        f"a sweep named {plan.name!r} already exists in {plan.out_dir}; pass --resume to "
+        f"continue it (finished trials are kept) or choose another --name"
+    )
 
 
 def invalid_trials(plan: SweepPlan) -> list[Trial]:
@@ -508,12 +564,10 @@ def run_sweep(
         raise SweepError(f"{len(bad)} invalid trial(s): {', '.join(t.name for t in bad)}")
     if parallel < 1:
         raise SweepError(f"--parallel must be >= 1, got {parallel}")
+    clash = name_clash(plan, resume)
+    if clash:
+        raise SweepError(clash)
     saved = load_state(plan.out_dir)
-    if saved is not None and not resume:
-        raise SweepError(
-            f"a sweep named {plan.name!r} already exists in {plan.out_dir}; pass --resume to "
-            f"continue it (finished trials are kept) or choose another --name"
-        )
     state = resume_state(plan, saved) if saved is not None else new_state(plan)
     results = finished_results(state)
     skipped = [t.name for t in plan.trials if t.name in results]
