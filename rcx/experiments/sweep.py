@@ -267,7 +267,9 @@ def inert_keys(cfg: Any) -> dict[str, str]:
         for key in ("rollout_is_threshold", "rollout_is_batch_normalize"):
             out[f"{RC}.{key}"] = "rollout_is is null: there are no IS weights"
     if not plan.bypass:
-        out[f"{RC}.loss_type"] = "decoupled mode (bypass_mode=false) always uses ppo_clip (RCX-W004)"
+        out[f"{RC}.loss_type"] = (
+            "decoupled mode (bypass_mode=false) always uses ppo_clip (RCX-W004)"
+        )
     if rc.rollout_rs is None:
         out[f"{RC}.rollout_rs_threshold"] = "rollout_rs is null: nothing is rejected (RCX-W011)"
     return out

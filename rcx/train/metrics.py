@@ -202,7 +202,9 @@ class PlainProgress:
             return
         per_step = (now - self._started) / max(step - self.first_step + 1, 1)
         parts = [f"step {step}/{self.total}", progress_info(metrics)]
-        parts.append(f"{per_step:.2f} s/step  ETA {format_duration(per_step * (self.total - step))}")
+        parts.append(
+            f"{per_step:.2f} s/step  ETA {format_duration(per_step * (self.total - step))}"
+        )
         self.console.print(
             "  ".join(p for p in parts if p), markup=False, highlight=False, soft_wrap=True
         )

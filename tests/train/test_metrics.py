@@ -82,9 +82,7 @@ def plain_lines(steps: int, seconds_per_step: float, total: int = 100, first: in
 def test_plain_progress_prints_every_ten_steps_with_speed_and_eta():
     lines = plain_lines(25, 0.5)
     assert [ln.split()[1] for ln in lines] == ["1/100", "11/100", "21/100"]
-    assert lines[1] == (
-        "step 11/100  reward 0.412  acc 0.375  kl 0.0017  0.50 s/step  ETA 44s"
-    )
+    assert lines[1] == ("step 11/100  reward 0.412  acc 0.375  kl 0.0017  0.50 s/step  ETA 44s")
 
 
 def test_plain_progress_prints_every_ten_seconds_when_steps_are_slow():
