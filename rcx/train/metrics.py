@@ -213,7 +213,7 @@ class PlainProgress:
 
 def progress_bar(console: Console, show: bool) -> Progress:
     """The step progress bar, with elapsed time and ETA (disabled when the console logger is
-    off). Off a terminal it draws only its final state: see :class:`PlainProgress`."""
+    off). Off a terminal the trainer shows :class:`PlainProgress` instead."""
     return Progress(
         TextColumn("step"),
         MofNCompleteColumn(),

@@ -314,11 +314,12 @@ class Trainer:
         if self.step == 0 and t.val_before_train:
             self.val_start = self.validate(step=0)
             self._log(self.val_start, step=0)
-        # Off a terminal (a pipe, CI) the live bar shows nothing until the end: plain lines too.
+        # Off a terminal (a pipe, CI) the live bar shows nothing until the end (then a squeezed
+        # line): plain lines instead.
         plain = None
         if self.show and not self.console.is_terminal:
             plain = PlainProgress(self.console, self.total_steps, first_step=self.step + 1)
-        with progress_bar(self.console, self.show) as progress:
+        with progress_bar(self.console, self.show and plain is None) as progress:
             bar = progress.add_task("train", total=self.total_steps, completed=self.step, info="")
             for step in range(self.step + 1, self.total_steps + 1):
                 metrics = self.train_step(step)
