@@ -226,13 +226,24 @@ def sweep_command(
 
 def warn_inert_axes(plan: Any) -> None:
     """One warning per grid key that cannot change training in any trial (the trials would
-    train identically on it); see :func:`rcx.experiments.sweep.inert_axes`."""
-    from rcx.experiments.sweep import inert_axes
+    train identically on it; :func:`rcx.experiments.sweep.inert_axes`), and a note when the
+    swept correction keys have no mismatch to act on (:func:`unmatched_correction_axes`)."""
+    from rcx.experiments.sweep import inert_axes, unmatched_correction_axes
 
     for key, why in inert_axes(plan).items():
         console.print(
             f"[yellow]warning[/] --grid {esc(key)} cannot change training here: {esc(why)}; "
             f"the trials differ in metrics only, not in what they train",
+            markup=True,
+        )
+    unmatched = unmatched_correction_axes(plan)
+    if unmatched:
+        console.print(
+            f"[yellow]note[/] no mismatch source in any trial (float32 rollout in sync, no "
+            f"truncation, one update per step): pi_rollout equals pi_theta up to rounding, so the "
+            f"swept correction keys ({esc(', '.join(k.rsplit('.', 1)[-1] for k in unmatched))}) "
+            f"see ratios of 1 and the trials would likely train alike; add a source, e.g. "
+            f"actor_rollout_ref.rollout.weight_sync_interval=4",
             markup=True,
         )
 

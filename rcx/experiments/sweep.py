@@ -289,6 +289,45 @@ def inert_axes(plan: SweepPlan) -> dict[str, str]:
     }
 
 
+def mismatch_sources(cfg: Any) -> list[str]:
+    """What makes pi_rollout differ from the policy the update scores, under ``cfg`` (an
+    ``RcxConfig``): the rollout's precision, quantisation, staleness, truncation, temperature or
+    engine, a CUDA trainer (bf16 autocast), and, in bypass mode, updates within a step (several
+    mini-batches or epochs move pi_theta away from pi_rollout). Empty: every ratio is 1 up to
+    rounding, so no correction setting has anything to act on."""
+    arr = cfg.actor_rollout_ref
+    rollout, actor = arr.rollout, arr.actor
+    checks = {
+        f"rollout.dtype={rollout.dtype}": rollout.dtype != "float32",
+        f"rollout.quantization={rollout.quantization}": rollout.quantization != "none",
+        f"rollout.weight_sync_interval={rollout.weight_sync_interval}": (
+            rollout.weight_sync_interval > 1
+        ),
+        f"rollout.top_p={rollout.top_p}": rollout.top_p < 1.0,
+        f"rollout.top_k={rollout.top_k}": rollout.top_k > 0,
+        f"actor.temperature={actor.temperature}": (
+            actor.temperature is not None and actor.temperature != rollout.temperature
+        ),
+        f"rollout.name={rollout.name}": rollout.name != "hf",
+        f"trainer.device={cfg.trainer.device}": cfg.trainer.device == "cuda",
+        "several updates per step in bypass mode": (
+            cfg.algorithm.rollout_correction.bypass_mode
+            and (actor.ppo_epochs > 1 or actor.ppo_mini_batch_size < cfg.data.train_batch_size)
+        ),
+    }
+    return [source for source, present in checks.items() if present]
+
+
+def unmatched_correction_axes(plan: SweepPlan) -> list[str]:
+    """Grid keys under ``algorithm.rollout_correction`` when no valid trial has a mismatch
+    source (:func:`mismatch_sources`): the correction then sees ratios of 1 in every trial.
+    Empty when a trial is invalid or has a source."""
+    configs = [t.report.config for t in plan.trials if t.report is not None and t.report.valid]
+    if len(configs) != len(plan.trials) or any(mismatch_sources(cfg) for cfg in configs):
+        return []
+    return [axis.key for axis in plan.axes if axis.key.startswith(f"{RC}.")]
+
+
 def name_clash(plan: SweepPlan, resume: bool) -> str | None:
     """Why the sweep cannot start under this name (its folder holds a sweep already and
     ``resume`` is false), or None. :func:`run_sweep` refuses on the same condition."""

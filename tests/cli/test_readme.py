@@ -62,6 +62,8 @@ class Expect:
     exit_codes: tuple[int, ...] = (0,)
 
 
+#: What a sweep says before it runs when its grid keys cannot change training.
+SWEEP_NOTES = ("cannot change training", "no mismatch source")
 #: Fast lines, keyed by a piece of the line that picks out exactly one of them.
 FAST: dict[str, Expect] = {
     "validate examples/config.yaml --explain": Expect(
@@ -74,17 +76,17 @@ FAST: dict[str, Expect] = {
         (f"{RC}.rollout_rs_threshold = null  # RS bounds", f"{RC}.bypass_mode = false")
     ),
     "--name is-cap": Expect(
-        ("sweep is-cap: 4 trials", "dry run: 4 valid trials"), absent=("cannot change",)
+        ("sweep is-cap: 4 trials", "dry run: 4 valid trials"), absent=SWEEP_NOTES
     ),
     "--name rs-bounds": Expect(
         ("sweep rs-bounds: 2 trials", "0.8_1.25,1.0", "dry run: 2 valid trials"),
-        absent=("cannot change",),
+        absent=SWEEP_NOTES,
     ),
     "--sweep examples/sweep.yaml --dry-run": Expect(
-        ("sweep rs-bounds: 2 trials", "dry run: 2 valid trials"), absent=("cannot change",)
+        ("sweep rs-bounds: 2 trials", "dry run: 2 valid trials"), absent=SWEEP_NOTES
     ),
     "--name is-metrics-only": Expect(
-        (f"--grid {RC}.rollout_is_threshold cannot change training here", "RCX-W002")
+        (f"--grid {RC}.rollout_is_threshold cannot change training here", "RCX-W002", *SWEEP_NOTES)
     ),
     "whatif": Expect(("dump file(s)", "what-if, overall", "#5")),
     "calibrate": Expect(("overrides:", f"{RC}.rollout_rs_threshold="), exit_codes=(0, 1)),

@@ -12,11 +12,13 @@ from rcx.experiments.sweep import (
     SweepError,
     inert_axes,
     inert_keys,
+    mismatch_sources,
     name_clash,
     parse_grid,
     plan_sweep,
     run_sweep,
     save_state,
+    unmatched_correction_axes,
 )
 
 RC = "algorithm.rollout_correction"
@@ -81,3 +83,39 @@ def test_dry_run_reports_a_name_in_use(tmp_path: Path, monkeypatch: pytest.Monke
     assert second.exit_code == 1
     assert "a sweep named 'again' already exists" in second.output
     assert "(dry run: nothing started)" in second.output
+
+
+def test_mismatch_sources_name_each_source():
+    assert mismatch_sources(load_config(preset="rloo-seq-is")) == []
+    cfg = load_config(
+        preset="rloo-seq-is",
+        overrides=[
+            "actor_rollout_ref.rollout.dtype=bfloat16",
+            "actor_rollout_ref.rollout.weight_sync_interval=4",
+            "actor_rollout_ref.rollout.top_p=0.9",
+            "actor_rollout_ref.actor.temperature=0.8",
+        ],
+    )
+    assert mismatch_sources(cfg) == [
+        "rollout.dtype=bfloat16",
+        "rollout.weight_sync_interval=4",
+        "rollout.top_p=0.9",
+        "actor.temperature=0.8",
+    ]
+    # Bypass mode with two mini-batches per step: the second sees an updated policy.
+    two = load_config(
+        preset="rloo-seq-is", overrides=["actor_rollout_ref.actor.ppo_mini_batch_size=16"]
+    )
+    assert mismatch_sources(two) == ["several updates per step in bypass mode"]
+
+
+def test_correction_axes_without_any_mismatch_are_reported(tmp_path: Path):
+    grid = f"{RC}.rollout_is_threshold=1.5,3"
+    assert unmatched_correction_axes(plan_for(tmp_path, "rloo-seq-is", grid)) == [
+        f"{RC}.rollout_is_threshold"
+    ]
+    stale = "actor_rollout_ref.rollout.weight_sync_interval=1,4"
+    assert unmatched_correction_axes(plan_for(tmp_path, "rloo-seq-is", grid, stale)) == []
+    # A grid over something else than the correction is not its business.
+    lr = "actor_rollout_ref.actor.optim.lr=1e-4,3e-4"
+    assert unmatched_correction_axes(plan_for(tmp_path, "rloo-seq-is", lr)) == []
