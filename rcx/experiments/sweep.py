@@ -244,6 +244,12 @@ def plan_sweep(
     return SweepPlan(name, Path(out_dir), list(axes), dict(base_raw), trials, metric, mode)
 
 
+def trial_configs(plan: SweepPlan) -> list[Any]:
+    """Every trial's validated ``RcxConfig``, in order; empty when any trial is invalid."""
+    configs = [t.report.config for t in plan.trials if t.report is not None and t.report.valid]
+    return configs if len(configs) == len(plan.trials) else []
+
+
 def inert_keys(cfg: Any) -> dict[str, str]:
     """Correction keys that cannot change training under ``cfg`` (an ``RcxConfig``), each with
     the reason, read from the update plan the trainer follows (:func:`rcx.algos.modes.update_plan`):
@@ -278,8 +284,8 @@ def inert_keys(cfg: Any) -> dict[str, str]:
 def inert_axes(plan: SweepPlan) -> dict[str, str]:
     """Grid keys that cannot change training in any trial (:func:`inert_keys` of every valid
     trial's config), each with the first trial's reason. Empty when a trial is invalid."""
-    configs = [t.report.config for t in plan.trials if t.report is not None and t.report.valid]
-    if not configs or len(configs) != len(plan.trials):
+    configs = trial_configs(plan)
+    if not configs:
         return {}
     per_trial = [inert_keys(cfg) for cfg in configs]
     return {
@@ -322,8 +328,8 @@ def unmatched_correction_axes(plan: SweepPlan) -> list[str]:
     """Grid keys under ``algorithm.rollout_correction`` when no valid trial has a mismatch
     source (:func:`mismatch_sources`): the correction then sees ratios of 1 in every trial.
     Empty when a trial is invalid or has a source."""
-    configs = [t.report.config for t in plan.trials if t.report is not None and t.report.valid]
-    if len(configs) != len(plan.trials) or any(mismatch_sources(cfg) for cfg in configs):
+    configs = trial_configs(plan)
+    if not configs or any(mismatch_sources(cfg) for cfg in configs):
         return []
     return [axis.key for axis in plan.axes if axis.key.startswith(f"{RC}.")]
 
