@@ -26,6 +26,7 @@ from rcx.cli.common import (  # noqa: E402
     fail,
     print_findings,
     split_args,
+    with_override_hint,
 )
 from rcx.cli.experiments import register as register_experiments  # noqa: E402
 from rcx.config import ValidationReport, validate_sources  # noqa: E402
@@ -72,7 +73,9 @@ ConfigOpt = Annotated[
 
 def gather(preset: str | None, config: Path | None, args: list[str] | None) -> ValidationReport:
     config_file, overrides = split_args(args, config)
-    return validate_sources(preset, config_file, overrides)
+    report = validate_sources(preset, config_file, overrides)
+    report.findings = with_override_hint(report.findings, config_file)
+    return report
 
 
 def summary_line(report: ValidationReport) -> str:

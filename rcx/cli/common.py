@@ -8,6 +8,7 @@ the console (re-exported here for the commands).
 
 from __future__ import annotations
 
+import dataclasses
 from enum import Enum
 from pathlib import Path
 
@@ -35,6 +36,27 @@ def split_args(args: list[str] | None, config: Path | None) -> tuple[Path | None
             f"one config file at most, got {', '.join(given)}; overrides need KEY=VALUE"
         )
     return (config or (Path(files[0]) if files else None)), overrides
+
+
+def with_override_hint(findings: list[Finding], config_file: Path | None) -> list[Finding]:
+    """``findings`` with a "did you mean KEY=VALUE" hint on the RCX-E011 of a missing config file
+    whose name reads as a dotted key (``trainer.seed``: no folder, not ``.yaml``/``.yml``/``.json``).
+    Other findings are returned unchanged."""
+    if config_file is None or config_file.exists():
+        return findings
+    name = str(config_file)
+    looks_like_key = (
+        "/" not in name and "." in name and config_file.suffix not in (".yaml", ".yml", ".json")
+    )
+    if not looks_like_key:
+        return findings
+    hint = f"; {name!r} reads as a config key: an override is written KEY=VALUE, e.g. {name}=1"
+    return [
+        dataclasses.replace(f, message=f.message + hint)
+        if f.code == "RCX-E011" and f.path == name
+        else f
+        for f in findings
+    ]
 
 
 def print_findings(findings: list[Finding]) -> None:

@@ -17,7 +17,15 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from rcx.cli.common import OutputFormat, console, esc, fail, print_findings, split_args
+from rcx.cli.common import (
+    OutputFormat,
+    console,
+    esc,
+    fail,
+    print_findings,
+    split_args,
+    with_override_hint,
+)
 
 
 class Executor(str, Enum):
@@ -143,12 +151,14 @@ def sweep_command(
         SweepError,
         base_from_sources,
         invalid_trials,
+        name_clash,
         parse_grid,
         plan_sweep,
         read_sweep_file,
         run_sweep,
     )
 
+    config_file = None
     try:
         config_file, overrides = split_args(args, config)
         sf = read_sweep_file(sweep_file) if sweep_file else None
@@ -157,7 +167,7 @@ def sweep_command(
     except (SweepError, typer.BadParameter) as e:
         raise fail(str(e)) from None
     except ConfigError as e:
-        print_findings(e.findings)
+        print_findings(with_override_hint(e.findings, config_file))
         raise typer.Exit(1) from None
     run_name = (base.get("trainer") or {}).get("experiment_name") or "default"
     sweep_name = name or (sf.name if sf else None) or f"{run_name}-sweep"
@@ -181,7 +191,14 @@ def sweep_command(
             console.print(f"[bold red]{esc(trial.name)} is invalid[/] ({esc(trial.label)}):")
             print_findings(trial.report.errors if trial.report else [])
         raise fail(f"{len(bad)} of {len(plan.trials)} trials are invalid; nothing was started")
+    warn_inert_axes(plan)
+    try:
+        clash = name_clash(plan, resume)
+    except SweepError as e:
+        raise fail(str(e)) from None
     if dry_run:
+        if clash:
+            raise fail(f"{clash} (dry run: nothing started)")
         console.print(f"dry run: {len(plan.trials)} valid trials, nothing started")
         raise typer.Exit(0)
 
@@ -205,6 +222,30 @@ def sweep_command(
     print_ranking(outcome)
     failed = [r for r in outcome.results.values() if r.status != "FINISHED"]
     raise typer.Exit(1 if failed else 0)
+
+
+def warn_inert_axes(plan: Any) -> None:
+    """One warning per grid key that cannot change training in any trial (the trials would
+    train identically on it; :func:`rcx.experiments.sweep.inert_axes`), and a note when the
+    swept correction keys have no mismatch to act on (:func:`unmatched_correction_axes`)."""
+    from rcx.experiments.sweep import inert_axes, unmatched_correction_axes
+
+    for key, why in inert_axes(plan).items():
+        console.print(
+            f"[yellow]warning[/] --grid {esc(key)} cannot change training here: {esc(why)}; "
+            f"the trials differ in metrics only, not in what they train",
+            markup=True,
+        )
+    unmatched = unmatched_correction_axes(plan)
+    if unmatched:
+        console.print(
+            f"[yellow]note[/] no mismatch source in any trial (float32 rollout in sync, no "
+            f"truncation, one update per step): pi_rollout equals pi_theta up to rounding, so the "
+            f"swept correction keys ({esc(', '.join(k.rsplit('.', 1)[-1] for k in unmatched))}) "
+            f"see ratios of 1 and the trials would likely train alike; add a source, e.g. "
+            f"actor_rollout_ref.rollout.weight_sync_interval=4",
+            markup=True,
+        )
 
 
 def trials_table(plan: Any) -> Table:

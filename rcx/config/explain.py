@@ -64,7 +64,7 @@ def _mode_line(cfg: RcxConfig) -> str:
     if cfg.algorithm.rollout_correction.bypass_mode:
         return (
             "Mode: bypass (two policies). pi_old := pi_rollout, no extra forward pass; IS weights "
-            "and the RS mask are recomputed for every mini-batch from pi_theta / pi_rollout."
+            "and the RS mask are recomputed for every micro-batch from pi_theta / pi_rollout."
         )
     return (
         "Mode: decoupled (three policies). pi_old is recomputed by one extra forward pass; IS "

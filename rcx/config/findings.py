@@ -30,6 +30,7 @@ CODES: dict[str, str] = {
     "RCX-W008": "RS bounds so loose they reject nothing at typical mismatch",
     "RCX-W009": "a data file or model directory that does not exist here (checked again at train time)",
     "RCX-W010": "ppo_mini_batch_size does not divide train_batch_size (last mini-batch is smaller)",
+    "RCX-W011": "rollout_rs_threshold set without rollout_rs (ignored: no rejection criterion)",
     "RCX-E001": "unknown key",
     "RCX-E002": "unknown rejection criterion",
     "RCX-E003": "threshold count matches neither 1 nor the number of criteria",
@@ -292,6 +293,15 @@ def check_config(cfg: RcxConfig) -> list[Finding]:
                 f"{RC}.rollout_is",
                 "under bypass + ppo_clip the PPO ratio pi_theta/pi_rollout already is the IS "
                 "correction: IS weights are computed for metrics only, never applied",
+            )
+        )
+    if rc.rollout_rs_threshold is not None and rc.rollout_rs is None:
+        out.append(
+            warning(
+                "RCX-W011",
+                f"{RC}.rollout_rs_threshold",
+                f"{rc.rollout_rs_threshold!r} is ignored: rollout_rs is null, so nothing is "
+                f"rejected; name the criteria, e.g. {RC}.rollout_rs=token_k1",
             )
         )
     if rc.rollout_is_batch_normalize and rc.rollout_is is None:

@@ -50,6 +50,8 @@ from typing import Any, Literal
 
 import yaml
 
+from rcx.algos.modes import update_plan
+from rcx.config.findings import RC
 from rcx.config.loading import (
     ConfigError,
     ValidationReport,
@@ -240,6 +242,107 @@ def plan_sweep(
         trial.report = validate_raw(raw)
         trials.append(trial)
     return SweepPlan(name, Path(out_dir), list(axes), dict(base_raw), trials, metric, mode)
+
+
+def trial_configs(plan: SweepPlan) -> list[Any]:
+    """Every trial's validated ``RcxConfig``, in order; empty when any trial is invalid."""
+    configs = [t.report.config for t in plan.trials if t.report is not None and t.report.valid]
+    return configs if len(configs) == len(plan.trials) else []
+
+
+def inert_keys(cfg: Any) -> dict[str, str]:
+    """Correction keys that cannot change training under ``cfg`` (an ``RcxConfig``), each with
+    the reason, read from the update plan the trainer follows (:func:`rcx.algos.modes.update_plan`):
+
+    * IS weights that do not enter the loss (metrics-only under bypass + ppo_clip, RCX-W002, or
+      ``rollout_is`` null) make ``rollout_is_threshold`` and ``rollout_is_batch_normalize``
+      inert, and, when metrics-only, ``rollout_is`` itself;
+    * decoupled mode always uses PPO-clip, so ``loss_type`` is inert (RCX-W004);
+    * with ``rollout_rs`` null, ``rollout_rs_threshold`` is inert (RCX-W011).
+
+    The metrics of an inert key may still change; the weights the run trains do not.
+    """
+    rc = cfg.algorithm.rollout_correction
+    plan = update_plan(rc.rollout_is, rc.bypass_mode, rc.loss_type)
+    out: dict[str, str] = {}
+    if plan.is_weights == "metrics_only":
+        why = "under bypass + ppo_clip the IS weights are metrics-only (RCX-W002)"
+        for key in ("rollout_is", "rollout_is_threshold", "rollout_is_batch_normalize"):
+            out[f"{RC}.{key}"] = why
+    elif plan.is_weights == "off":
+        for key in ("rollout_is_threshold", "rollout_is_batch_normalize"):
+            out[f"{RC}.{key}"] = "rollout_is is null: there are no IS weights"
+    if not plan.bypass:
+        out[f"{RC}.loss_type"] = (
+            "decoupled mode (bypass_mode=false) always uses ppo_clip (RCX-W004)"
+        )
+    if rc.rollout_rs is None:
+        out[f"{RC}.rollout_rs_threshold"] = "rollout_rs is null: nothing is rejected (RCX-W011)"
+    return out
+
+
+def inert_axes(plan: SweepPlan) -> dict[str, str]:
+    """Grid keys that cannot change training in any trial (:func:`inert_keys` of every valid
+    trial's config), each with the first trial's reason. Empty when a trial is invalid."""
+    configs = trial_configs(plan)
+    if not configs:
+        return {}
+    per_trial = [inert_keys(cfg) for cfg in configs]
+    return {
+        axis.key: per_trial[0][axis.key]
+        for axis in plan.axes
+        if all(axis.key in inert for inert in per_trial)
+    }
+
+
+def mismatch_sources(cfg: Any) -> list[str]:
+    """What makes pi_rollout differ from the policy the update scores, under ``cfg`` (an
+    ``RcxConfig``): the rollout's precision, quantisation, staleness, truncation, temperature or
+    engine, a CUDA trainer (bf16 autocast), and, in bypass mode, updates within a step (several
+    mini-batches or epochs move pi_theta away from pi_rollout). Empty: every ratio is 1 up to
+    rounding, so no correction setting has anything to act on."""
+    arr = cfg.actor_rollout_ref
+    rollout, actor = arr.rollout, arr.actor
+    checks = {
+        f"rollout.dtype={rollout.dtype}": rollout.dtype != "float32",
+        f"rollout.quantization={rollout.quantization}": rollout.quantization != "none",
+        f"rollout.weight_sync_interval={rollout.weight_sync_interval}": (
+            rollout.weight_sync_interval > 1
+        ),
+        f"rollout.top_p={rollout.top_p}": rollout.top_p < 1.0,
+        f"rollout.top_k={rollout.top_k}": rollout.top_k > 0,
+        f"actor.temperature={actor.temperature}": (
+            actor.temperature is not None and actor.temperature != rollout.temperature
+        ),
+        f"rollout.name={rollout.name}": rollout.name != "hf",
+        f"trainer.device={cfg.trainer.device}": cfg.trainer.device == "cuda",
+        "several updates per step in bypass mode": (
+            cfg.algorithm.rollout_correction.bypass_mode
+            and (actor.ppo_epochs > 1 or actor.ppo_mini_batch_size < cfg.data.train_batch_size)
+        ),
+    }
+    return [source for source, present in checks.items() if present]
+
+
+def unmatched_correction_axes(plan: SweepPlan) -> list[str]:
+    """Grid keys under ``algorithm.rollout_correction`` when no valid trial has a mismatch
+    source (:func:`mismatch_sources`): the correction then sees ratios of 1 in every trial.
+    Empty when a trial is invalid or has a source."""
+    configs = trial_configs(plan)
+    if not configs or any(mismatch_sources(cfg) for cfg in configs):
+        return []
+    return [axis.key for axis in plan.axes if axis.key.startswith(f"{RC}.")]
+
+
+def name_clash(plan: SweepPlan, resume: bool) -> str | None:
+    """Why the sweep cannot start under this name (its folder holds a sweep already and
+    ``resume`` is false), or None. :func:`run_sweep` refuses on the same condition."""
+    if resume or load_state(plan.out_dir) is None:
+        return None
+    return (
+        f"a sweep named {plan.name!r} already exists in {plan.out_dir}; pass --resume to "
+        f"continue it (finished trials are kept) or choose another --name"
+    )
 
 
 def invalid_trials(plan: SweepPlan) -> list[Trial]:
@@ -508,12 +611,10 @@ def run_sweep(
         raise SweepError(f"{len(bad)} invalid trial(s): {', '.join(t.name for t in bad)}")
     if parallel < 1:
         raise SweepError(f"--parallel must be >= 1, got {parallel}")
+    clash = name_clash(plan, resume)
+    if clash:
+        raise SweepError(clash)
     saved = load_state(plan.out_dir)
-    if saved is not None and not resume:
-        raise SweepError(
-            f"a sweep named {plan.name!r} already exists in {plan.out_dir}; pass --resume to "
-            f"continue it (finished trials are kept) or choose another --name"
-        )
     state = resume_state(plan, saved) if saved is not None else new_state(plan)
     results = finished_results(state)
     skipped = [t.name for t in plan.trials if t.name in results]

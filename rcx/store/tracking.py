@@ -42,6 +42,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
+import shutil
+import sys
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -137,6 +140,19 @@ class NullTracker:
 
 
 # --------------------------------------------------------------------------- store resolution
+
+
+def mlflow_command() -> str:
+    """How a shell runs this Python's MLflow, pasted as is: ``mlflow`` when that is the one on
+    ``PATH`` (an activated venv), else the full path of the script next to this interpreter (a
+    venv that is not activated), else ``<python> -m mlflow``."""
+    script = Path(sys.executable).parent / "mlflow"
+    if not script.is_file():
+        return f"{shlex.quote(sys.executable)} -m mlflow"
+    on_path = shutil.which("mlflow")
+    if on_path and Path(on_path).resolve() == script.resolve():
+        return "mlflow"
+    return shlex.quote(str(script))
 
 
 def resolve_tracking_uri(tracking_uri: str | None, cwd: Path | None = None) -> str:
@@ -303,7 +319,10 @@ class MlflowTracker:
         db = sqlite_path(self.uri)
         verb = "resumed" if self.resumed else "run"
         if db is not None:
-            view = f"cd {db.parent} && mlflow ui --backend-store-uri sqlite:///{db.name}"
+            view = (
+                f"cd {shlex.quote(str(db.parent))} && {mlflow_command()} ui "
+                f"--backend-store-uri {shlex.quote(f'sqlite:///{db.name}')}"
+            )
             where = f"{db} (artifacts in {db.parent / DEFAULT_ARTIFACT_DIR})"
         else:
             view = f"open {self.uri}"

@@ -5,15 +5,23 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 #: Metrics shown in the progress bar and the summary table, when present.
@@ -141,17 +149,78 @@ def throughput_metrics(
 
 
 def progress_info(metrics: Mapping[str, float]) -> str:
-    """The short ``reward 0.41  acc 0.38 ...`` line of the progress bar."""
-    return "  ".join(f"{short} {metrics[k]:.3f}" for k, short in KEY_METRICS if k in metrics)
+    """The short ``reward 0.412  acc 0.381 ... kl 0.0017`` part of the progress bar and of the
+    plain progress lines (3 significant digits)."""
+    return "  ".join(f"{short} {metrics[k]:.3g}" for k, short in KEY_METRICS if k in metrics)
+
+
+def format_duration(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``1h02m``: a duration a person reads at a glance."""
+    total = max(0, round(seconds))
+    if total < 60:
+        return f"{total}s"
+    if total < 3600:
+        return f"{total // 60}m{total % 60:02d}s"
+    return f"{total // 3600}h{total % 3600 // 60:02d}m"
+
+
+@dataclass
+class PlainProgress:
+    """Progress as plain lines, for output that is not a terminal (a pipe, a log file, CI),
+    where the live bar draws nothing until the end.
+
+    :meth:`update` prints ``step 10/100  reward 0.412  acc 0.381 ... kl 0.0017  0.33 s/step
+    ETA 29s`` after the first step, the last, and otherwise once ``every_steps`` steps or
+    ``every_s`` seconds have passed since the previous line. s/step is the mean over the steps
+    of this session (from ``first_step``); ETA is that times the steps left.
+    """
+
+    console: Console
+    total: int
+    first_step: int = 1  # the first step this session runs (later than 1 on resume)
+    every_steps: int = 10
+    every_s: float = 10.0
+    clock: Callable[[], float] = time.monotonic
+    _started: float = field(init=False)
+    _last_time: float = field(init=False)
+    _last_step: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._started = self._last_time = self.clock()
+        self._last_step = self.first_step - 1
+
+    def update(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Record that ``step`` finished with ``metrics``; print a line when one is due."""
+        now = self.clock()
+        due = (
+            step == self.first_step
+            or step >= self.total
+            or step - self._last_step >= self.every_steps
+            or now - self._last_time >= self.every_s
+        )
+        if not due:
+            return
+        per_step = (now - self._started) / max(step - self.first_step + 1, 1)
+        parts = [f"step {step}/{self.total}", progress_info(metrics)]
+        parts.append(
+            f"{per_step:.2f} s/step  ETA {format_duration(per_step * (self.total - step))}"
+        )
+        self.console.print(
+            "  ".join(p for p in parts if p), markup=False, highlight=False, soft_wrap=True
+        )
+        self._last_time, self._last_step = now, step
 
 
 def progress_bar(console: Console, show: bool) -> Progress:
-    """The step progress bar (disabled when the console logger is off)."""
+    """The step progress bar, with elapsed time and ETA (disabled when the console logger is
+    off). Off a terminal the trainer shows :class:`PlainProgress` instead."""
     return Progress(
         TextColumn("step"),
         MofNCompleteColumn(),
         BarColumn(),
         TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
         TextColumn("{task.fields[info]}"),
         console=console,
         disable=not show,

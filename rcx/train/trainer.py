@@ -81,6 +81,7 @@ from rcx.train.actor import Actor
 from rcx.train.critic import Critic, ValueModel
 from rcx.train.evaluate import score_rollout, validate
 from rcx.train.metrics import (
+    PlainProgress,
     progress_bar,
     progress_info,
     run_summary,
@@ -313,7 +314,12 @@ class Trainer:
         if self.step == 0 and t.val_before_train:
             self.val_start = self.validate(step=0)
             self._log(self.val_start, step=0)
-        with progress_bar(self.console, self.show) as progress:
+        # Off a terminal (a pipe, CI) the live bar shows nothing until the end (then a squeezed
+        # line): plain lines instead.
+        plain = None
+        if self.show and not self.console.is_terminal:
+            plain = PlainProgress(self.console, self.total_steps, first_step=self.step + 1)
+        with progress_bar(self.console, self.show and plain is None) as progress:
             bar = progress.add_task("train", total=self.total_steps, completed=self.step, info="")
             for step in range(self.step + 1, self.total_steps + 1):
                 metrics = self.train_step(step)
@@ -329,6 +335,8 @@ class Trainer:
                 if not last and t.save_freq > 0 and step % t.save_freq == 0:
                     self._save()
                 progress.update(bar, completed=step, info=progress_info(metrics))
+                if plain is not None:
+                    plain.update(step, metrics)
                 if self._stop_requested:
                     raise _StopRequested
 

@@ -44,3 +44,10 @@ def test_lines_state_the_interval_in_words():
         ]
     )
     assert "single tokens are not bounded" in "\n".join(explain_lines(seq))
+
+
+def test_bypass_says_where_the_correction_is_recomputed():
+    """As the actor does (rcx.train.actor.policy_loss: once per micro-batch, in the forward that
+    carries the gradient), and as the README says."""
+    mode = explain_lines(load_config(preset="grpo-multi-rs"))[0]
+    assert "recomputed for every micro-batch" in mode and "mini-batch" not in mode

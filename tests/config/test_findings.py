@@ -50,6 +50,11 @@ CASES = {
         ["data.train_batch_size=32", "actor_rollout_ref.actor.ppo_mini_batch_size=16"],
         "actor_rollout_ref.actor.ppo_mini_batch_size",
     ),
+    "RCX-W011": (
+        [f"{THRESHOLD}=0.995_1.005"],
+        rs("token_k1", "0.8_1.25"),
+        THRESHOLD,
+    ),
     "RCX-E001": (["trainer.project=x"], ["trainer.project_name=x"], "trainer.project"),
     "RCX-E002": (rs("token_k5", "2"), rs("token_k2", "2"), f"{RC}.rollout_rs"),
     "RCX-E003": (

@@ -174,3 +174,24 @@ def test_plot_history_draws_only_logged_keys(tmp_path: Path) -> None:
     assert out is not None and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot_history({"other": [(1, 1.0)]}, tmp_path / "none.png") is None
     assert not (tmp_path / "none.png").exists()
+
+
+def test_printed_mlflow_command_runs_without_an_activated_venv(monkeypatch) -> None:
+    """The `view:` line names this interpreter's mlflow by its path when PATH does not find it,
+    so that it works when pasted into a shell where the venv is not active."""
+    import subprocess
+    import sys
+
+    from rcx.store.tracking import mlflow_command
+
+    bare_path = "/usr/bin:/bin"
+    monkeypatch.setenv("PATH", bare_path)
+    command = mlflow_command()
+    assert command != "mlflow" and "mlflow" in command
+    done = subprocess.run(
+        f"{command} --version", shell=True, env={"PATH": bare_path}, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "version" in done.stdout
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{bare_path}")
+    assert mlflow_command() == "mlflow"

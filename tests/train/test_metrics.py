@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
-from rcx.train.metrics import run_summary
+from rich.console import Console
+
+from rcx.train.metrics import PlainProgress, format_duration, run_summary
 
 TRACKING = "MLflow run abc in /x/mlflow.db\n  view: cd /x && mlflow ui"
 
@@ -51,3 +54,49 @@ def test_run_summary_leaves_out_what_was_not_logged():
         checkpoint=None,
     )
     assert lines == ["MLflow tracking off"]
+
+
+class FakeClock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def plain_lines(steps: int, seconds_per_step: float, total: int = 100, first: int = 1):
+    """The lines PlainProgress prints off a terminal for ``steps`` steps of equal duration."""
+    out, clock = io.StringIO(), FakeClock()
+    progress = PlainProgress(
+        Console(file=out, force_terminal=False, width=200), total, first_step=first, clock=clock
+    )
+    for step in range(first, first + steps):
+        clock.now += seconds_per_step
+        metrics = {"reward/mean": 0.41234, "reward/accuracy": 0.375, "rollout_corr/kl": 0.0017}
+        progress.update(step, metrics)
+    return out.getvalue().splitlines()
+
+
+def test_plain_progress_prints_every_ten_steps_with_speed_and_eta():
+    lines = plain_lines(25, 0.5)
+    assert [ln.split()[1] for ln in lines] == ["1/100", "11/100", "21/100"]
+    assert lines[1] == ("step 11/100  reward 0.412  acc 0.375  kl 0.0017  0.50 s/step  ETA 44s")
+
+
+def test_plain_progress_prints_every_ten_seconds_when_steps_are_slow():
+    lines = plain_lines(4, 6.0, total=50)
+    # 6 s a step: a line at step 1, then once 10 s have passed since the last line (step 3).
+    assert [ln.split()[1] for ln in lines] == ["1/50", "3/50"]
+    assert lines[-1].endswith("6.00 s/step  ETA 4m42s")
+
+
+def test_plain_progress_always_prints_the_last_step_and_counts_from_a_resume():
+    lines = plain_lines(5, 1.0, total=45, first=41)
+    assert [ln.split()[1] for ln in lines] == ["41/45", "45/45"]
+    assert lines[-1].endswith("1.00 s/step  ETA 0s")
+
+
+def test_format_duration():
+    assert [format_duration(s) for s in (0.4, 59.6, 185, 3725)] == ["0s", "1m00s", "3m05s", "1h02m"]

@@ -306,6 +306,9 @@ def test_log_prob_dumps_and_console_without_mlflow(tiny_config, tmp_path: Path) 
     assert result.run_id is None and result.status == "FINISHED"
     text = out.getvalue()
     assert "MLflow tracking off" in text and "FINISHED after 1 steps" in text
+    # Not a terminal: a plain progress line, with the step's figures, its speed and an ETA.
+    line = next(ln for ln in text.splitlines() if ln.startswith("step 1/1 "))
+    assert "reward " in line and " s/step  ETA 0s" in line
 
     dump = torch.load(tmp_path / "ckpt" / "log_probs" / "step_000001.pt", weights_only=True)
     assert dump["format"] == 1 and dump["step"] == 1 and dump["mode"] == "decoupled"
