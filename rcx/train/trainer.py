@@ -52,6 +52,7 @@ import signal
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -295,8 +296,9 @@ class Trainer:
                 )
             else:
                 self._run_loop()
+            plot = self._plot_in_background()
             self._save()
-            self._finish_artifacts()
+            self._finish_artifacts(plot)
             status = "FINISHED"
         except _StopRequested:
             status = "KILLED"
@@ -472,8 +474,17 @@ class Trainer:
         self.last_metrics = clean
         self.tracker.log_metrics(clean, step=step)
 
-    def _finish_artifacts(self) -> None:
-        png = plot_history(self.history, self.ckpt_dir / "metrics.png")
+    def _plot_in_background(self) -> Future[Path | None]:
+        """Start drawing ``metrics.png`` from the finished history in a thread, so that the
+        checkpoint is written meanwhile; :meth:`_finish_artifacts` waits for it."""
+        history = {k: list(v) for k, v in self.history.items()}
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rcx-plot")
+        future = pool.submit(plot_history, history, self.ckpt_dir / "metrics.png")
+        pool.shutdown(wait=False)  # the thread ends with the task
+        return future
+
+    def _finish_artifacts(self, plot: Future[Path | None]) -> None:
+        png = plot.result()
         if png is not None:
             self.tracker.log_artifact(png, "plots")
 
