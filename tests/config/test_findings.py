@@ -16,6 +16,7 @@ def _wandb_absent(monkeypatch):
         importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
     )
 
+
 RC = "algorithm.rollout_correction"
 BYPASS = [f"{RC}.bypass_mode=true"]
 THRESHOLD = f"{RC}.rollout_rs_threshold"
