@@ -12,7 +12,9 @@ new user's first run does. The run is instrumented from inside (this file re-exe
 the ``rcx`` CLI), and reports, as medians over the repeats:
 
 * ``startup_s``: from spawning the process to the start of step 1, and its ratio to the import
-  baseline (target <= 1.3; TRL's GRPOTrainer measured ~1.2 on this machine);
+  baseline (target <= 1.3; TRL's GRPOTrainer measured ~1.2 on this machine), and to a second
+  baseline, ``import torch, transformers.modeling_utils``: ``import transformers`` is lazy, and
+  any process that builds a transformers model (TRL's too) pays for its model classes;
 * ``step_s``: a training step (steps 2.., ``Trainer.train_step``);
 * ``log_ms`` / ``log_share``: a step's metric logging (``Trainer._log``) and its share of the step
   (target <= 2 %);
@@ -122,9 +124,12 @@ def run_once(steps: int, overrides: list[str]) -> dict[str, float]:
 
 
 def baseline_once() -> dict[str, float]:
-    """``python -c "import torch, transformers"``: wall time and peak RSS."""
+    """``python -c "import torch, transformers"`` (wall time, peak RSS), and the same with the
+    model classes (``transformers.modeling_utils``: wall time)."""
     start, end, rss = spawn([sys.executable, "-c", "import torch, transformers"], os.getcwd())
-    return {"import_s": end - start, "import_rss_mb": rss}
+    code = "import torch, transformers.modeling_utils"
+    floor_start, floor_end, _ = spawn([sys.executable, "-c", code], os.getcwd())
+    return {"import_s": end - start, "import_rss_mb": rss, "models_s": floor_end - floor_start}
 
 
 def ensure_warm_start(overrides: list[str]) -> None:
@@ -143,6 +148,7 @@ def summarise(runs: list[dict[str, float]], bases: list[dict[str, float]]) -> di
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     med.update({k: statistics.median(b[k] for b in bases) for k in bases[0]})
     med["startup_ratio"] = med["startup_s"] / med["import_s"]
+    med["startup_vs_models"] = med["startup_s"] / med["models_s"]
     med["end_in_steps"] = med["end_s"] / med["step_s"]
     med["rss_ratio"] = med["peak_rss_mb"] / med["import_rss_mb"]
     return med
@@ -157,6 +163,8 @@ def report(med: dict[str, float], repeats: int, steps: int) -> list[str]:
         f"  start-up to step 1  {med['startup_s']:6.2f} s   import torch, transformers "
         f"{med['import_s']:.2f} s   ratio {med['startup_ratio']:.2f} "
         f"({ok[med['startup_ratio'] <= 1.3]}: <= 1.3)",
+        f"                      {'':6s}     import torch, transformers.modeling_utils "
+        f"{med['models_s']:.2f} s   ratio {med['startup_vs_models']:.2f}",
         f"  step                {med['step_s']:6.3f} s",
         f"  logging per step    {med['log_ms']:6.2f} ms  share of a step "
         f"{100 * med['log_share']:.2f} % ({ok[med['log_share'] <= 0.02]}: <= 2 %)",
