@@ -11,6 +11,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported anywhere
+# W&B never reaches a server from the tests, whatever the caller's environment says.
+os.environ["WANDB_MODE"] = "offline"
+os.environ["WANDB_SILENT"] = "true"
 
 import itertools
 from collections.abc import Callable

@@ -44,6 +44,7 @@ CODES: dict[str, str] = {
     "RCX-E011": "unreadable input: config file, preset name or KEY=VALUE override",
     "RCX-E012": "checkpoint folder that cannot be written here (not a folder, no permission, path too long)",
     "RCX-E013": "a step or the built-in data needs more memory than this machine has available",
+    "RCX-E014": "a logger in trainer.logger whose package is not installed here (names the extra)",
 }
 
 RC = "algorithm.rollout_correction"
@@ -221,6 +222,16 @@ def _machine_findings(cfg: RcxConfig) -> list[Finding]:
     return out
 
 
+def _logger_findings(cfg: RcxConfig) -> list[Finding]:
+    """RCX-E014 for each optional logger whose package is absent (looked up, not imported)."""
+    from rcx.store.loggers import missing_package_message, missing_packages
+
+    return [
+        error("RCX-E014", "trainer.logger", missing_package_message(name))
+        for name in missing_packages(cfg.trainer.logger)
+    ]
+
+
 def check_config(cfg: RcxConfig) -> list[Finding]:
     """Cross-field checks of a config whose individual fields are already valid."""
     rc = cfg.algorithm.rollout_correction
@@ -321,4 +332,4 @@ def check_config(cfg: RcxConfig) -> list[Finding]:
                 "uses PPO-clip, so this setting is ignored",
             )
         )
-    return out + _file_findings(cfg) + _machine_findings(cfg)
+    return out + _file_findings(cfg) + _machine_findings(cfg) + _logger_findings(cfg)

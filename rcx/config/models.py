@@ -462,9 +462,12 @@ class TrainerConfig(Section):
         max_length=MAX_EXPERIMENT_NAME,
         description="MLflow run name; also names the checkpoint folder.",
     )
-    logger: list[Literal["console", "mlflow"]] = Field(
+    logger: list[Literal["console", "mlflow", "tensorboard", "wandb"]] = Field(
         default_factory=lambda: ["console", "mlflow"],
-        description="Where metrics go: console and/or mlflow.",
+        description=(
+            "Where metrics go: console, mlflow, tensorboard (event files in the checkpoint "
+            "folder), wandb (offline unless $WANDB_MODE says otherwise); the last two are extras."
+        ),
     )
     total_epochs: int = Field(
         1, ge=1, description="Passes over the training prompts (if total_training_steps is null)."

@@ -18,7 +18,10 @@ Decisions:
   file store is in maintenance mode and refuses to start without an opt-in). For a SQLite store
   rcx puts the artifacts of a *new* experiment next to the database, in ``mlruns/``, so that the
   two travel together; ``mlflow ui --backend-store-uri sqlite:///mlflow.db`` run from that
-  directory shows both.
+  directory shows both. A *new* SQLite store is a copy of an empty one made once per MLflow
+  version in the rcx cache (``$RCX_CACHE_DIR/mlflow/``): MLflow's own set-up replays every schema
+  migration with a disk sync after each (3-8 s); the copy takes milliseconds, and MLflow still
+  verifies its schema on opening.
 * **Reachability.** An ``http(s)`` store is contacted once before training, with retries off and a
   short timeout (``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` / ``MLFLOW_HTTP_REQUEST_TIMEOUT``), so an
   unreachable server fails in seconds with :class:`TrackingError` instead of mid-run.
@@ -30,8 +33,10 @@ Decisions:
   Params are immutable in MLflow: when a run is resumed, new keys are added, and keys whose value
   changed (``trainer.total_training_steps`` typically) are recorded in the tag
   ``rcx.resume.changed_params`` instead of failing.
-* **Metrics** go out as one ``log_batch`` per step (chunked at MLflow's 1000-entity limit).
-  A logging failure mid-run warns once and training continues: the run's own history (kept by
+* **Metrics** go out as one ``log_batch`` per step (chunked at MLflow's 1000-entity limit),
+  asynchronously (``synchronous=False``: MLflow's own queue and thread write them, so a step
+  waits for no database); ``finish`` waits for the queue to drain. A logging failure warns once
+  (at the latest when the run finishes) and training continues: the run's own history (kept by
   the trainer) is not lost, and losing a 3-hour run to a dashboard hiccup is worse.
 * **Status** is ``FINISHED``, ``FAILED`` or ``KILLED`` as it happened; a resumed run goes back to
   ``RUNNING`` under the same run id (stored in the checkpoint).
@@ -232,6 +237,56 @@ def check_reachable(uri: str, timeout_s: int = CHECK_TIMEOUT_S) -> None:
             ) from exc
 
 
+def seed_sqlite_store(db: Path) -> None:
+    """Create the SQLite store ``db`` as a copy of an empty store at MLflow's current schema.
+
+    The empty store is made once per MLflow version in ``$RCX_CACHE_DIR/mlflow/``, by MLflow's
+    own table set-up, with SQLite's per-statement disk sync off (it is a cache: a broken copy is
+    caught by MLflow's schema check). Never replaces an existing ``db``: the copy is linked into
+    place, which fails if another process made the store first. Any failure leaves ``db`` absent,
+    and MLflow then creates it the slow way.
+    """
+    try:
+        template = _empty_store_template()
+        scratch = db.with_name(f".{db.name}.{os.getpid()}.tmp")
+        shutil.copyfile(template, scratch)
+        try:
+            os.link(scratch, db)
+        except FileExistsError:
+            pass
+        finally:
+            scratch.unlink()
+    except Exception:  # noqa: BLE001 - an optimisation only: MLflow's own set-up still works
+        return
+
+
+def _empty_store_template() -> Path:
+    """``$RCX_CACHE_DIR/mlflow/empty-<mlflow version>.db``, made if absent."""
+    import mlflow
+    import sqlalchemy
+    from mlflow.store.db.utils import _initialize_tables
+
+    from rcx.cache import cache_root
+
+    template = cache_root() / "mlflow" / f"empty-{mlflow.__version__}.db"
+    if template.is_file():
+        return template
+    template.parent.mkdir(parents=True, exist_ok=True)
+    scratch = template.with_name(f".{template.name}.{os.getpid()}.tmp")
+    engine = sqlalchemy.create_engine(f"sqlite:///{scratch}")
+    sqlalchemy.event.listen(engine, "connect", _no_disk_sync)
+    try:
+        _initialize_tables(engine)
+    finally:
+        engine.dispose()
+    os.replace(scratch, template)
+    return template
+
+
+def _no_disk_sync(connection: Any, _record: Any) -> None:
+    connection.execute("PRAGMA synchronous = OFF")
+
+
 # --------------------------------------------------------------------------- params
 
 
@@ -275,6 +330,7 @@ class MlflowTracker:
     _client: Any = field(default=None, repr=False)
     _finished: bool = False
     _warned: bool = False
+    _pending: list[tuple[int, Any]] = field(default_factory=list, repr=False)
 
     @classmethod
     def start(
@@ -293,6 +349,8 @@ class MlflowTracker:
         """
         uri = resolve_tracking_uri(tracking_uri)
         check_reachable(uri)
+        if (db := sqlite_path(uri)) is not None and not db.exists():
+            seed_sqlite_store(db)
         # A new SQLite store announces its schema migrations at INFO; rcx prints the store itself.
         for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -352,15 +410,29 @@ class MlflowTracker:
         return [f"param changed on resume (kept the first value in MLflow): {c}" for c in changed]
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Queue the step's metrics for MLflow's logging thread; returns without waiting."""
         from mlflow.entities import Metric
 
         now_ms = int(time.time() * 1000)
         entries = [Metric(k, float(v), now_ms, step) for k, v in metrics.items() if _is_number(v)]
         try:
             for chunk in _chunks(entries, MAX_METRICS_PER_BATCH):
-                self._client.log_batch(self.run_id, metrics=list(chunk))
+                operation = self._client.log_batch(
+                    self.run_id, metrics=list(chunk), synchronous=False
+                )
+                self._pending.append((step, operation))
         except Exception as exc:  # noqa: BLE001 - see module docstring: warn, keep training
             self._warn_once(f"MLflow metric logging failed at step {step}: {exc}")
+
+    def _check_pending(self) -> None:
+        """Warn (once) about the first queued metric batch that failed; forget the rest."""
+        pending, self._pending = self._pending, []
+        for step, operation in pending:
+            try:
+                operation.wait()
+            except Exception as exc:  # noqa: BLE001
+                self._warn_once(f"MLflow metric logging failed at step {step}: {exc}")
+                return
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         try:
@@ -382,7 +454,8 @@ class MlflowTracker:
             return
         self._finished = True
         try:
-            self._client.set_terminated(self.run_id, status=status)
+            self._client.set_terminated(self.run_id, status=status)  # drains the metric queue
+            self._check_pending()
         except Exception as exc:  # noqa: BLE001
             warnings.warn(f"could not mark MLflow run {self.run_id} {status}: {exc}", stacklevel=2)
 

@@ -45,6 +45,7 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rcx.cache import cache_root
 from rcx.data.rewards import exact_match_score
 from rcx.data.tasks import (
     BUILTIN_TASKS,
@@ -103,13 +104,6 @@ def lr_factor(step: int, steps: int, settings: SFTSettings) -> float:
         raise ValueError(f"unknown warm-start schedule {settings.schedule!r}")
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, steps))))
     return warmup * (settings.min_lr_ratio + (1 - settings.min_lr_ratio) * cosine)
-
-
-def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """`cache_dir`, else `$RCX_CACHE_DIR`, else `~/.cache/rcx`."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    return Path(os.environ.get("RCX_CACHE_DIR") or "~/.cache/rcx").expanduser()
 
 
 def warm_start_key(task: BuiltinTask, steps: int, seed: int, settings: SFTSettings) -> str:

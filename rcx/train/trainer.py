@@ -52,6 +52,7 @@ import signal
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +76,7 @@ from rcx.store.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from rcx.store.loggers import require_packages, with_loggers
 from rcx.store.provenance import environment_params, environment_record
 from rcx.store.tracking import RunStatus, Tracker, flatten_config, open_tracker, plot_history
 from rcx.train.actor import Actor
@@ -190,15 +192,7 @@ class Trainer:
         resume_run_id = (
             None if self.resume_path is None else read_meta(self.resume_path).get("mlflow_run_id")
         )
-        self.tracker: Tracker = open_tracker(
-            logger=cfg.trainer.logger,
-            project_name=cfg.trainer.project_name,
-            experiment_name=cfg.trainer.experiment_name,
-            tracking_uri=cfg.trainer.tracking_uri,
-            resume_run_id=resume_run_id,
-            parent_run_id=parent_run_id,
-            tags=tags,
-        )
+        self.tracker = self._open_trackers(resume_run_id, parent_run_id, tags)
         self.console.print(self.tracker.describe(), markup=False, highlight=False)
         try:
             self._build()
@@ -210,6 +204,37 @@ class Trainer:
             raise
 
     # ------------------------------------------------------------------ setup
+
+    def _open_trackers(
+        self,
+        resume_run_id: str | None,
+        parent_run_id: str | None,
+        tags: Mapping[str, str] | None,
+    ) -> Tracker:
+        """MLflow (or nothing) composed with the optional loggers of ``trainer.logger``; a
+        missing logger package is an error before any run is opened."""
+        t = self.cfg.trainer
+        require_packages(t.logger)
+        primary = open_tracker(
+            logger=t.logger,
+            project_name=t.project_name,
+            experiment_name=t.experiment_name,
+            tracking_uri=t.tracking_uri,
+            resume_run_id=resume_run_id,
+            parent_run_id=parent_run_id,
+            tags=tags,
+        )
+        try:
+            return with_loggers(
+                primary,
+                t.logger,
+                run_dir=self.ckpt_dir,
+                project=t.project_name,
+                run_name=t.experiment_name,
+            )
+        except BaseException:
+            primary.finish("FAILED")
+            raise
 
     def _build(self) -> None:
         """Load model, data, engines, optimisers; restore the checkpoint when resuming."""
@@ -272,8 +297,9 @@ class Trainer:
                 )
             else:
                 self._run_loop()
+            plot = self._plot_in_background()
             self._save()
-            self._finish_artifacts()
+            self._finish_artifacts(plot)
             status = "FINISHED"
         except _StopRequested:
             status = "KILLED"
@@ -456,8 +482,17 @@ class Trainer:
         self.last_metrics = clean
         self.tracker.log_metrics(clean, step=step)
 
-    def _finish_artifacts(self) -> None:
-        png = plot_history(self.history, self.ckpt_dir / "metrics.png")
+    def _plot_in_background(self) -> Future[Path | None]:
+        """Start drawing ``metrics.png`` from the finished history in a thread, so that the
+        checkpoint is written meanwhile; :meth:`_finish_artifacts` waits for it."""
+        history = {k: list(v) for k, v in self.history.items()}
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rcx-plot")
+        future = pool.submit(plot_history, history, self.ckpt_dir / "metrics.png")
+        pool.shutdown(wait=False)  # the thread ends with the task
+        return future
+
+    def _finish_artifacts(self, plot: Future[Path | None]) -> None:
+        png = plot.result()
         if png is not None:
             self.tracker.log_artifact(png, "plots")
 

@@ -1,8 +1,21 @@
 """Every finding code: one config that triggers it and one that does not."""
 
+import importlib.util
+
 import pytest
 
 from rcx.config import CODES, validate_sources
+
+
+@pytest.fixture(autouse=True)
+def _wandb_absent(monkeypatch):
+    """RCX-E014's trigger: wandb looks uninstalled in this module (it may well be installed;
+    tests/store/test_loggers.py covers both cases)."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
+
 
 RC = "algorithm.rollout_correction"
 BYPASS = [f"{RC}.bypass_mode=true"]
@@ -100,6 +113,11 @@ CASES = {
         ["data.builtin.num_train=1000"],
         "data.builtin.num_train",
     ),
+    "RCX-E014": (
+        ['trainer.logger=["console","wandb"]'],
+        ['trainer.logger=["console","mlflow"]'],
+        "trainer.logger",
+    ),
 }
 
 
@@ -135,7 +153,7 @@ def test_code_does_not_trigger(code):
         ("actor_rollout_ref.actor.optim.lr=-1e-4", "actor_rollout_ref.actor.optim.lr"),
         ("actor_rollout_ref.actor.clip_ratio_c=1.0", "actor_rollout_ref.actor.clip_ratio_c"),
         ("actor_rollout_ref.rollout.temperature=0", "actor_rollout_ref.rollout.temperature"),
-        ('trainer.logger=["console","wandb"]', "trainer.logger[1]"),
+        ('trainer.logger=["console","neptune"]', "trainer.logger[1]"),
         (f"{RC}.rollout_is=tokens", f"{RC}.rollout_is"),
         (f"{RC}.loss_type=ppo", f"{RC}.loss_type"),
         ("data.train_batch_size=abc", "data.train_batch_size"),

@@ -1,4 +1,5 @@
-"""MLflow tracking: store resolution, params, batched metrics, status, resume, child runs."""
+"""MLflow tracking: store resolution and seeding, params, queued metrics, status, resume, child
+runs."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import socket
 import time
 from pathlib import Path
 
+import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
+from rcx.store import tracking
 from rcx.store.tracking import (
     MAX_PARAM_VALUE_LENGTH,
     TRUNCATION_MARKER,
@@ -195,3 +198,61 @@ def test_printed_mlflow_command_runs_without_an_activated_venv(monkeypatch) -> N
     assert "version" in done.stdout
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{bare_path}")
     assert mlflow_command() == "mlflow"
+
+
+def test_new_sqlite_store_is_a_copy_of_the_cached_empty_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_name: str
+) -> None:
+    monkeypatch.setenv("RCX_CACHE_DIR", str(tmp_path / "cache"))
+    db = tmp_path / "store" / "mlflow.db"
+    tracker = _start(f"sqlite:///{db}", run_name)
+    tracker.log_metrics({"reward/mean": 0.5}, step=1)
+    tracker.finish("FINISHED")
+    assert [p.name for p in (tmp_path / "cache" / "mlflow").iterdir()] == [
+        f"empty-{mlflow.__version__}.db"
+    ]
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    assert [m.value for m in client.get_metric_history(tracker.run_id, "reward/mean")] == [0.5]
+    # MLflow made its Default experiment on opening the copy (the template holds none), so its
+    # artifact location is MLflow's own choice, not a path in the cache.
+    default = client.get_experiment("0")
+    assert default.name == "Default"
+    assert str(tmp_path / "cache") not in default.artifact_location
+
+
+def test_seeding_never_replaces_an_existing_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    template = tmp_path / "template.db"
+    template.write_text("empty store")
+    monkeypatch.setattr(tracking, "_empty_store_template", lambda: template)
+    db = tmp_path / "mlflow.db"
+    db.write_text("someone's runs")
+    tracking.seed_sqlite_store(db)
+    assert db.read_text() == "someone's runs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db", "template.db"]
+    fresh = tmp_path / "new" / "mlflow.db"
+    fresh.parent.mkdir()
+    tracking.seed_sqlite_store(fresh)
+    assert fresh.read_text() == "empty store"
+
+
+def test_metrics_are_queued_and_a_failed_batch_warns_when_the_run_finishes(
+    mlflow_uri: str, run_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tracker = _start(mlflow_uri, run_name)
+    calls = []
+
+    class Failed:
+        def wait(self) -> None:
+            raise RuntimeError("disk full")
+
+    def log_batch(run_id, metrics=(), synchronous=None, **kw):
+        calls.append(synchronous)
+        return Failed()
+
+    monkeypatch.setattr(tracker._client, "log_batch", log_batch)
+    tracker.log_metrics({"reward/mean": 0.5}, step=3)  # returns: nothing raised yet
+    assert calls == [False]
+    with pytest.warns(UserWarning, match="failed at step 3: disk full"):
+        tracker.finish("FINISHED")
