@@ -22,7 +22,7 @@ CASES = {
         "actor_rollout_ref.actor.ppo_epochs",
     ),
     "RCX-W002": (
-        [*BYPASS, f"{RC}.rollout_is=token", f"{RC}.loss_type=ppo_clip"],
+        [*BYPASS, f"{RC}.rollout_is=token", f"{RC}.loss_type=cispo"],
         [*BYPASS, f"{RC}.rollout_is=token", f"{RC}.loss_type=reinforce"],
         f"{RC}.rollout_is",
     ),
@@ -49,6 +49,26 @@ CASES = {
         ["data.train_batch_size=32", "actor_rollout_ref.actor.ppo_mini_batch_size=12"],
         ["data.train_batch_size=32", "actor_rollout_ref.actor.ppo_mini_batch_size=16"],
         "actor_rollout_ref.actor.ppo_mini_batch_size",
+    ),
+    "RCX-W011": (
+        [f"{RC}.loss_type=gspo"],
+        [f"{RC}.loss_type=gspo", "actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-mean"],
+        "actor_rollout_ref.actor.loss_agg_mode",
+    ),
+    "RCX-W012": (
+        [*BYPASS, *rs("seq_sum_k1", "0.5_2"), f"{RC}.baseline_includes_rejected=false"],
+        [*rs("seq_sum_k1", "0.5_2"), f"{RC}.baseline_includes_rejected=false"],
+        f"{RC}.baseline_includes_rejected",
+    ),
+    "RCX-W013": (
+        [f"{RC}.loss_denominator=generated"],
+        [*rs("token_k1", "0.5_2"), f"{RC}.loss_denominator=generated"],
+        f"{RC}.loss_denominator",
+    ),
+    "RCX-W014": (
+        ["actor_rollout_ref.actor.sampling_mask_replay=true"],
+        ["actor_rollout_ref.actor.sampling_mask_replay=true", "actor_rollout_ref.rollout.top_p=0.8"],
+        "actor_rollout_ref.actor.sampling_mask_replay",
     ),
     "RCX-E001": (["trainer.project=x"], ["trainer.project_name=x"], "trainer.project"),
     "RCX-E002": (rs("token_k5", "2"), rs("token_k2", "2"), f"{RC}.rollout_rs"),
@@ -94,6 +114,11 @@ CASES = {
         ["data.builtin.num_train=1000000000000"],
         ["data.builtin.num_train=1000"],
         "data.builtin.num_train",
+    ),
+    "RCX-E014": (
+        ["actor_rollout_ref.actor.sampling_mask_replay=true", "actor_rollout_ref.rollout.name=vllm"],
+        ["actor_rollout_ref.actor.sampling_mask_replay=true", "actor_rollout_ref.rollout.top_k=5"],
+        "actor_rollout_ref.actor.sampling_mask_replay",
     ),
 }
 
