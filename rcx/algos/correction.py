@@ -566,7 +566,9 @@ def _token_is(lr: LogRatios, red: _Reductions, spec: CorrectionSpec) -> torch.Te
     weights = torch.exp(lr.log_ratio, out=lr.take_ratio_buffer())  # (B, T)
     if spec.is_band:
         weights.masked_fill_(above | below, 0.0)
-        red.add("rollout_is_oob_ratio", lambda: (red.value(i_high) + red.value(i_low)) / red.tokens())
+        red.add(
+            "rollout_is_oob_ratio", lambda: (red.value(i_high) + red.value(i_low)) / red.tokens()
+        )
     else:
         weights.clamp_(max=threshold)
     weights.masked_fill_(~lr.valid, 0.0)

@@ -461,7 +461,8 @@ def parse_correction(
             is_batch_normalize=bool(rollout_is_batch_normalize),
             criteria=tuple(rs.criteria),
             is_lower=lower,
-            opsm_threshold=None if off_policy_mask_threshold is None
+            opsm_threshold=None
+            if off_policy_mask_threshold is None
             else float(off_policy_mask_threshold),
         )
     return ParsedCorrection(spec, problems, rs.aliases)
@@ -471,8 +472,10 @@ def check_opsm_threshold(delta: object) -> float | None:
     """delta of off-policy sequence masking: None (off) or a finite number >= 0 (RCX-E009)."""
     if delta is None:
         return None
-    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not (
-        math.isfinite(delta) and delta >= 0
+    if (
+        isinstance(delta, bool)
+        or not isinstance(delta, (int, float))
+        or not (math.isfinite(delta) and delta >= 0)
     ):
         raise ConfigValueError(
             "RCX-E009",

@@ -348,9 +348,7 @@ def _frontier_findings(cfg: RcxConfig) -> list[Finding]:
         else:
             why = None
         if why:
-            out.append(
-                warning("RCX-W012", f"{RC}.baseline_includes_rejected", f"ignored: {why}")
-            )
+            out.append(warning("RCX-W012", f"{RC}.baseline_includes_rejected", f"ignored: {why}"))
     spec = rc.parsed.spec
     rejects = spec is not None and (bool(spec.criteria) or spec.opsm_threshold is not None)
     if not rejects:

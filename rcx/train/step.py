@@ -185,7 +185,9 @@ def train_step(trainer: StepHost, step: int) -> dict[str, float]:
     return metrics
 
 
-def baseline_members(includes_rejected: bool, bypass: bool, batch: StepBatch) -> torch.Tensor | None:
+def baseline_members(
+    includes_rejected: bool, bypass: bool, batch: StepBatch
+) -> torch.Tensor | None:
     """The sequences that count in group baselines ``(B,)`` bool, or None for all of them.
 
     With ``baseline_includes_rejected: false`` in decoupled mode, a sequence whose every token

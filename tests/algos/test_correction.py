@@ -724,7 +724,9 @@ def test_icepop_band_that_zeroes_everything_reports_ess_zero_not_nan():
 
 def test_a_plain_number_keeps_its_meaning_and_has_no_oob_metric():
     train, rollout, mask = batch([[-LN4, LN4]])
-    res = compute_rollout_correction(train, rollout, mask, rollout_is="token", rollout_is_threshold=2)
+    res = compute_rollout_correction(
+        train, rollout, mask, rollout_is="token", rollout_is_threshold=2
+    )
     assert res.weights.tolist() == [[0.25, 2.0]]  # min(r, 2): truncated, nothing zeroed
     assert PREFIX + "rollout_is_oob_ratio" not in res.metrics
 
@@ -733,7 +735,9 @@ def test_seq_fraction_high_comes_from_raw_ratios_not_truncated_weights():
     # verl #6806. Token IS, C = 2. Row 0: r = [4, 4] -> truncated weights [2, 2] whose mean (2)
     # is never > C, but the raw mean 4 is. Row 1: r = [1, 1]. So 1 of 2 sequences is "high".
     train, rollout, mask = batch([[LN4, LN4], [0.0, 0.0]])
-    res = compute_rollout_correction(train, rollout, mask, rollout_is="token", rollout_is_threshold=2)
+    res = compute_rollout_correction(
+        train, rollout, mask, rollout_is="token", rollout_is_threshold=2
+    )
     assert metric(res, "rollout_is_seq_fraction_high") == approx(0.5)
     assert metric(res, "rollout_is_seq_max") == approx(4.0)
 

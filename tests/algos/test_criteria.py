@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from rcx.algos.criteria import check_is_threshold, correction_spec
 from rcx.config import (
     CRITERIA,
     ConfigValueError,
@@ -15,7 +16,6 @@ from rcx.config import (
     parse_rs_thresholds,
     token_ratio_interval,
 )
-from rcx.algos.criteria import check_is_threshold, correction_spec
 
 
 def test_k1_pair_and_k2_single():

@@ -67,7 +67,10 @@ CASES = {
     ),
     "RCX-W014": (
         ["actor_rollout_ref.actor.sampling_mask_replay=true"],
-        ["actor_rollout_ref.actor.sampling_mask_replay=true", "actor_rollout_ref.rollout.top_p=0.8"],
+        [
+            "actor_rollout_ref.actor.sampling_mask_replay=true",
+            "actor_rollout_ref.rollout.top_p=0.8",
+        ],
         "actor_rollout_ref.actor.sampling_mask_replay",
     ),
     "RCX-E001": (["trainer.project=x"], ["trainer.project_name=x"], "trainer.project"),
@@ -116,7 +119,10 @@ CASES = {
         "data.builtin.num_train",
     ),
     "RCX-E014": (
-        ["actor_rollout_ref.actor.sampling_mask_replay=true", "actor_rollout_ref.rollout.name=vllm"],
+        [
+            "actor_rollout_ref.actor.sampling_mask_replay=true",
+            "actor_rollout_ref.rollout.name=vllm",
+        ],
         ["actor_rollout_ref.actor.sampling_mask_replay=true", "actor_rollout_ref.rollout.top_k=5"],
         "actor_rollout_ref.actor.sampling_mask_replay",
     ),

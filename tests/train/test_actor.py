@@ -141,7 +141,9 @@ def test_cispo_and_gspo_follow_the_mode_table(loss_type):
     spec = correction_spec(rollout_is="token")
     fn = cispo_loss if loss_type == "cispo" else gspo_loss
     ref, _ = fn(mb.old_log_probs, log_probs, mb.advantages, mb.train_mask, is_weights=weights)
-    loss, metrics, _ = policy_loss(update_plan("token", False, loss_type), spec, ACTOR, log_probs, mb)
+    loss, metrics, _ = policy_loss(
+        update_plan("token", False, loss_type), spec, ACTOR, log_probs, mb
+    )
     assert loss.item() == pytest.approx(ref.item()) and "actor/is_weight_mean" in metrics
     plan = update_plan("token", True, loss_type)
     assert plan.is_weights == "metrics_only"
@@ -176,7 +178,5 @@ def test_generated_denominator_divides_by_the_response_mask():
     corr = compute_rollout_correction(
         log_probs.detach(), mb.rollout_log_probs, mb.response_mask, **settings
     )
-    ref, _ = reinforce_loss(
-        log_probs, mb.advantages, corr.mask, denominator_mask=mb.response_mask
-    )
+    ref, _ = reinforce_loss(log_probs, mb.advantages, corr.mask, denominator_mask=mb.response_mask)
     assert loss.item() == pytest.approx(ref.item())
