@@ -31,10 +31,10 @@ CODES: dict[str, str] = {
     "RCX-W008": "RS bounds so loose they reject nothing at typical mismatch",
     "RCX-W009": "a data file or model directory that does not exist here (checked again at train time)",
     "RCX-W010": "ppo_mini_batch_size does not divide train_batch_size (last mini-batch is smaller)",
-    "RCX-W011": "loss_type gspo with a loss_agg_mode other than seq-mean-token-mean (GSPO's objective)",
-    "RCX-W012": "baseline_includes_rejected: false where it cannot act (bypass mode, or an estimator without group baselines)",
-    "RCX-W013": "a denominator choice with nothing rejected (RS and OPSM off): it changes nothing",
-    "RCX-W014": "sampling_mask_replay without top-p/top-k truncation: nothing to replay",
+    "RCX-W012": "loss_type gspo with a loss_agg_mode other than seq-mean-token-mean (GSPO's objective)",
+    "RCX-W013": "baseline_includes_rejected: false where it cannot act (bypass mode, or an estimator without group baselines)",
+    "RCX-W014": "a denominator choice with nothing rejected (RS and OPSM off): it changes nothing",
+    "RCX-W015": "sampling_mask_replay without top-p/top-k truncation: nothing to replay",
     "RCX-E001": "unknown key",
     "RCX-E002": "unknown rejection criterion",
     "RCX-E003": "threshold count matches neither 1 nor the number of criteria",
@@ -322,7 +322,7 @@ def check_config(cfg: RcxConfig) -> list[Finding]:
 
 
 def _frontier_findings(cfg: RcxConfig) -> list[Finding]:
-    """GSPO's aggregation, the denominator choices and sampling-mask replay (W011-W014, E014)."""
+    """GSPO's aggregation, the denominator choices and sampling-mask replay (W012-W015, E014)."""
     rc = cfg.algorithm.rollout_correction
     actor = cfg.actor_rollout_ref.actor
     rollout = cfg.actor_rollout_ref.rollout
@@ -330,7 +330,7 @@ def _frontier_findings(cfg: RcxConfig) -> list[Finding]:
     if rc.loss_type == "gspo" and actor.loss_agg_mode != "seq-mean-token-mean":
         out.append(
             warning(
-                "RCX-W011",
+                "RCX-W012",
                 "actor_rollout_ref.actor.loss_agg_mode",
                 f"GSPO's objective is a mean over sequences of each sequence's clipped ratio "
                 f"times A (seq-mean-token-mean); {actor.loss_agg_mode} weighs sequences "
@@ -348,14 +348,14 @@ def _frontier_findings(cfg: RcxConfig) -> list[Finding]:
         else:
             why = None
         if why:
-            out.append(warning("RCX-W012", f"{RC}.baseline_includes_rejected", f"ignored: {why}"))
+            out.append(warning("RCX-W013", f"{RC}.baseline_includes_rejected", f"ignored: {why}"))
     spec = rc.parsed.spec
     rejects = spec is not None and (bool(spec.criteria) or spec.opsm_threshold is not None)
     if not rejects:
         if rc.loss_denominator != "kept":
             out.append(
                 warning(
-                    "RCX-W013",
+                    "RCX-W014",
                     f"{RC}.loss_denominator",
                     "RS and OPSM are off: kept and generated tokens are the same, so "
                     "loss_denominator changes nothing",
@@ -364,7 +364,7 @@ def _frontier_findings(cfg: RcxConfig) -> list[Finding]:
         if not rc.baseline_includes_rejected:
             out.append(
                 warning(
-                    "RCX-W013",
+                    "RCX-W014",
                     f"{RC}.baseline_includes_rejected",
                     "RS is off: no sequence is rejected, so every one stays in its baseline",
                 )
@@ -382,7 +382,7 @@ def _frontier_findings(cfg: RcxConfig) -> list[Finding]:
         elif rollout.top_p >= 1.0 and rollout.top_k == -1:
             out.append(
                 warning(
-                    "RCX-W014",
+                    "RCX-W015",
                     "actor_rollout_ref.actor.sampling_mask_replay",
                     "rollout.top_p is 1 and rollout.top_k is -1: the rollout samples the full "
                     "distribution, so there is no truncation to replay",

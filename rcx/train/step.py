@@ -192,7 +192,7 @@ def baseline_members(
 
     With ``baseline_includes_rejected: false`` in decoupled mode, a sequence whose every token
     rejection (or a non-finite log-prob) removed is left out. In bypass mode rejection runs
-    per micro-batch during the update, after the advantages: every sequence counts (RCX-W012).
+    per micro-batch during the update, after the advantages: every sequence counts (RCX-W013).
     """
     if includes_rejected or bypass or batch.train_mask is None:
         return None

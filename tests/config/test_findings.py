@@ -50,22 +50,22 @@ CASES = {
         ["data.train_batch_size=32", "actor_rollout_ref.actor.ppo_mini_batch_size=16"],
         "actor_rollout_ref.actor.ppo_mini_batch_size",
     ),
-    "RCX-W011": (
+    "RCX-W012": (
         [f"{RC}.loss_type=gspo"],
         [f"{RC}.loss_type=gspo", "actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-mean"],
         "actor_rollout_ref.actor.loss_agg_mode",
     ),
-    "RCX-W012": (
+    "RCX-W013": (
         [*BYPASS, *rs("seq_sum_k1", "0.5_2"), f"{RC}.baseline_includes_rejected=false"],
         [*rs("seq_sum_k1", "0.5_2"), f"{RC}.baseline_includes_rejected=false"],
         f"{RC}.baseline_includes_rejected",
     ),
-    "RCX-W013": (
+    "RCX-W014": (
         [f"{RC}.loss_denominator=generated"],
         [*rs("token_k1", "0.5_2"), f"{RC}.loss_denominator=generated"],
         f"{RC}.loss_denominator",
     ),
-    "RCX-W014": (
+    "RCX-W015": (
         ["actor_rollout_ref.actor.sampling_mask_replay=true"],
         [
             "actor_rollout_ref.actor.sampling_mask_replay=true",
