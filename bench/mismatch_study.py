@@ -22,6 +22,9 @@ arm, and the share of the reference-uncorrected gap each corrected arm recovers.
 
 Design: all seven arms x 5 seeds on the strongest source (stale weights, k = 8); on each other
 source only the uncorrected arm and the best corrected arm of the strongest source, 3 seeds.
+The 2026 arms (issue 14: token IcePop, OPSM with bypass PPO-clip, CISPO, GSPO) also run on the
+strongest source x 5 seeds and on the temperature source x 3 seeds, and sampling-mask replay on
+the top-p source x 3 seeds; ``--arms`` runs a subset (e.g. only the 2026 arms).
 The on-policy reference (k = 1, float32 rollout) has no mismatch source, so it is run once per
 seed and shared by every source's table. One validation point is noisy (a policy that learns
 fluctuates by several points between evaluations), so the table also gives the mean of the last
@@ -68,6 +71,7 @@ from typing import Any  # noqa: E402
 
 RC = "algorithm.rollout_correction"
 ROLLOUT = "actor_rollout_ref.rollout"
+ACTOR = "actor_rollout_ref.actor"
 RESULTS = Path(__file__).resolve().parent / "results"
 SCRATCH = Path(tempfile.gettempdir()) / "rcx-mismatch-study"  # --quick / --smoke outputs
 STEM = "mismatch_study"
@@ -82,6 +86,9 @@ class Arm:
     label: str
     overrides: tuple[str, ...]  # on top of DECOUPLED_NONE
     corrected: bool = True
+    # The 2026 arms name the sources they run on (every seed of the strongest source, the other
+    # sources' seeds elsewhere); () = the original design (strongest source, and as "best").
+    sources: tuple[str, ...] = ()
 
 
 #: No correction at all, decoupled mode: the starting point every arm modifies.
@@ -113,6 +120,26 @@ ARMS: dict[str, Arm] = {
         Arm("geo_rs", "geometric RS (seq_mean_k1 0.8_1.25)", (
             f"{RC}.rollout_rs=seq_mean_k1", f"{RC}.rollout_rs_threshold=0.8_1.25",
         )),
+        # The 2026 frontier (issue 14): on the stale and the temperature source.
+        Arm("icepop_token", "token IcePop, band 0.5_5.0 (decoupled)", (
+            f"{RC}.rollout_is=token", f"{RC}.rollout_is_threshold=0.5_5.0",
+        ), sources=("stale8", "temp")),
+        Arm("opsm_bypass_ppo_clip", "OPSM (delta 0.5) + bypass PPO-clip", (
+            f"{RC}.bypass_mode=true", f"{RC}.loss_type=ppo_clip",
+            f"{RC}.off_policy_mask_threshold=0.5",
+        ), sources=("stale8", "temp")),
+        Arm("cispo_bypass", "CISPO, bypass (eps_low 1, eps_high 0.28)", (
+            f"{RC}.bypass_mode=true", f"{RC}.loss_type=cispo",
+            f"{ACTOR}.clip_ratio_low=1.0", f"{ACTOR}.clip_ratio_high=0.28",
+        ), sources=("stale8", "temp")),
+        Arm("gspo_bypass", "GSPO, bypass (eps 3e-4 / 4e-4, seq-mean-token-mean)", (
+            f"{RC}.bypass_mode=true", f"{RC}.loss_type=gspo",
+            f"{ACTOR}.clip_ratio_low=0.0003", f"{ACTOR}.clip_ratio_high=0.0004",
+            f"{ACTOR}.loss_agg_mode=seq-mean-token-mean",
+        ), sources=("stale8", "temp")),
+        Arm("sampling_mask_replay", "sampling-mask replay (trainer scores the kept set)", (
+            f"{ACTOR}.sampling_mask_replay=true",
+        ), sources=("top_p",)),
     )
 }  # fmt: skip
 
@@ -310,12 +337,19 @@ def jobs_for(sources: Sequence[str], arms: Sequence[str], seeds: Sequence[int], 
     return jobs
 
 
+def runs_on(arm: str, source: str, strongest: str) -> bool:
+    """Whether ``arm`` belongs on ``source`` by design (the "best" arm is added separately)."""
+    own = ARMS[arm].sources
+    return source in own if own else source == strongest
+
+
 def best_corrected(records: list[dict], source: str, arms: Sequence[str]) -> str | None:
-    """The corrected arm with the highest mean final validation accuracy on ``source``."""
+    """The corrected arm of the original design (no ``sources`` of its own) with the highest
+    mean final validation accuracy on ``source``."""
     scores = {
         arm: statistics.fmean(r["final_val_acc"] for r in runs)
         for arm in arms
-        if ARMS[arm].corrected and (runs := select(records, source, arm))
+        if ARMS[arm].corrected and not ARMS[arm].sources and (runs := select(records, source, arm))
     }
     return max(scores, key=scores.get) if scores else None
 
@@ -732,6 +766,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--resume", action="store_true", help="keep the runs already recorded")
     parser.add_argument(
+        "--arms", nargs="+", choices=list(ARMS), default=None,
+        help="run only these arms (default: every arm where the design places it), e.g. the "
+        "2026 arms alone: --arms icepop_token opsm_bypass_ppo_clip cispo_bypass gspo_bypass",
+    )  # fmt: skip
+    parser.add_argument(
         "--report", action="store_true", help="only rewrite the outputs from the recorded runs"
     )
     parser.add_argument(
@@ -752,8 +791,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     sources = [STRONGEST] if (args.quick or args.smoke) else args.sources
     strongest = sources[0]
     all_arms = ["reference", "uncorrected", "bypass_ppo_clip"] if args.smoke else list(ARMS)
+    if args.smoke and args.arms:  # a smoke run of chosen arms (e.g. to check the 2026 arms run)
+        all_arms = list(args.arms)
     if args.quick:
         all_arms = ["uncorrected", "bypass_ppo_clip"]
+    if args.arms:
+        all_arms = [a for a in all_arms if a in args.arms]
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -763,9 +806,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     _, records = load_records(runs_path)
     prepare_warm_start(extra)
 
-    phase1 = jobs_for([strongest], all_arms, seeds, extra)
+    first = [
+        a for a in all_arms if a in ("reference", "uncorrected") or runs_on(a, strongest, strongest)
+    ]
+    phase1 = jobs_for([strongest], first, seeds, extra)
     other_seeds = seeds[: args.other_seeds]
-    planned = len(phase1) + (len(sources) - 1) * 2 * len(other_seeds)
+    own = sum(1 for s in sources[1:] for a in all_arms if s in ARMS[a].sources)
+    default_arms = [a for a in ("reference", "uncorrected") if a in all_arms]
+    # Per other source and seed: uncorrected and the best arm (the reference is shared), and the
+    # arms placed there by design.
+    per_source = ("uncorrected" in all_arms) + (0 if args.arms else 1)
+    planned = len(phase1) + ((len(sources) - 1) * per_source + own) * len(other_seeds)
     meta = {
         "mode": mode,
         "status": "partial",
@@ -803,8 +854,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_all([j for j in phase1 if j.key not in done_keys], args.jobs, on_done)
     if len(sources) > 1:
         best = args.best or best_corrected(records, strongest, all_arms)
-        arms = ["reference", "uncorrected", *([best] if best else [])]
-        phase2 = jobs_for(sources[1:], arms, other_seeds, extra)
+        phase2: list[Job] = []
+        for source in sources[1:]:
+            arms = [*default_arms, *([best] if best and not args.arms else [])]
+            arms += [a for a in all_arms if source in ARMS[a].sources]
+            phase2 += [j for j in jobs_for([source], arms, other_seeds, extra) if j not in phase2]
         done_keys = {r["key"] for r in records}
         run_all([j for j in phase2 if j.key not in done_keys], args.jobs, on_done)
     meta.update(status="complete", done=len(records), wall_min=elapsed_minutes(records))

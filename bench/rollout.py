@@ -14,6 +14,11 @@ What it measures, on the warm-started `builtin:tiny` (2-digit addition, cached w
    float32 synced (the zero baseline), bfloat16, float16, int8, fp8, and staleness s = 1, 4, 8:
    the engine keeps the weights of update 0 while the trainer takes s REINFORCE updates
    (group-mean baseline, AdamW, --lr) on batches the engine generates.
+4. Sampling truncation and its replay (float32 rollout, in sync): with top_p = 0.8 (and top_k =
+   5) the engine samples from a truncated, renormalised distribution. "full distribution" is how
+   the trainer scores by default (temperature only); "sampling-mask replay" is how it scores with
+   actor_rollout_ref.actor.sampling_mask_replay=true (renormalised over the rollout's kept token
+   set per position). ``--truncation-only`` measures just these rows (seconds).
 """
 
 from __future__ import annotations
@@ -64,6 +69,23 @@ def measure(engine, trainer_model, prompts, sampling, seed) -> dict:
     return mismatch_stats(lp_train, batch.rollout_log_probs, batch.response_mask)
 
 
+def truncation_rows(engine, model, prompts, n: int, max_new_tokens: int) -> list[tuple[str, dict]]:
+    """Mismatch of truncated sampling, scored over the full distribution and replayed."""
+    rows = []
+    for label, knobs in [("top_p 0.8", {"top_p": 0.8}), ("top_k 5", {"top_k": 5})]:
+        sampling = SamplingParams(n=n, max_new_tokens=max_new_tokens, **knobs)
+        batch = engine.generate(prompts, sampling, seed=2, sampling_mask=True)
+        scoring = SamplingParams(temperature=sampling.temperature)  # what the trainer applies
+        args = (model, batch.input_ids, batch.attention_mask, batch.response_length, scoring)
+        with torch.no_grad():
+            full = token_log_probs(*args)
+            replayed = token_log_probs(*args, batch.sampling_mask)
+        for how, lp_train in (("full distribution", full), ("sampling-mask replay", replayed)):
+            stats = mismatch_stats(lp_train, batch.rollout_log_probs, batch.response_mask)
+            rows.append((f"{label}, trainer scores the {how}", stats))
+    return rows
+
+
 def reinforce_update(model, optimizer, engine, tokenizer, examples, sampling, seed) -> float:
     """One REINFORCE step (group-mean baseline) on a batch sampled by `engine`; mean reward."""
     prompts = [tokenizer(e.prompt)["input_ids"] for e in examples]
@@ -90,6 +112,21 @@ def reinforce_update(model, optimizer, engine, tokenizer, examples, sampling, se
     return rewards.mean().item()
 
 
+def print_table(rows: list[tuple[str, dict]]) -> None:
+    """The mismatch rows as a Markdown table."""
+    print(
+        "| knob | mean abs log r | max abs log r | mean k3 | outside [0.5, 2] "
+        "| outside [0.8, 1.25] | tokens |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for label, s in rows:
+        print(
+            f"| {label} | {s['mean_abs_log_r']:.2e} | {s['max_abs_log_r']:.2e} | "
+            f"{s['k3']:.2e} | {s['outside_0.5_2']:.2%} | {s['outside_0.8_1.25']:.2%} "
+            f"| {s['tokens']} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -103,6 +140,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-4, help="REINFORCE lr for staleness")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument(
+        "--truncation-only", action="store_true", help="measure only the truncation rows (item 4)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -118,6 +158,9 @@ def main() -> None:
     sampling = SamplingParams(n=args.n, max_new_tokens=args.max_new_tokens)
 
     engine = make_rollout_engine("hf", model, tokenizer)
+    if args.truncation_only:
+        print_table(truncation_rows(engine, model, prompts, args.n, args.max_new_tokens))
+        return
     engine.generate(batch_prompts[:4], sampling, seed=0)  # warm-up
     started = time.perf_counter()
     batch = engine.generate(batch_prompts, sampling, seed=1)
@@ -125,6 +168,7 @@ def main() -> None:
     throughput = int(batch.response_mask.sum()) / seconds
 
     rows = [("float32, synced every step", measure(engine, model, prompts, sampling, 2))]
+    rows += truncation_rows(engine, model, prompts, args.n, args.max_new_tokens)
     for label, knob in [
         ("bfloat16", {"dtype": "bfloat16"}),
         ("float16", {"dtype": "float16"}),
@@ -159,17 +203,7 @@ def main() -> None:
         f"hf engine throughput: {throughput:,.0f} response tokens/s "
         f"({len(batch_prompts)} prompts x n={args.n}, {args.threads} thread(s), CPU)\n"
     )
-    print(
-        "| knob | mean abs log r | max abs log r | mean k3 | outside [0.5, 2] "
-        "| outside [0.8, 1.25] | tokens |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for label, s in rows:
-        print(
-            f"| {label} | {s['mean_abs_log_r']:.2e} | {s['max_abs_log_r']:.2e} | "
-            f"{s['k3']:.2e} | {s['outside_0.5_2']:.2%} | {s['outside_0.8_1.25']:.2%} "
-            f"| {s['tokens']} |"
-        )
+    print_table(rows)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(

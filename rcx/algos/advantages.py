@@ -56,9 +56,14 @@ def _group_index(group_ids: GroupIds, batch: int, device: torch.device) -> tuple
 
 
 def _group_stats(
-    scores: torch.Tensor, group_ids: GroupIds, estimator: str
+    scores: torch.Tensor,
+    group_ids: GroupIds,
+    estimator: str,
+    in_baseline: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sequence group size, group sum and group index, checking every group has n >= 2."""
+    """Per-group baseline size and score sum ``(G,)`` and each sequence's group index ``(B,)``,
+    checking every group has n >= 2 responses. With ``in_baseline`` ``(B,)`` bool, only those
+    sequences count in the sizes and sums (the others are left out of the baseline)."""
     if scores.dim() != 1:
         raise ValueError(
             f"scores must be one outcome reward per sequence (B,), got {tuple(scores.shape)}"
@@ -71,8 +76,13 @@ def _group_stats(
             f"found: {sorted(set(sizes.tolist()))}"
         )
     sums = torch.zeros(num_groups, dtype=scores.dtype, device=scores.device)
-    sums.index_add_(0, index, scores)
-    return sizes.to(scores.dtype), sums, index
+    if in_baseline is None:
+        sums.index_add_(0, index, scores)
+        return sizes.to(scores.dtype), sums, index
+    member = in_baseline.to(device=scores.device, dtype=scores.dtype)  # (B,)
+    sums.index_add_(0, index, scores * member)
+    members = torch.zeros_like(sums).index_add_(0, index, member)  # (G,)
+    return members, sums, index
 
 
 def _broadcast(adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -86,30 +96,46 @@ def grpo(
     *,
     norm_by_std: bool = True,
     eps: float = 1e-6,
+    in_baseline: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """GRPO: ``A_i = (s_i - mean_g) / (std_g + eps)`` (or ``s_i - mean_g`` without std).
 
     mean and std (unbiased) over the responses of i's group g; a group whose responses all scored
-    the same gets A = 0. Returns ``(B, T)``, constant along each response, 0 at padding.
+    the same gets A = 0. With ``in_baseline`` ``(B,)`` bool, mean and std are taken over the
+    group's members in the baseline only (e.g. leaving fully rejected sequences out); a group
+    with fewer than 2 such members gets A = 0 throughout. Returns ``(B, T)``, constant along
+    each response, 0 at padding.
     """
-    sizes, sums, index = _group_stats(scores, group_ids, "grpo")
-    mean = sums / sizes  # (G,)
+    sizes, sums, index = _group_stats(scores, group_ids, "grpo", in_baseline)
+    mean = sums / sizes.clamp_min(1)  # (G,)
     centred = scores - mean[index]  # (B,)
+    member = torch.ones_like(scores) if in_baseline is None else in_baseline.to(scores.dtype)
+    comparable = (sizes >= 2)[index]  # (B,) a baseline of at least 2 responses
     if not norm_by_std:
-        return _broadcast(centred, mask)
-    sq = torch.zeros_like(sums).index_add_(0, index, centred.square())
-    std = torch.sqrt(sq / (sizes - 1))  # (G,)
-    return _broadcast(centred / (std[index] + eps), mask)
+        return _broadcast(torch.where(comparable, centred, 0.0), mask)
+    sq = torch.zeros_like(sums).index_add_(0, index, centred.square() * member)
+    std = torch.sqrt(sq / (sizes - 1).clamp_min(1))  # (G,)
+    return _broadcast(torch.where(comparable, centred / (std[index] + eps), 0.0), mask)
 
 
-def rloo(scores: torch.Tensor, mask: torch.Tensor, group_ids: GroupIds) -> torch.Tensor:
+def rloo(
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    group_ids: GroupIds,
+    *,
+    in_baseline: torch.Tensor | None = None,
+) -> torch.Tensor:
     """RLOO: ``A_i = s_i - (sum_g - s_i) / (n_g - 1)``, the score minus the others' mean.
 
-    Returns ``(B, T)``, constant along each response, 0 at padding.
+    With ``in_baseline`` ``(B,)`` bool, "the others" are the group's other members in the
+    baseline; a response with no such other gets A = 0. Returns ``(B, T)``, constant along each
+    response, 0 at padding.
     """
-    sizes, sums, index = _group_stats(scores, group_ids, "rloo")
-    baseline = (sums[index] - scores) / (sizes[index] - 1)  # (B,)
-    return _broadcast(scores - baseline, mask)
+    sizes, sums, index = _group_stats(scores, group_ids, "rloo", in_baseline)
+    member = torch.ones_like(scores) if in_baseline is None else in_baseline.to(scores.dtype)
+    others = sizes[index] - member  # (B,) baseline members other than i
+    baseline = (sums[index] - scores * member) / others.clamp_min(1)  # (B,)
+    return _broadcast(torch.where(others >= 1, scores - baseline, 0.0), mask)
 
 
 def gae(
@@ -181,18 +207,20 @@ def compute_advantages(
     gamma: float = 1.0,
     lam: float = 1.0,
     norm_by_std: bool = True,
+    in_baseline: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(advantages, returns), each (B, T), of the named estimator.
 
     Only gae has value targets (it needs ``values``); for the others ``returns`` are the
-    advantages (as in verl).
+    advantages (as in verl). ``in_baseline`` ``(B,)`` bool (grpo and rloo only; ignored by the
+    others) names the sequences that count in their group's baseline.
     """
     if estimator == "gae":
         return gae(token_rewards, values, response_mask, gamma=gamma, lam=lam)
     if estimator == "grpo":
-        a = grpo(scores, response_mask, group_ids, norm_by_std=norm_by_std)
+        a = grpo(scores, response_mask, group_ids, norm_by_std=norm_by_std, in_baseline=in_baseline)
     elif estimator == "rloo":
-        a = rloo(scores, response_mask, group_ids)
+        a = rloo(scores, response_mask, group_ids, in_baseline=in_baseline)
     elif estimator == "reinforce_plus_plus":
         a = reinforce_plus_plus(token_rewards, response_mask, gamma=gamma)
     else:

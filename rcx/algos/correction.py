@@ -375,7 +375,7 @@ def compute_rollout_correction(
     response_mask: torch.Tensor,
     *,
     rollout_is: str | None = None,
-    rollout_is_threshold: float = 2.0,
+    rollout_is_threshold: float | str = 2.0,
     rollout_is_batch_normalize: bool = False,
     rollout_rs: str | list[str] | None = None,
     rollout_rs_threshold: str | float | None = None,
@@ -389,7 +389,8 @@ def compute_rollout_correction(
         rollout_log_probs: ``(B, T)`` log pi_rollout as reported by the rollout engine.
         response_mask: ``(B, T)``, nonzero at response tokens; any dtype.
         rollout_is: ``"token"``, ``"sequence"`` or None/"null" (off).
-        rollout_is_threshold: the cap C (> 1) of the truncated weights.
+        rollout_is_threshold: the cap C (> 1) of the truncated weights, or an IcePop band
+            ``"lo_hi"`` (0 < lo < 1 < hi): weights outside [lo, hi] are set to 0.
         rollout_is_batch_normalize: divide the truncated weights by their batch mean (tokens for
             ``token``, valid sequences for ``sequence``); a mean <= 1e-8 leaves them as they are.
         rollout_rs: comma-separated criteria (``token_k1,seq_max_k2``; legacy aliases accepted)
@@ -443,12 +444,10 @@ def compute_correction(
         if is_level != "token":
             lr.release_ratio()
         weights = None
-        if is_level is not None:
-            threshold = spec.is_threshold
-            if is_level == "token":
-                weights = _token_is(lr, red, threshold, spec.is_batch_normalize)
-            else:
-                weights = _sequence_is(lr, red, threshold, spec.is_batch_normalize)
+        if is_level == "token":
+            weights = _token_is(lr, red, spec)
+        elif is_level == "sequence":
+            weights = _sequence_is(lr, red, spec)
         lr.release_comparisons()
         lr.release_spare()
         mask = _apply_keep(response_mask, keep, lr.reuse(response_mask.dtype))
@@ -522,15 +521,32 @@ def _off_policy_metrics(lr: LogRatios, red: _Reductions, i_masked: int) -> None:
 # ------------------------------------------------------------------------- importance sampling
 
 
-def _token_is(
-    lr: LogRatios, red: _Reductions, threshold: float, batch_normalize: bool
-) -> torch.Tensor:
-    """Token IS weights ``min(r, C) * m`` (B, T) and their metrics.
+def _is_bounds(spec: CorrectionSpec) -> tuple[float, float]:
+    """``(log lower, log upper)`` of the raw-ratio fractions: the band [lo, hi] or [1/C, C]."""
+    log_upper = math.log(spec.is_threshold)
+    if spec.is_lower is None:
+        return -log_upper, log_upper
+    return math.log(spec.is_lower), log_upper
 
-    Statistics describe the raw ratios r (after the safety clamp, before truncation); ESS is
-    ``1 / mean((w / mean w)^2)`` of the truncated weights w over valid tokens.
+
+def _ess(red: _Reductions, i_sum: int, i_sq: int, total: Callable[[int], float]) -> float:
+    """``(sum w)^2 / (n * sum w^2)`` = 1 / mean((w / mean w)^2); 0 when every weight is 0 (an
+    IcePop band that zeroed the whole batch)."""
+    sq = total(i_sq)
+    return total(i_sum) ** 2 / (red.tokens() * sq) if sq > 0 else 0.0
+
+
+def _token_is(lr: LogRatios, red: _Reductions, spec: CorrectionSpec) -> torch.Tensor:
+    """Token IS weights (B, T) and their metrics.
+
+    Truncation (``is_lower`` None): ``w = min(r, C) * m``. IcePop band [lo, hi]:
+    ``w = r * m`` where ``lo <= r <= hi``, 0 outside (the mask is left alone), and
+    ``rollout_is_oob_ratio`` is the share of valid tokens zeroed. Statistics describe the raw
+    ratios r (after the safety clamp, before truncation or zeroing); ESS is
+    ``1 / mean((w / mean w)^2)`` of the applied weights w over valid tokens.
     """
-    log_c = math.log(threshold)
+    threshold = spec.is_threshold
+    log_lo, log_hi = _is_bounds(spec)
     hi, lo = lr.log_ratio_extremes()
     i_dev = red.row(lr.dev_sum)
     # Two-pass variance: one-pass moments of ratios up to e^20 would cancel catastrophically.
@@ -541,16 +557,25 @@ def _token_is(
     del centred
     i_max = red.scalar(hi)
     i_min = red.scalar(lo)
-    # Invalid tokens hold log_r = 0 and log C > 0: they never count as above C or below 1/C.
-    i_high = red.scalar(lr.above(log_c)[1])
-    i_low = red.scalar(lr.below(-log_c)[1])
+    # Invalid tokens hold log_r = 0, inside every bound: they never count as above or below.
+    above, n_above = lr.above(log_hi)  # (B, T)
+    below, n_below = lr.below(log_lo)  # (B, T)
+    i_high = red.scalar(n_above)
+    i_low = red.scalar(n_below)
 
     weights = torch.exp(lr.log_ratio, out=lr.take_ratio_buffer())  # (B, T)
-    weights.clamp_(max=threshold).masked_fill_(~lr.valid, 0.0)
+    if spec.is_band:
+        weights.masked_fill_(above | below, 0.0)
+        red.add(
+            "rollout_is_oob_ratio", lambda: (red.value(i_high) + red.value(i_low)) / red.tokens()
+        )
+    else:
+        weights.clamp_(max=threshold)
+    weights.masked_fill_(~lr.valid, 0.0)
     w_sum = weights.sum()
     i_w_sum = red.scalar(w_sum)
     i_w_sq = red.scalar(torch.dot(weights.view(-1), weights.view(-1)))
-    if batch_normalize:
+    if spec.is_batch_normalize:
         mean = w_sum / lr.num_tokens
         factor = torch.where(mean > 1e-8, mean, torch.ones_like(mean))
         weights.div_(factor)
@@ -566,42 +591,46 @@ def _token_is(
     red.add("rollout_is_min", lambda: math.exp(red.value(i_min)))
     red.add("rollout_is_ratio_fraction_high", lambda: red.value(i_high) / red.tokens())
     red.add("rollout_is_ratio_fraction_low", lambda: red.value(i_low) / red.tokens())
-    red.add(
-        "rollout_is_eff_sample_size",
-        lambda: red.value(i_w_sum) ** 2 / (red.tokens() * red.value(i_w_sq)),
-    )
-    _seq_weight_metrics(red, 1.0 + lr.dev_sum / lr.safe_counts, threshold)
+    red.add("rollout_is_eff_sample_size", lambda: _ess(red, i_w_sum, i_w_sq, red.value))
+    _seq_weight_metrics(red, 1.0 + lr.dev_sum / lr.safe_counts, spec)
     return weights
 
 
-def _sequence_is(
-    lr: LogRatios, red: _Reductions, threshold: float, batch_normalize: bool
-) -> torch.Tensor:
-    """Sequence IS weights ``min(exp(clamp(S_i)), C) * m`` (B, T) and their metrics.
+def _sequence_is(lr: LogRatios, red: _Reductions, spec: CorrectionSpec) -> torch.Tensor:
+    """Sequence IS weights (B, T), one per sequence broadcast to its tokens, and their metrics.
 
-    ``rollout_is_mean``/``_std`` weight each sequence by its token count (the weights are
-    broadcast to tokens); max/min/fractions come from the per-sequence ratios exp(S_i) and the
-    fractions are shares of valid sequences.
+    Truncation: ``min(exp(clamp(S_i)), C) * m``. IcePop band [lo, hi]: ``exp(S_i) * m`` where
+    ``lo <= exp(S_i) <= hi``, 0 outside; ``rollout_is_oob_ratio`` is the share of valid
+    sequences zeroed. ``rollout_is_mean``/``_std`` weight each sequence by its token count (the
+    weights are broadcast to tokens); max/min/fractions come from the per-sequence ratios
+    exp(S_i) and the fractions are shares of valid sequences.
     """
-    log_c = math.log(threshold)
+    log_lo, log_hi = _is_bounds(spec)
     s = lr.seq_log_ratio  # (B,) clamped S_i
     n = lr.counts
     ratio = torch.exp(s)  # (B,)
     dev = torch.expm1(s)  # (B,) exp(S_i) - 1, precise near 0
-    applied = torch.clamp(ratio, max=threshold)  # (B,) min(exp(S_i), C)
+    above, below = s > log_hi, s < log_lo  # (B,)
+    if spec.is_band:
+        applied = torch.where(above | below, torch.zeros_like(ratio), ratio)  # (B,)
+    else:
+        applied = torch.clamp(ratio, max=spec.is_threshold)  # (B,) min(exp(S_i), C)
     i_dev = red.row(n * dev)
     i_ratio = red.row(ratio)
     # Token-weighted two-pass variance of exp(S_i), in float64 over (B,).
     n64, ratio64 = n.double(), torch.exp(s.double())
     mean64 = (n64 * ratio64).sum() / n64.sum()
     i_sq_dev = red.scalar((n64 * (ratio64 - mean64).square()).sum())
-    i_high = red.row(s > log_c)
-    i_low = red.row(s < -log_c)
+    i_high = red.row(above)
+    i_low = red.row(below)
     i_w = red.row(n * applied)
     i_w_sq = red.row(n * applied * applied)
+    if spec.is_band:
+        i_oob = red.row(above | below)
+        red.add("rollout_is_oob_ratio", lambda: red.seq_mean(i_oob))
 
     seq_valid = lr.seq_valid
-    if batch_normalize:
+    if spec.is_batch_normalize:
         mean = applied.masked_fill(~seq_valid, 0.0).sum() / seq_valid.sum()
         factor = torch.where(mean > 1e-8, mean, torch.ones_like(mean))
         applied = applied / factor
@@ -619,19 +648,23 @@ def _sequence_is(
     red.add("rollout_is_min", lambda: red.seq_min(i_ratio))
     red.add("rollout_is_ratio_fraction_high", lambda: red.seq_mean(i_high))
     red.add("rollout_is_ratio_fraction_low", lambda: red.seq_mean(i_low))
-    red.add(
-        "rollout_is_eff_sample_size",
-        lambda: red.total(i_w) ** 2 / (red.tokens() * red.total(i_w_sq)),
-    )
-    _seq_weight_metrics(red, ratio, threshold)
+    red.add("rollout_is_eff_sample_size", lambda: _ess(red, i_w, i_w_sq, red.total))
+    _seq_weight_metrics(red, ratio, spec)
     return weights
 
 
-def _seq_weight_metrics(red: _Reductions, seq_ratio: torch.Tensor, threshold: float) -> None:
-    """``rollout_is_seq_*``: the per-sequence mean raw ratio ``(B,)`` over valid sequences."""
+def _seq_weight_metrics(red: _Reductions, seq_ratio: torch.Tensor, spec: CorrectionSpec) -> None:
+    """``rollout_is_seq_*``: the per-sequence mean *raw* ratio ``(B,)`` over valid sequences.
+
+    ``_fraction_high`` / ``_low`` are the shares of sequences whose mean raw ratio lies above the
+    cap (band: hi) / below 1/C (band: lo). Raw, before truncation (verl #6806: from the truncated
+    weights ``_fraction_high`` could never be above 0).
+    """
+    upper = spec.is_threshold
+    lower = 1.0 / upper if spec.is_lower is None else spec.is_lower
     i_seq = red.row(seq_ratio)
-    i_high = red.row(seq_ratio > threshold)
-    i_low = red.row(seq_ratio < 1.0 / threshold)
+    i_high = red.row(seq_ratio > upper)
+    i_low = red.row(seq_ratio < lower)
 
     def seq_max_deviation() -> float:
         return max(abs(red.seq_max(i_seq) - 1.0), abs(red.seq_min(i_seq) - 1.0))
@@ -854,3 +887,46 @@ class _CriterionRows:
         red.add(f"{name}_seq_fraction_high", lambda: red.seq_mean(self.i_seq_high))
         if self.k1:
             red.add(f"{name}_seq_fraction_low", lambda: red.seq_mean(self.i_seq_low))
+
+
+# ------------------------------------------------------------------ off-policy sequence masking
+
+
+def off_policy_sequence_mask(
+    train_log_probs: torch.Tensor,
+    rollout_log_probs: torch.Tensor,
+    response_mask: torch.Tensor,
+    advantages: torch.Tensor,
+    threshold: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Off-policy sequence masking (OPSM, DeepSeek-V3.2): which sequences to keep, ``(B,)`` bool.
+
+    With ``d_i = mean_t (lp_rollout - lp_train)`` over the valid tokens of sequence i (per-token
+    log-ratios clamped to +-20; NaN/inf tokens left out) and ``A_i`` the mean of its advantages
+    over the same tokens, sequence i is masked when ``A_i < 0 and d_i > threshold``: a negative
+    update on a sample the training policy has drifted away from is dropped whole. Sequences
+    without a valid token are kept (there is nothing to mask).
+
+    Metrics (one host sync): ``rollout_corr/opsm_seq_masked_fraction`` (share of valid
+    sequences masked) and ``rollout_corr/opsm_masked_fraction`` (share of valid tokens).
+    """
+    _check_inputs(train_log_probs, rollout_log_probs, response_mask)
+    with torch.no_grad():
+        dtype = _compute_dtype(train_log_probs, rollout_log_probs)
+        log_ratio = train_log_probs.detach().to(dtype) - rollout_log_probs.detach().to(dtype)
+        valid = torch.isfinite(log_ratio) & response_mask.bool()  # (B, T)
+        log_ratio = torch.where(valid, log_ratio, 0.0).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+        counts = valid.sum(-1)  # (B,)
+        safe = counts.clamp_min(1).to(dtype)
+        kl = -log_ratio.sum(-1) / safe  # (B,) d_i
+        adv = torch.where(valid, advantages.detach().to(dtype), 0.0).sum(-1) / safe  # (B,) A_i
+        masked = (adv < 0) & (kl > threshold) & (counts > 0)  # (B,)
+        stats = torch.stack(
+            [masked.sum(), (counts > 0).sum(), (counts * masked).sum(), counts.sum()]
+        ).tolist()
+    seqs, tokens = max(stats[1], 1), max(stats[3], 1)
+    metrics = {
+        PREFIX + "opsm_seq_masked_fraction": stats[0] / seqs,
+        PREFIX + "opsm_masked_fraction": stats[2] / tokens,
+    }
+    return ~masked, metrics

@@ -151,11 +151,30 @@ def check_is_level(rollout_is: object) -> str | None:
     return str(rollout_is)
 
 
-def check_is_threshold(threshold: object) -> float:
-    """The IS cap C as a float; ConfigValueError RCX-E005 unless it is a finite number > 1."""
+def check_is_threshold(threshold: object) -> tuple[float | None, float]:
+    """The IS bounds ``(lower, upper)`` of ``rollout_is_threshold``; ConfigValueError RCX-E005.
+
+    A number C (> 1, finite) is the truncation cap: ``(None, C)``, ``w = min(r, C)``. A string
+    ``"lo_hi"`` (0 < lo < 1 < hi, verl's IcePop band) keeps the weight r where ``lo <= r <= hi``
+    and sets it to 0 outside: ``(lo, hi)``. The string is read exactly as written: ``1.5_2`` is
+    never the number 1.52. A string holding one number means that number.
+    """
+    if isinstance(threshold, str):
+        text = threshold.strip()
+        if "_" in text:
+            return _is_band(text)
+        try:
+            threshold = float(text)
+        except ValueError:
+            raise ConfigValueError(
+                "RCX-E005",
+                f"rollout_is_threshold must be a number C > 1 or a band 'lo_hi' (e.g. '0.5_5.0'), "
+                f"got {threshold!r}",
+            ) from None
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
         raise ConfigValueError(
-            "RCX-E005", f"rollout_is_threshold must be a number > 1, got {threshold!r}"
+            "RCX-E005",
+            f"rollout_is_threshold must be a number C > 1 or a band 'lo_hi', got {threshold!r}",
         )
     threshold = float(threshold)
     if not (math.isfinite(threshold) and threshold > 1.0):
@@ -164,7 +183,28 @@ def check_is_threshold(threshold: object) -> float:
             f"rollout_is_threshold must be > 1 (a cap at or below 1 makes every weight a "
             f"constant), got {threshold}",
         )
-    return threshold
+    return None, threshold
+
+
+def _is_band(text: str) -> tuple[float, float]:
+    """``"lo_hi"`` -> (lo, hi), with 0 < lo < 1 < hi, both finite (RCX-E005 otherwise)."""
+    parts = text.split("_")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        lower, upper = float(parts[0]), float(parts[1])
+    except ValueError:
+        raise ConfigValueError(
+            "RCX-E005",
+            f"rollout_is_threshold band {text!r} must be 'lo_hi' with two numbers, e.g. '0.5_5.0'",
+        ) from None
+    if not (math.isfinite(lower) and math.isfinite(upper) and 0.0 < lower < 1.0 < upper):
+        raise ConfigValueError(
+            "RCX-E005",
+            f"rollout_is_threshold band {text!r} needs 0 < lo < 1 < hi (a band that excludes "
+            f"r = 1 zeroes every on-policy weight), got lo={parts[0]}, hi={parts[1]}",
+        )
+    return lower, upper
 
 
 def _unknown_criterion_message(name: str, rollout_rs: object) -> str:
@@ -351,14 +391,29 @@ def _warn_aliases(aliases: list[tuple[str, str]]) -> None:
 class CorrectionSpec:
     """The parsed rollout-correction settings: what the correction computes, nothing to re-parse.
 
-    ``is_level`` is ``token``, ``sequence`` or None (IS off); ``is_threshold`` is the cap C > 1;
-    ``criteria`` are the RS criteria, empty when RS is off.
+    ``is_level`` is ``token``, ``sequence`` or None (IS off); ``is_threshold`` is the cap C > 1,
+    or the upper end of an IcePop band when ``is_lower`` is set (weights outside
+    ``[is_lower, is_threshold]`` are zeroed, not truncated); ``criteria`` are the RS criteria,
+    empty when RS is off; ``opsm_threshold`` is delta of off-policy sequence masking (None: off).
     """
 
     is_level: Level | None = None
     is_threshold: float = 2.0
     is_batch_normalize: bool = False
     criteria: tuple[RSCriterion, ...] = ()
+    is_lower: float | None = None
+    opsm_threshold: float | None = None
+
+    @property
+    def is_band(self) -> bool:
+        """True for an IcePop band (zero outside [lo, hi]); False for truncation at C."""
+        return self.is_lower is not None
+
+    def is_rule(self) -> str:
+        """The IS rule in words, e.g. ``w = min(r, 2)`` or ``w = r if 0.5 <= r <= 5 else 0``."""
+        if self.is_lower is None:
+            return f"w = min(r, {_fmt(self.is_threshold)})"
+        return f"w = r if {_fmt(self.is_lower)} <= r <= {_fmt(self.is_threshold)} else 0"
 
 
 @dataclass
@@ -376,20 +431,26 @@ def parse_correction(
     rollout_is_batch_normalize: bool = False,
     rollout_rs: object = None,
     rollout_rs_threshold: object = None,
+    off_policy_mask_threshold: float | None = None,
 ) -> ParsedCorrection:
-    """Parse the five correction settings (verl's names) into a :class:`CorrectionSpec`,
-    collecting every problem (IS level RCX-E009, IS cap RCX-E005, whether or not IS is on, and
-    those of :func:`parse_rs`)."""
+    """Parse the correction settings (verl's names; ``off_policy_mask_threshold`` is TRL's) into
+    a :class:`CorrectionSpec`, collecting every problem (IS level RCX-E009, IS cap or band
+    RCX-E005, whether or not IS is on, OPSM delta RCX-E009, and those of :func:`parse_rs`)."""
     problems: list[ConfigValueError] = []
     level = threshold = None
+    lower: float | None = None
     try:
         level = check_is_level(rollout_is)
     except ConfigValueError as e:
         problems.append(_at("rollout_is", e))
     try:
-        threshold = check_is_threshold(rollout_is_threshold)
+        lower, threshold = check_is_threshold(rollout_is_threshold)
     except ConfigValueError as e:
         problems.append(_at("rollout_is_threshold", e))
+    try:
+        check_opsm_threshold(off_policy_mask_threshold)
+    except ConfigValueError as e:
+        problems.append(_at("off_policy_mask_threshold", e))
     rs = parse_rs(rollout_rs, rollout_rs_threshold)
     problems += rs.problems
     spec = None
@@ -399,8 +460,29 @@ def parse_correction(
             is_threshold=2.0 if threshold is None else threshold,
             is_batch_normalize=bool(rollout_is_batch_normalize),
             criteria=tuple(rs.criteria),
+            is_lower=lower,
+            opsm_threshold=None
+            if off_policy_mask_threshold is None
+            else float(off_policy_mask_threshold),
         )
     return ParsedCorrection(spec, problems, rs.aliases)
+
+
+def check_opsm_threshold(delta: object) -> float | None:
+    """delta of off-policy sequence masking: None (off) or a finite number >= 0 (RCX-E009)."""
+    if delta is None:
+        return None
+    if (
+        isinstance(delta, bool)
+        or not isinstance(delta, (int, float))
+        or not (math.isfinite(delta) and delta >= 0)
+    ):
+        raise ConfigValueError(
+            "RCX-E009",
+            f"off_policy_mask_threshold must be null (off) or a finite number >= 0 (mean "
+            f"per-token KL in nats, e.g. 0.5), got {delta!r}",
+        )
+    return float(delta)
 
 
 def correction_spec(**settings: Any) -> CorrectionSpec:

@@ -17,21 +17,32 @@ LOSS_AGG_MODES = (
     "seq-mean-token-sum-norm",
 )
 KL_PENALTIES = ("kl", "abs", "mse", "low_var_kl")
-LOSS_TYPES = ("ppo_clip", "reinforce")
+LOSS_TYPES = ("ppo_clip", "reinforce", "cispo", "gspo")
 #: |log-ratio| bound before ``exp``, so that no ratio overflows (the correction's bound too).
 LOG_RATIO_BOUND = 20.0
 
 
-def agg_loss(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean") -> torch.Tensor:
-    """Reduce a ``(B, T)`` loss matrix to a scalar over the tokens where ``mask`` is nonzero.
+def agg_loss(
+    loss_mat: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str = "token-mean",
+    denominator_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reduce a ``(B, T)`` loss matrix to a scalar: sum over the tokens where ``mask`` is nonzero,
+    divided by counts taken from ``denominator_mask`` (default: ``mask`` itself).
 
-    With ``n_i`` the number of masked-in tokens of sequence i, ``V`` the sequences with
-    ``n_i > 0`` and ``T = mask.shape[-1]``:
+    With ``n_i`` the number of tokens of sequence i in the denominator mask, ``V`` the sequences
+    with ``n_i > 0`` and ``T = mask.shape[-1]``:
 
     - ``token-mean``: ``sum_{i,t} L / sum_i n_i``
-    - ``seq-mean-token-sum``: ``mean_{i in V} sum_t L``
-    - ``seq-mean-token-mean``: ``mean_{i in V} (sum_t L / n_i)``
-    - ``seq-mean-token-sum-norm``: ``mean_{i in V} (sum_t L / T)`` (Dr. GRPO: a constant divisor)
+    - ``seq-mean-token-sum``: ``sum_{i in V} sum_t L / |V|``
+    - ``seq-mean-token-mean``: ``sum_{i in V} (sum_t L / n_i) / |V|``
+    - ``seq-mean-token-sum-norm``: ``sum_{i in V} (sum_t L / T) / |V|`` (Dr. GRPO: a constant
+      divisor)
+
+    ``denominator_mask`` is how the choice "tokens kept vs tokens generated" is made: the mask
+    after rejection (the default) divides by what was kept; the response mask before rejection
+    divides by what was generated, so rejected tokens and sequences count as zeros.
 
     An empty mask gives 0 (still attached to the graph, so ``backward`` gives zero gradients).
     """
@@ -42,11 +53,12 @@ def agg_loss(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean
             f"loss matrix {tuple(loss_mat.shape)} and mask {tuple(mask.shape)} differ in shape"
         )
     keep = mask.bool()
+    count = keep if denominator_mask is None else denominator_mask.bool()  # (B, T)
     masked = torch.where(keep, loss_mat, torch.zeros((), dtype=loss_mat.dtype))  # (B, T)
     if mode == "token-mean":
-        return masked.sum() / keep.sum().clamp_min(1)
+        return masked.sum() / count.sum().clamp_min(1)
     seq_sums = masked.sum(-1)  # (B,)
-    counts = keep.sum(-1)  # (B,)
+    counts = count.sum(-1)  # (B,)
     num_seqs = (counts > 0).sum().clamp_min(1)
     if mode == "seq-mean-token-sum":
         return seq_sums.sum() / num_seqs
@@ -81,6 +93,7 @@ def ppo_clip_loss(
     clip_ratio_c: float = 3.0,
     loss_agg_mode: str = "token-mean",
     is_weights: torch.Tensor | None = None,
+    denominator_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Dual-clip PPO policy loss.
 
@@ -91,8 +104,8 @@ def ppo_clip_loss(
         L  = min(L1, -A * clip_ratio_c)  if A < 0  else  L1       (dual clip)
         L  = w * L                                                 (if is_weights is given)
 
-    and the loss is ``agg_loss(L, mask, loss_agg_mode)``. ``is_weights`` carry no
-    gradient. Metrics (over the mask): ``actor/pg_loss``, ``actor/pg_clipfrac`` (share where the
+    and the loss is ``agg_loss(L, mask, loss_agg_mode, denominator_mask)``. ``is_weights`` carry
+    no gradient. Metrics (over the mask): ``actor/pg_loss``, ``actor/pg_clipfrac`` (share where the
     clipped term is the larger), ``actor/pg_clipfrac_lower`` (share with A < 0 where the dual clip
     bound is active), ``actor/ppo_kl`` (mean of ``old - new`` log-prob), and with weights
     ``actor/is_weight_mean`` / ``actor/is_weight_max`` (the weights actually applied).
@@ -101,8 +114,7 @@ def ppo_clip_loss(
         raise ValueError(
             f"clip_ratio_c must be > 1 (dual-clip bound on -A * ratio), got {clip_ratio_c}"
         )
-    eps_lo = clip_ratio if clip_ratio_low is None else clip_ratio_low
-    eps_hi = clip_ratio if clip_ratio_high is None else clip_ratio_high
+    low, high = _clip_range(clip_ratio, clip_ratio_low, clip_ratio_high)
     keep = mask.bool()
     # Entries outside the mask may be NaN/inf (a rollout engine's padding): neutralise them first
     # so that no NaN enters the graph, whose backward would multiply it by a zero gradient.
@@ -112,7 +124,7 @@ def ppo_clip_loss(
     adv = _masked(advantages, keep)  # (B, T)
     ratio = torch.exp(neg_kl)
     loss_unclipped = -adv * ratio
-    loss_clipped = -adv * torch.clamp(ratio, 1.0 - eps_lo, 1.0 + eps_hi)
+    loss_clipped = -adv * torch.clamp(ratio, low, high)
     loss_ppo = torch.maximum(loss_unclipped, loss_clipped)
     loss_dual = -adv * clip_ratio_c
     negative = adv < 0
@@ -120,7 +132,7 @@ def ppo_clip_loss(
     weights = None if is_weights is None else _masked(is_weights.detach(), keep)  # (B, T)
     if weights is not None:
         loss_mat = loss_mat * weights
-    loss = agg_loss(loss_mat, mask, loss_agg_mode)
+    loss = agg_loss(loss_mat, mask, loss_agg_mode, denominator_mask)
 
     with torch.no_grad():
         stats = [
@@ -141,6 +153,7 @@ def reinforce_loss(
     *,
     is_weights: torch.Tensor | None = None,
     loss_agg_mode: str = "token-mean",
+    denominator_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """REINFORCE with optional IS weights: ``L = agg(-w * A * log_probs)`` over the mask.
 
@@ -154,9 +167,127 @@ def reinforce_loss(
     if weights is not None:
         coeff = coeff * weights
     loss_mat = -coeff.detach() * _masked(log_probs, keep)
-    loss = agg_loss(loss_mat, mask, loss_agg_mode)
+    loss = agg_loss(loss_mat, mask, loss_agg_mode, denominator_mask)
     with torch.no_grad():
         metrics = _loss_metrics(["actor/pg_loss"], [loss.detach()], weights, keep)
+    return loss, metrics
+
+
+def _clip_range(
+    clip_ratio: float, clip_ratio_low: float | None, clip_ratio_high: float | None
+) -> tuple[float, float]:
+    """``(1 - eps_lo, 1 + eps_hi)``, each epsilon defaulting to ``clip_ratio`` (verl's rule)."""
+    eps_lo = clip_ratio if clip_ratio_low is None else clip_ratio_low
+    eps_hi = clip_ratio if clip_ratio_high is None else clip_ratio_high
+    return 1.0 - eps_lo, 1.0 + eps_hi
+
+
+def cispo_loss(
+    old_log_probs: torch.Tensor,
+    log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_ratio: float = 0.2,
+    clip_ratio_low: float | None = None,
+    clip_ratio_high: float | None = None,
+    loss_agg_mode: str = "token-mean",
+    is_weights: torch.Tensor | None = None,
+    denominator_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """CISPO (MiniMax-M1): the clipped ratio weighs the log-prob, under a stop-gradient.
+
+    ``rho = exp(clamp(log_probs - old_log_probs, -20, 20))``; per token::
+
+        L = -sg(clamp(rho, 1 - eps_lo, 1 + eps_hi)) * A * log_probs      (times w, if given)
+
+    so ``dL/dlog_probs = -clamp(rho) * A``: unlike PPO-clip, a token whose ratio is clipped keeps
+    its gradient (the clip bounds its weight, it does not zero it). ``eps_lo/eps_hi`` default to
+    ``clip_ratio`` (verl's ``clip_ratio_low/high``; MiniMax-M1 sets no lower bound:
+    ``clip_ratio_low = 1``). Metrics: ``actor/pg_loss``, ``actor/pg_clipfrac`` (share of tokens
+    whose ratio was clipped), ``actor/ppo_kl``, and with weights ``actor/is_weight_mean|max``.
+    """
+    low, high = _clip_range(clip_ratio, clip_ratio_low, clip_ratio_high)
+    keep = mask.bool()
+    neg_kl = _masked(log_probs - old_log_probs, keep).clamp(
+        -LOG_RATIO_BOUND, LOG_RATIO_BOUND
+    )  # (B, T)
+    ratio = torch.exp(neg_kl.detach())  # (B, T)
+    clipped = torch.clamp(ratio, low, high)  # (B, T), no gradient
+    coeff = clipped * _masked(advantages, keep)  # (B, T)
+    weights = None if is_weights is None else _masked(is_weights.detach(), keep)  # (B, T)
+    if weights is not None:
+        coeff = coeff * weights
+    loss_mat = -coeff.detach() * _masked(log_probs, keep)
+    loss = agg_loss(loss_mat, mask, loss_agg_mode, denominator_mask)
+    with torch.no_grad():
+        stats = [
+            loss.detach(),
+            _masked_mean((clipped != ratio).to(ratio.dtype), keep),
+            _masked_mean(-neg_kl, keep),
+        ]
+        names = ["actor/pg_loss", "actor/pg_clipfrac", "actor/ppo_kl"]
+        metrics = _loss_metrics(names, stats, weights, keep)
+    return loss, metrics
+
+
+def sequence_log_ratio(log_ratio: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``clamp(mean_t log_ratio, -20, 20)`` over each sequence's kept tokens, ``(B, T), (B, T) ->
+    (B,)``; 0 for a sequence with none. ``exp`` of it is GSPO's sequence ratio, the geometric
+    mean of the token ratios."""
+    counts = keep.sum(-1).clamp_min(1)  # (B,)
+    mean = _masked(log_ratio, keep).sum(-1) / counts
+    return mean.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+
+
+def gspo_loss(
+    old_log_probs: torch.Tensor,
+    log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_ratio: float = 0.2,
+    clip_ratio_low: float | None = None,
+    clip_ratio_high: float | None = None,
+    loss_agg_mode: str = "token-mean",
+    is_weights: torch.Tensor | None = None,
+    denominator_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """GSPO (Qwen): PPO's clip on the sequence ratio, applied to every token of the sequence.
+
+    With ``log_r = clamp(log_probs - old_log_probs, -20, 20)`` and the sequence ratio
+    ``s_i = exp(clamp(mean_t log_r[i,t], -20, 20))`` over the sequence's masked-in tokens::
+
+        L[i,t] = max(-A[i,t] * s_i, -A[i,t] * clamp(s_i, 1 - eps_lo, 1 + eps_hi))   (times w)
+
+    aggregated by ``loss_agg_mode`` (the paper's objective is ``seq-mean-token-mean``). The
+    gradient flows through ``s_i``: ``d s_i = s_i * mean_t d log_probs``. No dual clip (as in
+    verl). ``eps_lo/eps_hi`` default to ``clip_ratio`` (the paper uses 3e-4 / 4e-4). Metrics:
+    ``actor/pg_loss``, ``actor/pg_clipfrac`` (share of tokens where the clipped term is the
+    larger), ``actor/ppo_kl``, and with weights ``actor/is_weight_mean|max``.
+    """
+    low, high = _clip_range(clip_ratio, clip_ratio_low, clip_ratio_high)
+    keep = mask.bool()
+    neg_kl = _masked(log_probs - old_log_probs, keep).clamp(
+        -LOG_RATIO_BOUND, LOG_RATIO_BOUND
+    )  # (B, T)
+    seq_ratio = torch.exp(sequence_log_ratio(neg_kl, keep))[:, None]  # (B, 1)
+    adv = _masked(advantages, keep)  # (B, T)
+    loss_unclipped = -adv * seq_ratio  # (B, T)
+    loss_clipped = -adv * torch.clamp(seq_ratio, low, high)  # (B, T)
+    loss_mat = torch.maximum(loss_unclipped, loss_clipped)
+    weights = None if is_weights is None else _masked(is_weights.detach(), keep)  # (B, T)
+    if weights is not None:
+        loss_mat = loss_mat * weights
+    loss = agg_loss(loss_mat, mask, loss_agg_mode, denominator_mask)
+    with torch.no_grad():
+        stats = [
+            loss.detach(),
+            _masked_mean((loss_clipped > loss_unclipped).to(neg_kl.dtype), keep),
+            _masked_mean(-neg_kl, keep),
+        ]
+        names = ["actor/pg_loss", "actor/pg_clipfrac", "actor/ppo_kl"]
+        metrics = _loss_metrics(names, stats, weights, keep)
     return loss, metrics
 
 

@@ -373,6 +373,7 @@ WHATIF_HEADERS = {
     "weight_mean": "w mean",
     "weight_max": "w max",
     "truncated_fraction": "truncated",
+    "oob_fraction": "zeroed (band)",
     "norm_factor": "norm factor",
 }
 
@@ -453,6 +454,13 @@ def calibrate_command(
         bool,
         typer.Option("--worst-step", help="Meet the targets at every step, not just overall."),
     ] = False,
+    band: Annotated[
+        bool,
+        typer.Option(
+            "--band",
+            help="Propose an IcePop band 1/C_C (weights outside zeroed) instead of a cap C.",
+        ),
+    ] = False,
     plot: Annotated[Path, typer.Option(help="Where to save the trade-off PNG.")] = Path(
         "calibration.png"
     ),
@@ -478,6 +486,7 @@ def calibrate_command(
             criteria=[names] if isinstance(names, str) else list(names),
             targets=Targets(max_masked, min_ess, worst_step),
             is_level=None if level == "none" else level,
+            band=band,
         )
     except (CalibrationError, DumpError, ValueError) as e:
         raise fail(str(e)) from None
@@ -531,15 +540,19 @@ def rs_table(cal: Any, name: str) -> Table:
 
 
 def is_table(cal: Any) -> Table:
+    band = any(p.band for p in cal.is_curve)
+    what = "the band" if band else "the cap"
     table = Table(
-        title=esc(f"{cal.is_level} IS: ESS against the cap (target {cal.targets.min_ess})")
+        title=esc(f"{cal.is_level} IS: ESS against {what} (target {cal.targets.min_ess})")
     )
-    for col in ("cap C", "ESS", "ESS worst step", "truncated", ""):
+    for col in ("band lo_hi" if band else "cap C", "ESS", "ESS worst step",
+                "zeroed" if band else "truncated", ""):  # fmt: skip
         table.add_column(col, justify="right")
     for p in cal.is_curve:
         mark = "<- proposed" if cal.is_chosen is p else ""
+        bound = str(p.threshold) if band else f"{p.cap:g}"
         table.add_row(
-            f"{p.cap:g}", f"{p.ess:.4f}", f"{p.ess_min:.4f}", f"{p.truncated_fraction:.3%}", mark
+            bound, f"{p.ess:.4f}", f"{p.ess_min:.4f}", f"{p.truncated_fraction:.3%}", mark
         )
     return table
 

@@ -10,11 +10,12 @@ from rcx.config.models import RcxConfig
 
 
 def explain(cfg: RcxConfig) -> dict[str, Any]:
-    """The mode, the loss, where IS weights go, and each RS criterion with its ratio interval."""
+    """The mode, the loss, where IS weights go (and the IcePop band), each RS criterion with its
+    ratio interval, off-policy sequence masking and the denominators after rejection."""
     rc = cfg.algorithm.rollout_correction
     plan = update_plan(rc.rollout_is, rc.bypass_mode, rc.loss_type)
     applied = plan.is_weights
-    criteria = rc.spec.criteria
+    spec = rc.spec
     return {
         "mode": plan.mode,
         "policies": 2 if plan.bypass else 3,
@@ -22,10 +23,16 @@ def explain(cfg: RcxConfig) -> dict[str, Any]:
         "is": {
             "level": rc.rollout_is,
             "threshold": rc.rollout_is_threshold if rc.rollout_is else None,
+            "kind": ("band" if spec.is_band else "truncate") if rc.rollout_is else None,
+            "lower": spec.is_lower if rc.rollout_is else None,
+            "upper": spec.is_threshold if rc.rollout_is else None,
             "batch_normalize": bool(rc.rollout_is and rc.rollout_is_batch_normalize),
             "applied": applied,
         },
-        "rs": [_criterion_dict(c) for c in criteria],
+        "rs": [_criterion_dict(c) for c in spec.criteria],
+        "opsm": {"threshold": spec.opsm_threshold},
+        "loss_denominator": rc.loss_denominator,
+        "baseline_includes_rejected": rc.baseline_includes_rejected,
     }
 
 
@@ -56,8 +63,41 @@ def explain_lines(cfg: RcxConfig) -> list[str]:
             f"RS: a token is trained on only if {how} it; rejection masks, never reweights."
         )
         lines += ["  " + _criterion_line(c) for c in criteria]
+    lines.append(_opsm_line(cfg))
+    lines.append(_denominator_line(cfg))
     lines.append(f"Advantages: {_adv_line(cfg)}.")
     return lines
+
+
+def _opsm_line(cfg: RcxConfig) -> str:
+    delta = cfg.algorithm.rollout_correction.spec.opsm_threshold
+    if delta is None:
+        return "OPSM: off (no sequence is masked for its advantage and KL)."
+    when = (
+        "once per batch from pi_old, after the advantages"
+        if not cfg.algorithm.rollout_correction.bypass_mode
+        else "per micro-batch from pi_theta"
+    )
+    return (
+        f"OPSM: a sequence with advantage < 0 and mean per-token (lp_rollout - lp_train) > "
+        f"{delta:g} is masked whole ({when})."
+    )
+
+
+def _denominator_line(cfg: RcxConfig) -> str:
+    rc = cfg.algorithm.rollout_correction
+    agg = cfg.actor_rollout_ref.actor.loss_agg_mode
+    what = (
+        "the tokens and sequences left after rejection (kept)"
+        if rc.loss_denominator == "kept"
+        else "every generated token and sequence (rejection shrinks the loss)"
+    )
+    base = (
+        "fully rejected sequences still count in their group's baseline"
+        if rc.baseline_includes_rejected
+        else "fully rejected sequences are left out of their group's baseline"
+    )
+    return f"Denominators: {agg} divides by {what}; {base}."
 
 
 def _mode_line(cfg: RcxConfig) -> str:
@@ -81,6 +121,18 @@ def _loss_line(cfg: RcxConfig) -> str:
     plan = update_plan(rc.rollout_is, rc.bypass_mode, rc.loss_type)
     if plan.loss == "reinforce":
         return f"Loss: REINFORCE, L = -{a.loss_agg_mode}(w * A * log pi_theta), no clipping."
+    band = f"[{1 - lo:g}, {1 + hi:g}]"
+    if plan.loss == "cispo":
+        return (
+            f"Loss: CISPO, L = -{a.loss_agg_mode}(sg(clip(pi_theta / {plan.anchor}, {band})) * A * "
+            f"log pi_theta): every token keeps its gradient, the clipped ratio only weighs it."
+        )
+    if plan.loss == "gspo":
+        return (
+            f"Loss: GSPO, sequence ratio s = exp(mean_t log(pi_theta / {plan.anchor})) clipped to "
+            f"{band} as in PPO (no dual clip), applied to every token, aggregated by "
+            f"{a.loss_agg_mode}."
+        )
     extra = (
         " (loss_type reinforce is ignored in decoupled mode)" if rc.loss_type != plan.loss else ""
     )
@@ -91,17 +143,30 @@ def _is_line(cfg: RcxConfig, applied: str) -> str:
     rc = cfg.algorithm.rollout_correction
     if rc.rollout_is is None:
         return "IS: off (no importance weights)."
-    formula = (
-        f"w = min(r, {rc.rollout_is_threshold:g}) per token"
-        if rc.rollout_is == "token"
-        else f"w = min(prod_t r_t, {rc.rollout_is_threshold:g}) per sequence, broadcast to its tokens"
-    )
+    spec = rc.spec
+    c = f"{spec.is_threshold:g}"
+    if spec.is_band:
+        lo = f"{spec.is_lower:g}"
+        formula = (
+            f"IcePop band: w = r if {lo} <= r <= {c} else 0, per token"
+            if rc.rollout_is == "token"
+            else f"IcePop band: w = prod_t r_t if {lo} <= prod_t r_t <= {c} else 0, per "
+            f"sequence, broadcast to its tokens"
+        ) + " (the mask is left alone)"
+    else:
+        formula = (
+            f"w = min(r, {c}) per token"
+            if rc.rollout_is == "token"
+            else f"w = min(prod_t r_t, {c}) per sequence, broadcast to its tokens"
+        )
     norm = ", then divided by its batch mean" if rc.rollout_is_batch_normalize else ""
     where = {
         "loss": "multiplies the per-token loss",
-        "metrics_only": "is computed for metrics only: the PPO ratio pi_theta/pi_rollout already corrects",
+        "metrics_only": "is computed for metrics only: the loss's ratio pi_theta/pi_rollout "
+        "already corrects",
     }[applied]
-    return f"IS: {rc.rollout_is}-level truncated IS, {formula}{norm}; {where}."
+    kind = "IS" if rc.spec.is_band else "truncated IS"
+    return f"IS: {rc.rollout_is}-level {kind}, {formula}{norm}; {where}."
 
 
 def _criterion_line(c: RSCriterion) -> str:

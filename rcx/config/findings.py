@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 from rcx.algos.criteria import RSCriterion, token_ratio_interval
+from rcx.algos.modes import RATIO_LOSSES
 from rcx.config import limits
 from rcx.config.models import RcxConfig, RolloutCorrectionConfig
 
@@ -21,7 +22,7 @@ Level = Literal["error", "warning"]
 #: Every code, with a one-line title (the README lists them with an example each).
 CODES: dict[str, str] = {
     "RCX-W001": "bypass mode with ppo_epochs > 1 (the anchor stays at pi_rollout while the policy moves)",
-    "RCX-W002": "rollout_is set under bypass + ppo_clip (weights are metrics-only)",
+    "RCX-W002": "rollout_is set under bypass with a loss that carries the ratio (ppo_clip, cispo, gspo): weights are metrics-only",
     "RCX-W003": "rollout_is_batch_normalize without rollout_is (nothing to normalise)",
     "RCX-W004": "loss_type reinforce with bypass off (ignored: decoupled mode uses PPO-clip)",
     "RCX-W005": "legacy rollout_rs alias (token, sequence, geometric)",
@@ -31,6 +32,10 @@ CODES: dict[str, str] = {
     "RCX-W009": "a data file or model directory that does not exist here (checked again at train time)",
     "RCX-W010": "ppo_mini_batch_size does not divide train_batch_size (last mini-batch is smaller)",
     "RCX-W011": "rollout_rs_threshold set without rollout_rs (ignored: no rejection criterion)",
+    "RCX-W012": "loss_type gspo with a loss_agg_mode other than seq-mean-token-mean (GSPO's objective)",
+    "RCX-W013": "baseline_includes_rejected: false where it cannot act (bypass mode, or an estimator without group baselines)",
+    "RCX-W014": "a denominator choice with nothing rejected (RS and OPSM off): it changes nothing",
+    "RCX-W015": "sampling_mask_replay without top-p/top-k truncation: nothing to replay",
     "RCX-E001": "unknown key",
     "RCX-E002": "unknown rejection criterion",
     "RCX-E003": "threshold count matches neither 1 nor the number of criteria",
@@ -45,6 +50,7 @@ CODES: dict[str, str] = {
     "RCX-E012": "checkpoint folder that cannot be written here (not a folder, no permission, path too long)",
     "RCX-E013": "a step or the built-in data needs more memory than this machine has available",
     "RCX-E014": "a logger in trainer.logger whose package is not installed here (names the extra)",
+    "RCX-E015": "sampling_mask_replay with the vllm engine (it does not report the kept token sets)",
 }
 
 RC = "algorithm.rollout_correction"
@@ -297,13 +303,13 @@ def check_config(cfg: RcxConfig) -> list[Finding]:
                 f"policy moves between epochs; use ppo_epochs=1 or bypass_mode=false",
             )
         )
-    if rc.rollout_is is not None and rc.bypass_mode and rc.loss_type == "ppo_clip":
+    if rc.rollout_is is not None and rc.bypass_mode and rc.loss_type in RATIO_LOSSES:
         out.append(
             warning(
                 "RCX-W002",
                 f"{RC}.rollout_is",
-                "under bypass + ppo_clip the PPO ratio pi_theta/pi_rollout already is the IS "
-                "correction: IS weights are computed for metrics only, never applied",
+                f"under bypass + {rc.loss_type} the loss's ratio pi_theta/pi_rollout already is "
+                f"the IS correction: IS weights are computed for metrics only, never applied",
             )
         )
     if rc.rollout_rs_threshold is not None and rc.rollout_rs is None:
@@ -332,4 +338,75 @@ def check_config(cfg: RcxConfig) -> list[Finding]:
                 "uses PPO-clip, so this setting is ignored",
             )
         )
+    out += _frontier_findings(cfg)
     return out + _file_findings(cfg) + _machine_findings(cfg) + _logger_findings(cfg)
+
+
+def _frontier_findings(cfg: RcxConfig) -> list[Finding]:
+    """GSPO's aggregation, the denominator choices and sampling-mask replay (W012-W015, E015)."""
+    rc = cfg.algorithm.rollout_correction
+    actor = cfg.actor_rollout_ref.actor
+    rollout = cfg.actor_rollout_ref.rollout
+    out: list[Finding] = []
+    if rc.loss_type == "gspo" and actor.loss_agg_mode != "seq-mean-token-mean":
+        out.append(
+            warning(
+                "RCX-W012",
+                "actor_rollout_ref.actor.loss_agg_mode",
+                f"GSPO's objective is a mean over sequences of each sequence's clipped ratio "
+                f"times A (seq-mean-token-mean); {actor.loss_agg_mode} weighs sequences "
+                f"differently (token-mean: by length)",
+            )
+        )
+    if not rc.baseline_includes_rejected:
+        if rc.bypass_mode:
+            why = (
+                "in bypass mode rejection runs per micro-batch during the update, after the "
+                "advantages, so every sequence stays in its baseline"
+            )
+        elif cfg.algorithm.adv_estimator not in ("grpo", "rloo"):
+            why = f"{cfg.algorithm.adv_estimator} has no group baseline"
+        else:
+            why = None
+        if why:
+            out.append(warning("RCX-W013", f"{RC}.baseline_includes_rejected", f"ignored: {why}"))
+    spec = rc.parsed.spec
+    rejects = spec is not None and (bool(spec.criteria) or spec.opsm_threshold is not None)
+    if not rejects:
+        if rc.loss_denominator != "kept":
+            out.append(
+                warning(
+                    "RCX-W014",
+                    f"{RC}.loss_denominator",
+                    "RS and OPSM are off: kept and generated tokens are the same, so "
+                    "loss_denominator changes nothing",
+                )
+            )
+        if not rc.baseline_includes_rejected:
+            out.append(
+                warning(
+                    "RCX-W014",
+                    f"{RC}.baseline_includes_rejected",
+                    "RS is off: no sequence is rejected, so every one stays in its baseline",
+                )
+            )
+    if actor.sampling_mask_replay:
+        if rollout.name == "vllm":
+            out.append(
+                error(
+                    "RCX-E015",
+                    "actor_rollout_ref.actor.sampling_mask_replay",
+                    "the vllm engine does not report the kept token sets; use "
+                    "actor_rollout_ref.rollout.name=hf or sampling_mask_replay=false",
+                )
+            )
+        elif rollout.top_p >= 1.0 and rollout.top_k == -1:
+            out.append(
+                warning(
+                    "RCX-W015",
+                    "actor_rollout_ref.actor.sampling_mask_replay",
+                    "rollout.top_p is 1 and rollout.top_k is -1: the rollout samples the full "
+                    "distribution, so there is no truncation to replay",
+                )
+            )
+    return out

@@ -206,19 +206,16 @@ class DataConfig(Section):
 
 class RolloutCorrectionConfig(Section):
     # The grammar checks its own numbers (RCX-E004/E005 say what is wrong with inf there).
+    # rollout_is_threshold is float | str: a string reaches the grammar as written, so "1.5_2"
+    # is read as a band (and refused: lo must be < 1), never as the number 1.52.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=True)
-    string_hints: ClassVar[dict[str, str]] = {
-        "rollout_is_threshold": "a lo_hi band, which rollout_is_threshold does not take yet "
-        "(IcePop-style IS bands are not supported; to reject outside a band use "
-        "rollout_rs=token_k1 with rollout_rs_threshold=L_U)",
-    }
-    accepts: ClassVar[dict[str, str]] = {"rollout_is_threshold": "one number C > 1"}
-
     rollout_is: Literal["token", "sequence"] | None = Field(
         None, description="IS weights: token, sequence, or null (off)."
     )
-    rollout_is_threshold: float = Field(
-        2.0, description="Upper cap C of the IS weights (truncated IS); must be > 1."
+    rollout_is_threshold: float | str = Field(
+        2.0,
+        description="IS bound: a number C > 1 truncates the weights at C (TIS); a band 'lo_hi' "
+        "(0 < lo < 1 < hi, e.g. '0.5_5.0', verl's IcePop) sets weights outside [lo, hi] to 0.",
     )
     rollout_is_batch_normalize: bool = Field(
         False, description="Divide the truncated IS weights by their batch mean (mean weight 1)."
@@ -235,9 +232,29 @@ class RolloutCorrectionConfig(Section):
         False,
         description="true: reuse rollout log-probs as pi_old (two policies); false: recompute pi_old (three).",
     )
-    loss_type: Literal["ppo_clip", "reinforce"] = Field(
+    loss_type: Literal["ppo_clip", "reinforce", "cispo", "gspo"] = Field(
         "ppo_clip",
-        description="Policy loss in bypass mode: ppo_clip or reinforce (decoupled always uses ppo_clip).",
+        description="Policy loss: ppo_clip, reinforce (bypass only; decoupled falls back to "
+        "ppo_clip), cispo (clipped stop-gradient ratio x A x log-prob) or gspo (clipped "
+        "sequence ratio); clip ranges from actor_rollout_ref.actor.clip_ratio(_low/_high).",
+    )
+    off_policy_mask_threshold: float | None = Field(
+        None,
+        description="Off-policy sequence masking (TRL's name; DeepSeek-V3.2): mask a sequence "
+        "whose advantage is < 0 and whose mean per-token lp_rollout - lp_train exceeds this "
+        "delta (nats, e.g. 0.5); null: off.",
+    )
+    loss_denominator: Literal["kept", "generated"] = Field(
+        "kept",
+        description="What the loss divides by after rejection: kept (tokens/sequences left "
+        "after RS and OPSM) or generated (every response token/sequence, so rejection "
+        "shrinks the loss).",
+    )
+    baseline_includes_rejected: bool = Field(
+        True,
+        description="grpo/rloo: fully rejected sequences still count in their group's "
+        "baseline (true) or are left out of it (false; decoupled mode, where RS runs before "
+        "the advantages).",
     )
 
     _parsed: ParsedCorrection = PrivateAttr()
@@ -257,6 +274,7 @@ class RolloutCorrectionConfig(Section):
             self.rollout_is_batch_normalize,
             self.rollout_rs,
             self.rollout_rs_threshold,
+            self.off_policy_mask_threshold,
         )
         return self
 
@@ -341,7 +359,11 @@ class ActorConfig(Section):
     shuffle: bool = Field(False, description="Shuffle responses between mini-batches.")
     clip_ratio: float = Field(0.2, gt=0.0, lt=1.0, description="PPO clip epsilon.")
     clip_ratio_low: float | None = Field(
-        None, gt=0.0, lt=1.0, description="Lower clip epsilon (null: clip_ratio)."
+        None,
+        gt=0.0,
+        le=1.0,
+        description="Lower clip epsilon (null: clip_ratio); 1 puts no lower bound on the ratio "
+        "(CISPO's setting).",
     )
     clip_ratio_high: float | None = Field(
         None, gt=0.0, description="Upper clip epsilon (null: clip_ratio)."
@@ -365,6 +387,11 @@ class ActorConfig(Section):
         le=MAX_TEMPERATURE,
         description="Temperature the trainer scores tokens at (null: rollout.temperature); "
         "a different value is a mismatch source.",
+    )
+    sampling_mask_replay: bool = Field(
+        False,
+        description="Score under the rollout's top-k/top-p truncation: the engine reports the "
+        "kept token set per position and the trainer renormalises over it (hf engine only).",
     )
 
 

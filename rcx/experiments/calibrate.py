@@ -91,10 +91,23 @@ class RsPoint:
 
 @dataclass
 class IsPoint:
+    """One candidate IS bound: a cap C, or (``band``) the IcePop band [1/C, C]."""
+
     cap: float
     ess: float
     ess_min: float
-    truncated_fraction: float
+    truncated_fraction: float  # share truncated (cap) or zeroed (band)
+    band: bool = False
+
+    @property
+    def threshold(self) -> float | str:
+        """``rollout_is_threshold`` as it would be written: ``C`` or ``"lo_hi"``."""
+        return band_entry(self.cap) if self.band else self.cap
+
+
+def band_entry(upper: float) -> str:
+    """The symmetric IcePop band ``1/U_U`` as a threshold string, e.g. ``0.5_2``."""
+    return f"{1.0 / upper:.4g}_{upper:g}"
 
 
 @dataclass
@@ -236,8 +249,9 @@ def rs_curve(replayer: Replayer, criterion: str) -> list[RsPoint]:
     return points
 
 
-def is_curve(replayer: Replayer, level: IsLevel) -> list[IsPoint]:
-    """ESS and truncated share for each candidate cap, largest cap first."""
+def is_curve(replayer: Replayer, level: IsLevel, band: bool = False) -> list[IsPoint]:
+    """ESS and truncated share for each candidate cap, largest cap first; with ``band``, ESS and
+    zeroed share of each symmetric IcePop band [1/C, C] instead, widest first."""
     sh = replayer.shared
     if level == "token":
         units = sh.ratios.log_ratio[sh.valid].to(torch.float64)
@@ -248,11 +262,11 @@ def is_curve(replayer: Replayer, level: IsLevel) -> list[IsPoint]:
     caps = {_round_up(c) for c in (*IS_CAPS, *from_data) if 1.0 + 1e-6 < c <= MAX_CAP}
     caps = sorted(caps, reverse=True)
     points = []
+    stat = "oob_fraction" if band else "truncated_fraction"
     for cap in caps:
-        r = replayer.replay(CorrectionSettings(rollout_is=level, rollout_is_threshold=cap))
-        points.append(
-            IsPoint(cap, r.overall["ess"], r.overall["ess_min"], r.overall["truncated_fraction"])
-        )
+        threshold = band_entry(cap) if band else cap
+        r = replayer.replay(CorrectionSettings(rollout_is=level, rollout_is_threshold=threshold))
+        points.append(IsPoint(cap, r.overall["ess"], r.overall["ess_min"], r.overall[stat], band))
     return points
 
 
@@ -292,8 +306,12 @@ def calibrate(
     criteria: Sequence[str],
     targets: Targets,
     is_level: IsLevel | None = "token",
+    band: bool = False,
 ) -> Calibration:
     """Propose settings for ``criteria`` and ``is_level`` that meet ``targets`` on ``stack``.
+
+    With ``band`` the IS proposal is the widest symmetric IcePop band [1/C, C] whose ESS meets
+    the target (least zeroing that does) instead of the largest cap.
 
     A criterion (or the IS cap) for which no candidate meets its target gets the candidate
     closest to it (loosest bound, lowest cap) and a note; :attr:`Calibration.met` then says so.
@@ -333,7 +351,7 @@ def calibrate(
     cap: IsPoint | None = None
     if is_level is not None:
         ess_key = "ess_min" if targets.worst_step else "ess"
-        cap_curve = is_curve(replayer, is_level)
+        cap_curve = is_curve(replayer, is_level, band)
         cap = choose_cap(cap_curve, targets.min_ess, ess_key)
         if cap is None and cap_curve:
             cap = cap_curve[-1]
@@ -350,7 +368,7 @@ def calibrate(
 
     proposal = CorrectionSettings(
         rollout_is=is_level,
-        rollout_is_threshold=cap.cap if cap is not None else 2.0,
+        rollout_is_threshold=cap.threshold if cap is not None else 2.0,
         rollout_rs=",".join(n for n, _ in entries) or None,
         rollout_rs_threshold=",".join(e for _, e in entries) or None,
     )

@@ -17,6 +17,8 @@ mask with a finite log-ratio, exactly as the correction counts them):
 ``weight_mean``/``_max``    mean / max IS weight actually applied (after batch normalisation)
 ``truncated_fraction``      share of raw ratios above the cap C (token IS: tokens; sequence IS:
                             sequences), i.e. ``rollout_is_ratio_fraction_high``
+``oob_fraction``            IcePop band ``lo_hi`` instead of a cap: share of raw ratios outside
+                            [lo, hi], whose weights are zeroed (``rollout_is_oob_ratio``)
 ``<criterion>/masked_fraction``, ``<criterion>/seq_masked_fraction``  the same, one criterion alone
 ==========================  ======================================================================
 
@@ -39,7 +41,7 @@ from typing import Any
 import torch
 
 from rcx.algos.correction import LogRatios, compute_rollout_correction
-from rcx.algos.criteria import parse_rs_thresholds, split_threshold_entries
+from rcx.algos.criteria import check_is_threshold, parse_rs_thresholds, split_threshold_entries
 from rcx.config.findings import Finding
 from rcx.config.loading import validate_raw
 from rcx.store.dumps import DumpStack
@@ -60,6 +62,7 @@ STAT_KEYS = (
     "weight_mean",
     "weight_max",
     "truncated_fraction",
+    "oob_fraction",
 )
 
 
@@ -71,7 +74,7 @@ class CorrectionSettings:
     """The five correction keys of one what-if config, as ``compute_rollout_correction`` takes them."""
 
     rollout_is: str | None = None
-    rollout_is_threshold: float = 2.0
+    rollout_is_threshold: float | str = 2.0  # a cap C, or an IcePop band "lo_hi"
     rollout_is_batch_normalize: bool = False
     rollout_rs: str | None = None
     rollout_rs_threshold: str | float | None = None
@@ -85,7 +88,9 @@ class CorrectionSettings:
         parts = []
         if self.rollout_is:
             norm = "+norm" if self.rollout_is_batch_normalize else ""
-            parts.append(f"is={self.rollout_is}{norm} C={self.rollout_is_threshold:g}")
+            lower, upper = check_is_threshold(self.rollout_is_threshold)
+            bound = f"C={upper:g}" if lower is None else f"band={lower:g}_{upper:g}"
+            parts.append(f"is={self.rollout_is}{norm} {bound}")
         if self.rollout_rs:
             parts.append(f"rs={self.rollout_rs}@{self.rollout_rs_threshold}")
         return " ".join(parts) or "no correction"
@@ -127,9 +132,10 @@ def settings_from_config(rc: Any) -> CorrectionSettings:
         return rc.get(k) if isinstance(rc, Mapping) else getattr(rc, k)
 
     rs = get("rollout_rs")
+    threshold = get("rollout_is_threshold")
     return CorrectionSettings(
         rollout_is=get("rollout_is"),
-        rollout_is_threshold=float(get("rollout_is_threshold")),
+        rollout_is_threshold=threshold if isinstance(threshold, str) else float(threshold),
         rollout_is_batch_normalize=bool(get("rollout_is_batch_normalize")),
         rollout_rs=",".join(rs) if isinstance(rs, list) else rs,
         rollout_rs_threshold=get("rollout_rs_threshold"),
@@ -292,17 +298,26 @@ class Replayer:
                     mean = _per_step(stack, seq_w) / sh.seqs_per_step
                 factor = torch.where(mean > 1e-8, mean, torch.ones_like(mean))
                 per_step["norm_factor"] = factor
-            per_step["ess"] = w_sum**2 / (sh.tokens_per_step * w_sq)
+            # ESS 0 for a step whose weights an IcePop band zeroed entirely (not 0/0).
+            per_step["ess"] = torch.where(
+                w_sq > 0, w_sum**2 / (sh.tokens_per_step * w_sq.clamp_min(1e-300)), 0.0
+            )
             totals["weight_mean"] = (w_sum / factor, sh.tokens_per_step)
             per_step["weight_max"] = w_max / factor
             weight_max_overall = float(per_step["weight_max"].max())
-            log_c = math.log(settings.rollout_is_threshold)
+            lower, upper = check_is_threshold(settings.rollout_is_threshold)
+            log_c = math.log(upper)
+            log_lo = -math.inf if lower is None else math.log(lower)
+            # Truncation: the share above C; an IcePop band: the share zeroed (out of band).
+            stat = "truncated_fraction" if lower is None else "oob_fraction"
             if settings.rollout_is == "token":
-                above = (sh.ratios.log_ratio > log_c).sum(-1)
-                totals["truncated_fraction"] = (_per_step(stack, above), sh.tokens_per_step)
+                lr = sh.ratios.log_ratio
+                out = ((lr > log_c) | (lr < log_lo)).sum(-1)
+                totals[stat] = (_per_step(stack, out), sh.tokens_per_step)
             else:
-                above = (sh.ratios.seq_log_ratio > log_c) & sh.seq_valid
-                totals["truncated_fraction"] = (_per_step(stack, above), sh.seqs_per_step)
+                s_i = sh.ratios.seq_log_ratio
+                out = ((s_i > log_c) | (s_i < log_lo)) & sh.seq_valid
+                totals[stat] = (_per_step(stack, out), sh.seqs_per_step)
 
         for name, (num, den) in totals.items():
             per_step[name] = _safe_div(num, den)

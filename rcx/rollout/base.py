@@ -91,6 +91,9 @@ class RolloutBatch:
     rollout_log_probs: torch.Tensor  # (B, R) float32
     prompt_index: torch.Tensor  # (B,) long: which input prompt each sample answers
     weight_version: int  # the step of the sync that produced the rollout copy used
+    # (B, R, V) bool, only when asked for: the tokens top-k/top-p kept at each position (the
+    # support the sample was drawn from), for the trainer to score under the same truncation.
+    sampling_mask: torch.Tensor | None = None
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -119,7 +122,8 @@ class RolloutBatch:
                 "prompt_index",
             )
         }
-        return RolloutBatch(**fields, weight_version=self.weight_version)
+        mask = None if self.sampling_mask is None else self.sampling_mask.to(device)
+        return RolloutBatch(**fields, weight_version=self.weight_version, sampling_mask=mask)
 
 
 class RolloutEngine(Protocol):
@@ -128,7 +132,11 @@ class RolloutEngine(Protocol):
     weight_version: int
 
     def generate(
-        self, prompts: list[list[int]], sampling: SamplingParams, seed: int | None = None
+        self,
+        prompts: list[list[int]],
+        sampling: SamplingParams,
+        seed: int | None = None,
+        sampling_mask: bool = False,
     ) -> RolloutBatch: ...
 
     def sync_weights(self, model: PreTrainedModel, version: int) -> None: ...
@@ -173,15 +181,22 @@ def sampling_processors(sampling: SamplingParams) -> LogitsProcessorList:
 
 
 def processed_log_probs(
-    logits: torch.Tensor, token_ids: torch.Tensor, sampling: SamplingParams
+    logits: torch.Tensor,
+    token_ids: torch.Tensor,
+    sampling: SamplingParams,
+    kept: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Log-prob of `token_ids` under the processed (temperature, top-k, top-p) distribution.
 
-    `logits` (B, T, V), `token_ids` (B, T) → (B, T) float32.
+    `logits` (B, T, V), `token_ids` (B, T) → (B, T) float32. With `kept` (B, T, V) bool, a
+    rollout's sampling mask, the distribution is also restricted to the kept tokens and
+    renormalised over them (sampling-mask replay: `log softmax` over the kept set only).
     """
     batch, length, vocab = logits.shape
     flat = logits.reshape(batch * length, vocab).float()  # (B*T, V)
     flat = sampling_processors(sampling)(None, flat)
+    if kept is not None:
+        flat = flat.masked_fill(~kept.reshape(batch * length, vocab), -torch.inf)
     log_probs = torch.log_softmax(flat, dim=-1).reshape(batch, length, vocab)  # (B, T, V)
     return log_probs.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)  # (B, T)
 
@@ -198,16 +213,18 @@ def token_log_probs(
     attention_mask: torch.Tensor,
     response_length: int,
     sampling: SamplingParams | None = None,
+    kept: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Teacher-forced log-probs of the last `response_length` tokens of `input_ids`.
 
     `input_ids`, `attention_mask` (B, P+R) → (B, R) float32, under the distribution `sampling`
-    describes (default: temperature 1, no truncation — the full distribution). Gradients flow
-    when called with grad enabled; masking of padded positions is the caller's job.
+    describes (default: temperature 1, no truncation — the full distribution), restricted to
+    `kept` (B, R, V) when given (:func:`processed_log_probs`). Gradients flow when called with
+    grad enabled; masking of padded positions is the caller's job.
     """
     sampling = sampling or SamplingParams()
     logits = response_logits(model, input_ids, attention_mask, response_length)  # (B, R, V)
-    return processed_log_probs(logits, input_ids[:, -response_length:], sampling)
+    return processed_log_probs(logits, input_ids[:, -response_length:], sampling, kept)
 
 
 def response_logits(

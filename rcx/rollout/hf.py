@@ -148,12 +148,18 @@ class HFRolloutEngine:
 
     @torch.no_grad()
     def generate(
-        self, prompts: list[list[int]], sampling: SamplingParams, seed: int | None = None
+        self,
+        prompts: list[list[int]],
+        sampling: SamplingParams,
+        seed: int | None = None,
+        sampling_mask: bool = False,
     ) -> RolloutBatch:
         """Sample `sampling.n` responses per prompt (token-id lists) from the rollout copy.
 
         With `seed`, sampling is a pure function of (weights, prompts, sampling, seed) and the
-        global RNG is left untouched; without it, the global torch RNG is used.
+        global RNG is left untouched; without it, the global torch RNG is used. With
+        `sampling_mask`, the batch carries each position's kept token set (B, R, V): the tokens
+        whose processed score is finite (top-k and top-p set the others to -inf).
         """
         prompt_ids, prompt_mask = left_pad(prompts, self.pad_token_id)  # (N, P)
         with torch.random.fork_rng(devices=self._rng_devices(), enabled=seed is not None):
@@ -182,6 +188,7 @@ class HFRolloutEngine:
             rollout_log_probs=sampled.masked_fill(response_mask == 0, 0.0),
             prompt_index=torch.arange(len(prompts)).repeat_interleave(sampling.n),
             weight_version=self.weight_version,
+            sampling_mask=torch.isfinite(scores) if sampling_mask else None,
         )
 
     def _rng_devices(self) -> list[int]:

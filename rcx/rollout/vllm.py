@@ -229,9 +229,18 @@ class VLLMRolloutEngine:
         self.weight_version = int(state["weight_version"])
 
     def generate(
-        self, prompts: list[list[int]], sampling: SamplingParams, seed: int | None = None
+        self,
+        prompts: list[list[int]],
+        sampling: SamplingParams,
+        seed: int | None = None,
+        sampling_mask: bool = False,
     ) -> RolloutBatch:
-        """Sample `sampling.n` responses per prompt with vLLM."""
+        """Sample `sampling.n` responses per prompt with vLLM (no sampling masks: RCX-E015)."""
+        if sampling_mask:
+            raise ValueError(
+                "the vllm engine does not report sampling masks; sampling_mask_replay needs "
+                "actor_rollout_ref.rollout.name=hf"
+            )
         params = self._vllm.SamplingParams(**vllm_sampling_kwargs(sampling, seed))
         requests = [{"prompt_token_ids": list(p)} for p in prompts]
         outputs = self.llm.generate(requests, params, use_tqdm=False)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from rcx.algos import losses
-from rcx.algos.correction import compute_correction
+from rcx.algos.correction import compute_correction, off_policy_sequence_mask
 from rcx.algos.criteria import CorrectionSpec
 from rcx.algos.modes import UpdatePlan
 from rcx.config.models import ActorConfig
@@ -41,45 +41,73 @@ def policy_loss(
 ) -> tuple[torch.Tensor, dict[str, float], float]:
     """The policy-gradient loss of one micro-batch, its metrics, and the tokens it trains on.
 
-    ``log_probs`` (b, T) are pi_theta's, with gradient; the anchor of the PPO ratio is
+    ``log_probs`` (b, T) are pi_theta's, with gradient; the anchor of the loss's ratio is
     ``mb.old_log_probs`` (pi_old, or pi_rollout in bypass mode). Where the IS weights go follows
-    ``plan.is_weights``. In bypass mode the metrics add ``actor/kept_token_fraction`` (share of
-    the response tokens left in the loss) and this micro-batch's ``rollout_corr/*``.
+    ``plan.is_weights``; the loss divides by the kept tokens, or by every generated one
+    (``plan.denominator``). In bypass mode the correction (IS, RS, then OPSM, which needs the
+    advantages) is recomputed here from pi_theta, and the metrics add
+    ``actor/kept_token_fraction`` (share of the response tokens left in the loss) and this
+    micro-batch's ``rollout_corr/*``.
     """
     correction_metrics: dict[str, float] = {}
     if plan.bypass:
-        correction = compute_correction(
-            spec, log_probs.detach(), mb.rollout_log_probs, mb.response_mask
-        )
+        current = log_probs.detach()
+        correction = compute_correction(spec, current, mb.rollout_log_probs, mb.response_mask)
         mask, weights, correction_metrics = correction.mask, correction.weights, correction.metrics
+        if spec.opsm_threshold is not None:
+            keep, opsm_metrics = off_policy_sequence_mask(
+                current, mb.rollout_log_probs, mb.response_mask, mb.advantages, spec.opsm_threshold
+            )
+            mask = mask * keep[:, None].to(mask.dtype)
+            correction_metrics.update(opsm_metrics)
     else:
         mask, weights = mb.train_mask, mb.is_weights
     applied = weights if plan.is_weights == "loss" else None
-    if plan.loss == "ppo_clip":
-        loss, metrics = losses.ppo_clip_loss(
-            mb.old_log_probs,
+    denominator = mb.response_mask if plan.denominator == "generated" else None
+    if plan.loss == "reinforce":
+        loss, metrics = losses.reinforce_loss(
             log_probs,
             mb.advantages,
             mask,
-            clip_ratio=actor.clip_ratio,
-            clip_ratio_low=actor.clip_ratio_low,
-            clip_ratio_high=actor.clip_ratio_high,
-            clip_ratio_c=actor.clip_ratio_c,
-            loss_agg_mode=actor.loss_agg_mode,
             is_weights=applied,
+            loss_agg_mode=actor.loss_agg_mode,
+            denominator_mask=denominator,
         )
     else:
-        loss, metrics = losses.reinforce_loss(
-            log_probs, mb.advantages, mask, is_weights=applied, loss_agg_mode=actor.loss_agg_mode
-        )
+        loss, metrics = ratio_loss(plan.loss, actor, log_probs, mb, mask, applied, denominator)
     if not plan.bypass:
         return loss, metrics, float(mask.sum())
-    rejected = correction_metrics.get("rollout_corr/rollout_rs_masked_fraction", 0.0)
-    nonfinite = correction_metrics["rollout_corr/nonfinite_fraction"]
-    metrics["actor/kept_token_fraction"] = (1.0 - nonfinite) * (1.0 - rejected)
+    kept = float(mask.sum())
+    metrics["actor/kept_token_fraction"] = kept / max(float(mb.response_mask.sum()), 1.0)
     metrics.update(correction_metrics)
-    kept = metrics["actor/kept_token_fraction"] * float(mb.response_mask.sum())
     return loss, metrics, kept
+
+
+def ratio_loss(
+    loss_type: str,
+    actor: ActorConfig,
+    log_probs: torch.Tensor,
+    mb: StepBatch,
+    mask: torch.Tensor,
+    is_weights: torch.Tensor | None,
+    denominator: torch.Tensor | None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss that carries its ratio pi_theta / anchor: ``ppo_clip`` (dual clip), ``cispo``
+    or ``gspo``, with the actor's clip ranges (:mod:`rcx.algos.losses`)."""
+    common: dict[str, Any] = dict(
+        clip_ratio=actor.clip_ratio,
+        clip_ratio_low=actor.clip_ratio_low,
+        clip_ratio_high=actor.clip_ratio_high,
+        loss_agg_mode=actor.loss_agg_mode,
+        is_weights=is_weights,
+        denominator_mask=denominator,
+    )
+    args = (mb.old_log_probs, log_probs, mb.advantages, mask)
+    if loss_type == "cispo":
+        return losses.cispo_loss(*args, **common)
+    if loss_type == "gspo":
+        return losses.gspo_loss(*args, **common)
+    return losses.ppo_clip_loss(*args, clip_ratio_c=actor.clip_ratio_c, **common)
 
 
 def actor_loss(
@@ -127,19 +155,24 @@ class Actor:
         with torch.no_grad(), autocast(self.device):
             for s in range(0, batch.size, chunk):
                 ids, am = batch.input_ids[s : s + chunk], batch.attention_mask[s : s + chunk]
-                out.append(token_log_probs(model, ids, am, length, self.scoring))
+                kept = None if batch.sampling_mask is None else batch.sampling_mask[s : s + chunk]
+                out.append(token_log_probs(model, ids, am, length, self.scoring, kept))
         return torch.cat(out)  # (B, T)
 
     def scored(self, mb: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-probs, entropy), each (b, T), of the policy on a micro-batch, with gradient.
 
         Scored under ``logits / temperature`` with no top-k/top-p truncation (what verl's
-        actor does), so a truncated rollout is a real mismatch source.
+        actor does), so a truncated rollout is a real mismatch source; with
+        ``sampling_mask_replay`` the log-probs are renormalised over the rollout's kept tokens
+        (``mb.sampling_mask``) instead. The entropy is always that of the full distribution.
         """
         length = mb.response_length
         with torch.enable_grad(), autocast(self.device):
             logits = response_logits(self.model, mb.input_ids, mb.attention_mask, length)
-            log_probs = processed_log_probs(logits, mb.input_ids[:, -length:], self.scoring)
+            log_probs = processed_log_probs(
+                logits, mb.input_ids[:, -length:], self.scoring, mb.sampling_mask
+            )
             scaled = logits.float() / self.scoring.temperature
             entropy = losses.entropy_from_logits(scaled)
         return log_probs, entropy

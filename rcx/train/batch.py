@@ -36,6 +36,7 @@ class StepBatch:
     returns: torch.Tensor | None = None  # (B, T) value targets (gae); else the advantages
     is_weights: torch.Tensor | None = None  # (B, T) decoupled IS weights, once per batch
     train_mask: torch.Tensor | None = None  # (B, T) decoupled: RS applied; bypass: response_mask
+    sampling_mask: torch.Tensor | None = None  # (B, T, V) bool: the rollout's kept tokens (replay)
 
     @classmethod
     def from_rollout(cls, batch: RolloutBatch) -> StepBatch:
@@ -50,6 +51,7 @@ class StepBatch:
             weight_version=torch.full(
                 (size,), batch.weight_version, dtype=torch.long, device=batch.response_ids.device
             ),
+            sampling_mask=batch.sampling_mask,
         )
 
     @property

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 import torch
 
 from rcx.algos.advantages import compute_advantages, token_rewards_from_scores
-from rcx.algos.correction import compute_correction
+from rcx.algos.correction import compute_correction, off_policy_sequence_mask
 from rcx.config.models import RcxConfig
 from rcx.rollout import SamplingParams
 from rcx.store.dumps import write_dump
@@ -66,7 +66,10 @@ def train_step(trainer: StepHost, step: int) -> dict[str, float]:
     with timer("gen"):
         sync_rollout_weights(trainer, step - 1)
         seed = derive_seed(cfg.trainer.seed, "gen", step)
-        rollout = trainer.engine.generate(prompts, trainer.sampling, seed=seed).to(trainer.device)
+        # Sampling-mask replay: the engine also reports each position's kept token set.
+        replay = {"sampling_mask": True} if cfg.actor_rollout_ref.actor.sampling_mask_replay else {}
+        rollout = trainer.engine.generate(prompts, trainer.sampling, seed=seed, **replay)
+        rollout = rollout.to(trainer.device)
     batch = StepBatch.from_rollout(rollout)
     metrics["rollout/staleness"] = float(step - 1 - rollout.weight_version)
 
@@ -104,7 +107,23 @@ def train_step(trainer: StepHost, step: int) -> dict[str, float]:
         with timer("values"):
             batch.values = trainer.critic.values(batch)  # (B, T)
 
-    # 7. Advantages.
+    # 7. Rollout correction, decoupled mode: once per batch, w = pi_old / pi_rollout. (Bypass
+    #    mode recomputes it per micro-batch in the update.)
+    rc = cfg.algorithm.rollout_correction
+    batch.train_mask = batch.response_mask
+    if not plan.bypass:
+        with timer("correction"):
+            correction = compute_correction(
+                trainer.actor.spec,
+                batch.old_log_probs,
+                batch.rollout_log_probs,
+                batch.response_mask,
+            )
+        batch.is_weights, batch.train_mask = correction.weights, correction.mask
+        metrics.update(correction.metrics)
+
+    # 8. Advantages. Group baselines leave out the sequences rejection emptied when asked to
+    #    (decoupled mode: rejection has run).
     with timer("adv"):
         alg = cfg.algorithm
         batch.advantages, batch.returns = compute_advantages(
@@ -117,23 +136,25 @@ def train_step(trainer: StepHost, step: int) -> dict[str, float]:
             gamma=alg.gamma,
             lam=alg.lam,
             norm_by_std=alg.norm_adv_by_std_in_grpo,
+            in_baseline=baseline_members(rc.baseline_includes_rejected, plan.bypass, batch),
         )  # (B, T) each
     metrics.update(
         advantage_metrics(batch.advantages, batch.returns, batch.values, batch.response_mask)
     )
 
-    # 8. Rollout correction, decoupled mode: once per batch, w = pi_old / pi_rollout.
-    batch.train_mask = batch.response_mask
-    if not plan.bypass:
-        with timer("correction"):
-            correction = compute_correction(
-                trainer.actor.spec,
-                batch.old_log_probs,
-                batch.rollout_log_probs,
-                batch.response_mask,
-            )
-        batch.is_weights, batch.train_mask = correction.weights, correction.mask
-        metrics.update(correction.metrics)
+    # 8b. Off-policy sequence masking, decoupled mode (it needs the advantages): drop whole
+    #     sequences with A < 0 whose mean lp_rollout - lp_old exceeds delta.
+    delta = trainer.actor.spec.opsm_threshold
+    if delta is not None and not plan.bypass:
+        keep, opsm_metrics = off_policy_sequence_mask(
+            batch.old_log_probs,
+            batch.rollout_log_probs,
+            batch.response_mask,
+            batch.advantages,
+            delta,
+        )
+        batch.train_mask = batch.train_mask * keep[:, None].to(batch.train_mask.dtype)
+        metrics.update(opsm_metrics)
 
     # 9. Actor update. From here until the step is logged, the weights belong to no
     #    completed step.
@@ -162,6 +183,20 @@ def train_step(trainer: StepHost, step: int) -> dict[str, float]:
     tokens = float(rollout.response_mask.sum() + rollout.prompt_mask.sum())
     metrics.update(throughput_metrics(time.perf_counter() - step_start, tokens, trainer.device))
     return metrics
+
+
+def baseline_members(
+    includes_rejected: bool, bypass: bool, batch: StepBatch
+) -> torch.Tensor | None:
+    """The sequences that count in group baselines ``(B,)`` bool, or None for all of them.
+
+    With ``baseline_includes_rejected: false`` in decoupled mode, a sequence whose every token
+    rejection (or a non-finite log-prob) removed is left out. In bypass mode rejection runs
+    per micro-batch during the update, after the advantages: every sequence counts (RCX-W013).
+    """
+    if includes_rejected or bypass or batch.train_mask is None:
+        return None
+    return batch.train_mask.sum(-1) > 0
 
 
 def sync_rollout_weights(trainer: StepHost, updates: int) -> None:

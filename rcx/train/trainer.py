@@ -9,8 +9,8 @@ One step, as :meth:`Trainer.train_step` reads top to bottom::
                      bypass, the rollout log-probs
     5 ref log-probs  only with use_kl_loss: the frozen reference model
     6 values         gae only: the critic
-    7 advantages     grpo | rloo | gae | reinforce_plus_plus
-    8 correction     decoupled: IS weights + RS mask once per batch from (pi_old, pi_rollout)
+    7 correction     decoupled: IS weights + RS mask once per batch from (pi_old, pi_rollout)
+    8 advantages     grpo | rloo | gae | reinforce_plus_plus; then (decoupled) OPSM
     9 actor update   ppo_epochs x mini-batches x micro-batches (:mod:`rcx.train.actor`; bypass:
                      correction recomputed per micro-batch from pi_theta vs pi_rollout)
    10 critic update  gae only (:mod:`rcx.train.critic`)
@@ -254,7 +254,7 @@ class Trainer:
             model,
             *make_optimizer(model.parameters(), arr.actor.optim),
             cfg=arr.actor,
-            plan=update_plan(rc.rollout_is, rc.bypass_mode, rc.loss_type),
+            plan=update_plan(rc.rollout_is, rc.bypass_mode, rc.loss_type, rc.loss_denominator),
             spec=rc.spec,
             scoring=scoring,
             n=arr.rollout.n,

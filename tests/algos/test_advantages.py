@@ -120,3 +120,40 @@ def test_reinforce_plus_plus_discounts_then_whitens():
     torch.testing.assert_close(reinforce_plus_plus(rewards, mask, gamma=0.5), expected)
     # whitening by hand: mean 5/5 = 1, unbiased var (.25+0+.25+0+1)/4 = 0.375
     assert expected[1, 2].item() == pytest.approx(1.0 / math.sqrt(0.375 + 1e-8))
+
+
+# ------------------------------------------- fully rejected sequences and the group baselines
+
+# One group of 4; the 4th response (score 1) was rejected whole.
+SCORES4 = torch.tensor([1.0, 0.0, 0.0, 1.0])
+ONE_GROUP = [0, 0, 0, 0]
+IN_BASELINE = torch.tensor([True, True, True, False])
+
+
+def test_grpo_baseline_with_and_without_the_rejected_sequence():
+    # Included: mean 0.5, unbiased std sqrt(4 * 0.25 / 3) = 0.5774 -> A_0 = 0.5 / 0.5774 = 0.866.
+    # Left out: mean over [1, 0, 0] = 1/3, std sqrt((4/9 + 1/9 + 1/9) / 2) = 0.5774
+    #   -> A_0 = (2/3) / 0.5774 = 1.1547, A_1 = (-1/3) / 0.5774 = -0.5774.
+    ones = torch.ones(4, 1)
+    std = math.sqrt(1 / 3)
+    with_rejected = grpo(SCORES4, ones, ONE_GROUP, eps=0.0)[:, 0]
+    without = grpo(SCORES4, ones, ONE_GROUP, eps=0.0, in_baseline=IN_BASELINE)[:, 0]
+    assert with_rejected.tolist() == pytest.approx([0.5 / std, -0.5 / std, -0.5 / std, 0.5 / std])
+    assert without[:3].tolist() == pytest.approx([(2 / 3) / std, (-1 / 3) / std, (-1 / 3) / std])
+
+
+def test_rloo_baseline_with_and_without_the_rejected_sequence():
+    # Included: A_0 = 1 - (0 + 0 + 1) / 3 = 2/3. Left out: A_0 = 1 - (0 + 0) / 2 = 1,
+    # A_1 = 0 - (1 + 0) / 2 = -0.5.
+    ones = torch.ones(4, 1)
+    assert rloo(SCORES4, ones, ONE_GROUP)[0, 0].item() == pytest.approx(2 / 3)
+    without = rloo(SCORES4, ones, ONE_GROUP, in_baseline=IN_BASELINE)[:, 0]
+    assert without[:3].tolist() == pytest.approx([1.0, -0.5, -0.5])
+
+
+def test_a_group_left_with_one_baseline_member_gets_zero_advantage():
+    # Only response 0 is in the baseline: nothing to compare it with.
+    only_first = torch.tensor([True, False, False, False])
+    ones = torch.ones(4, 1)
+    assert grpo(SCORES4, ones, ONE_GROUP, in_baseline=only_first).abs().sum() == 0
+    assert rloo(SCORES4, ones, ONE_GROUP, in_baseline=only_first)[0, 0].item() == 0.0

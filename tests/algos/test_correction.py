@@ -21,6 +21,7 @@ from rcx.algos.correction import (
     CorrectionResult,
     compute_correction,
     compute_rollout_correction,
+    off_policy_sequence_mask,
 )
 from rcx.config import LegacyAliasWarning, RolloutCorrectionConfig
 
@@ -677,3 +678,91 @@ def test_agrees_with_the_straightforward_reference(inputs, level, norm, nonfinit
         # the _std of a criterion comes from one-pass moments (as verl's): sqrt(eps) * |mean|
         tol = 1e-7 if k.endswith("_std") else 1e-9
         assert out.metrics[k] == pytest.approx(v, rel=1e-6, abs=tol), k
+
+
+# ------------------------------------------------------------------------------ IcePop bands
+
+
+def test_token_icepop_band_zeroes_weights_outside_and_leaves_the_mask():
+    # r = [0.25, 0.5, 1, 4] with band [0.5, 2]: 0.25 < lo and 4 > hi are zeroed (not truncated);
+    # 0.5 sits on the bound and is kept. oob = 2/4; high = 1/4 (r=4), low = 1/4 (r=0.25).
+    # ESS of w = [0, 0.5, 1, 0]: (sum w)^2 / (n sum w^2) = 1.5^2 / (4 * 1.25) = 0.45.
+    train, rollout, mask = batch([[-LN4, -LN2, 0.0, LN4]])
+    res = compute_rollout_correction(
+        train, rollout, mask, rollout_is="token", rollout_is_threshold="0.5_2"
+    )
+    assert res.weights.tolist() == [[0.0, pytest.approx(0.5), 1.0, 0.0]]
+    assert res.mask.tolist() == mask.tolist()
+    assert metric(res, "rollout_is_oob_ratio") == approx(0.5)
+    assert metric(res, "rollout_is_ratio_fraction_high") == approx(0.25)
+    assert metric(res, "rollout_is_ratio_fraction_low") == approx(0.25)
+    assert metric(res, "rollout_is_eff_sample_size") == approx(0.45)
+
+
+def test_sequence_icepop_band_zeroes_whole_sequences_and_counts_sequences():
+    # Row 0: S = ln 4, exp(S) = 4 > hi = 2 -> weight 0 on both tokens. Row 1: S = ln 0.8 inside
+    # [0.5, 2] -> weight 0.8. oob is a share of sequences: 1 of 2 (verl's is token-weighted).
+    train, rollout, mask = batch([[LN2, LN2, NAN], [math.log(0.8), 0.0, 0.0]])
+    res = compute_rollout_correction(
+        train, rollout, mask, rollout_is="sequence", rollout_is_threshold="0.5_2.0"
+    )
+    assert res.weights[0].tolist() == [0.0, 0.0, 0.0]
+    assert res.weights[1].tolist() == [pytest.approx(0.8)] * 3
+    assert metric(res, "rollout_is_oob_ratio") == approx(0.5)
+
+
+def test_icepop_band_that_zeroes_everything_reports_ess_zero_not_nan():
+    # Every r = 4 lies above hi = 2: all weights 0, ESS 0 (not 0/0).
+    train, rollout, mask = batch([[LN4, LN4]])
+    res = compute_rollout_correction(
+        train, rollout, mask, rollout_is="token", rollout_is_threshold="0.5_2"
+    )
+    assert res.weights.tolist() == [[0.0, 0.0]]
+    assert metric(res, "rollout_is_eff_sample_size") == 0.0
+    assert metric(res, "rollout_is_oob_ratio") == 1.0
+
+
+def test_a_plain_number_keeps_its_meaning_and_has_no_oob_metric():
+    train, rollout, mask = batch([[-LN4, LN4]])
+    res = compute_rollout_correction(
+        train, rollout, mask, rollout_is="token", rollout_is_threshold=2
+    )
+    assert res.weights.tolist() == [[0.25, 2.0]]  # min(r, 2): truncated, nothing zeroed
+    assert PREFIX + "rollout_is_oob_ratio" not in res.metrics
+
+
+def test_seq_fraction_high_comes_from_raw_ratios_not_truncated_weights():
+    # verl #6806. Token IS, C = 2. Row 0: r = [4, 4] -> truncated weights [2, 2] whose mean (2)
+    # is never > C, but the raw mean 4 is. Row 1: r = [1, 1]. So 1 of 2 sequences is "high".
+    train, rollout, mask = batch([[LN4, LN4], [0.0, 0.0]])
+    res = compute_rollout_correction(
+        train, rollout, mask, rollout_is="token", rollout_is_threshold=2
+    )
+    assert metric(res, "rollout_is_seq_fraction_high") == approx(0.5)
+    assert metric(res, "rollout_is_seq_max") == approx(4.0)
+
+
+# ------------------------------------------------------------------ off-policy sequence masking
+
+
+def test_opsm_masks_negative_advantage_sequences_that_drifted_beyond_delta():
+    # log_r = lp_train - lp_rollout; d = mean(-log_r) per sequence, delta = 0.5.
+    #   row 0: d = 1.0, A = -1 -> masked
+    #   row 1: d = 1.0, A = +1 -> kept (positive updates are never masked)
+    #   row 2: d = 0.2, A = -1 -> kept (close enough)
+    # Masked: 1 of 3 sequences, 2 of 6 tokens.
+    train, rollout, mask = batch([[-1.0, -1.0], [-1.0, -1.0], [-0.2, -0.2]])
+    adv = torch.tensor([[-1.0, -1.0], [1.0, 1.0], [-1.0, -1.0]], dtype=torch.float64)
+    keep, metrics = off_policy_sequence_mask(train, rollout, mask, adv, 0.5)
+    assert keep.tolist() == [False, True, True]
+    assert metrics[PREFIX + "opsm_seq_masked_fraction"] == approx(1 / 3)
+    assert metrics[PREFIX + "opsm_masked_fraction"] == approx(2 / 6)
+
+
+def test_opsm_ignores_padding_and_keeps_a_sequence_at_exactly_delta():
+    # Row 0: one valid token with -log_r = 0.5 = delta: not > delta, kept. Padding is NaN.
+    train, rollout, mask = batch([[-0.5, NAN]])
+    adv = torch.tensor([[-1.0, 0.0]], dtype=torch.float64)
+    keep, metrics = off_policy_sequence_mask(train, rollout, mask, adv, 0.5)
+    assert keep.tolist() == [True]
+    assert metrics[PREFIX + "opsm_seq_masked_fraction"] == 0.0

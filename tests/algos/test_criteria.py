@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from rcx.algos.criteria import check_is_threshold, correction_spec
 from rcx.config import (
     CRITERIA,
     ConfigValueError,
@@ -161,3 +162,33 @@ def test_is_level_check_matches_validator_wording():
     with pytest.raises(ConfigValueError, match="'token', 'sequence' or null") as info:
         check_is_level("tokens")
     assert info.value.code == "RCX-E009"
+
+
+# ----------------------------------------------------------------- rollout_is_threshold bands
+
+
+@pytest.mark.parametrize(
+    ("value", "bounds"),
+    [
+        (2, (None, 2.0)),  # a plain number: truncation at C
+        ("3", (None, 3.0)),  # a string holding one number means that number
+        ("0.5_5.0", (0.5, 5.0)),  # verl's IcePop band
+        ("0.5_2", (0.5, 2.0)),  # as written: never 0.52
+    ],
+)
+def test_is_threshold_number_or_band(value, bounds):
+    assert check_is_threshold(value) == bounds
+
+
+@pytest.mark.parametrize("value", ["1.5_2", "0.5_0.9", "0_2", "0.5_2_3", "a_b", "0.5_inf", 1.0])
+def test_is_threshold_bad_bands_are_e005(value):
+    with pytest.raises(ConfigValueError) as e:
+        check_is_threshold(value)
+    assert e.value.code == "RCX-E005"
+
+
+def test_band_is_parsed_once_into_the_spec():
+    spec = correction_spec(rollout_is="sequence", rollout_is_threshold="0.5_5.0")
+    assert spec.is_band and (spec.is_lower, spec.is_threshold) == (0.5, 5.0)
+    assert spec.is_rule() == "w = r if 0.5 <= r <= 5 else 0"
+    assert correction_spec(rollout_is="token").is_rule() == "w = min(r, 2)"

@@ -9,10 +9,13 @@ import torch
 
 from rcx.algos.losses import (
     agg_loss,
+    cispo_loss,
     entropy_from_logits,
+    gspo_loss,
     kl_penalty,
     ppo_clip_loss,
     reinforce_loss,
+    sequence_log_ratio,
     value_loss,
 )
 
@@ -176,3 +179,98 @@ def test_kl_penalty_kinds():
     assert kl_penalty(lp, ref, "low_var_kl").item() == pytest.approx(0.5 + d - 1)
     with pytest.raises(ValueError, match="kl_loss_type must be one of"):
         kl_penalty(lp, ref, "k4")
+
+
+# ---------------------------------------------------------------------------- CISPO and GSPO
+
+
+def test_cispo_clips_the_weight_but_keeps_every_tokens_gradient():
+    # ratios 1.5, 0.5, 1.1 (old = 0), A = [1, -1, 2], eps = 0.2: sg(clip) = [1.2, 0.8, 1.1].
+    # L = -(1/3) sum clip * A * log pi, so dL/dlog pi = -clip * A / 3 = [-0.4, +0.2667, -0.7333]:
+    # the two clipped tokens still get a gradient (PPO-clip would give them 0).
+    log_probs = torch.tensor([[LN(1.5), LN(0.5), LN(1.1)]], requires_grad=True)
+    old, adv, mask = torch.zeros(1, 3), torch.tensor([[1.0, -1.0, 2.0]]), torch.ones(1, 3)
+    loss, metrics = cispo_loss(old, log_probs, adv, mask, clip_ratio=0.2)
+    loss.backward()
+    expected = -(1.2 * 1 * LN(1.5) + 0.8 * -1 * LN(0.5) + 1.1 * 2 * LN(1.1)) / 3
+    assert loss.item() == pytest.approx(expected)
+    assert log_probs.grad.tolist()[0] == pytest.approx([-0.4, 0.8 / 3, -2.2 / 3])
+    assert metrics["actor/pg_clipfrac"] == pytest.approx(2 / 3)
+
+
+def test_cispo_with_no_lower_bound_and_is_weights():
+    # clip_ratio_low = 1: the ratio 0.5 is not raised to 0.8; w = 2 doubles the coefficient.
+    # dL/dlog pi = -0.5 * (-1) * 2 / 1 = +1.
+    log_probs = torch.tensor([[LN(0.5)]], requires_grad=True)
+    loss, metrics = cispo_loss(
+        torch.zeros(1, 1),
+        log_probs,
+        torch.tensor([[-1.0]]),
+        torch.ones(1, 1),
+        clip_ratio_low=1.0,
+        clip_ratio_high=0.28,
+        is_weights=torch.tensor([[2.0]]),
+    )
+    loss.backward()
+    assert log_probs.grad.item() == pytest.approx(1.0)
+    assert metrics["actor/pg_clipfrac"] == 0.0 and metrics["actor/is_weight_mean"] == 2.0
+
+
+def test_gspo_clips_the_geometric_mean_ratio_of_each_sequence():
+    # Both rows: log r = [ln 2, 0] -> s = exp(ln 2 / 2) = sqrt 2 = 1.414, above 1 + 0.2.
+    #   row 0, A = +1: max(-s, -1.2) = -1.2, clipped: no gradient.
+    #   row 1, A = -1: max(s, 1.2) = s: gradient ds/dlog pi_t = s / 2 per token.
+    # token-mean over 4 tokens: L = (2 * -1.2 + 2 * s) / 4; row 1's grads = s / 2 * 2 / 4 = s / 4.
+    s = math.sqrt(2.0)
+    log_probs = torch.tensor([[LN(2.0), 0.0], [LN(2.0), 0.0]], requires_grad=True)
+    adv = torch.tensor([[1.0, 1.0], [-1.0, -1.0]])
+    loss, metrics = gspo_loss(torch.zeros(2, 2), log_probs, adv, torch.ones(2, 2))
+    loss.backward()
+    assert loss.item() == pytest.approx((2 * -1.2 + 2 * s) / 4)
+    assert log_probs.grad[0].tolist() == [0.0, 0.0]
+    assert log_probs.grad[1].tolist() == pytest.approx([s / 4, s / 4])
+    assert metrics["actor/pg_clipfrac"] == pytest.approx(0.5)
+
+
+def test_gspo_sequence_ratio_uses_masked_in_tokens_only():
+    # Row 0 has one token in the mask (log r = ln 1.1); the padded token's log r = 5 must not
+    # count: s = 1.1 (within [0.8, 1.2]), L = -A * s = -1.1 for A = 1.
+    log_probs = torch.tensor([[LN(1.1), 5.0]])
+    loss, _ = gspo_loss(torch.zeros(1, 2), log_probs, torch.ones(1, 2), torch.tensor([[1, 0]]))
+    assert loss.item() == pytest.approx(-1.1)
+    assert sequence_log_ratio(log_probs, torch.tensor([[True, False]])).item() == pytest.approx(
+        LN(1.1)
+    )
+
+
+# ------------------------------------------------------------------ denominators after rejection
+
+# Row 0 generated 4 tokens, RS kept 2; row 1 generated 2 tokens, RS rejected both.
+GENERATED = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+KEPT = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0]])
+ONES = torch.ones(2, 4)
+
+
+@pytest.mark.parametrize(
+    ("mode", "kept", "generated"),
+    [
+        ("token-mean", 2 / 2, 2 / 6),  # kept tokens: 2; generated tokens: 6
+        ("seq-mean-token-sum", 2 / 1, 2 / 2),  # 1 sequence with kept tokens; 2 generated
+        ("seq-mean-token-mean", (2 / 2) / 1, (2 / 4 + 0 / 2) / 2),
+        ("seq-mean-token-sum-norm", 2 / (1 * 4), 2 / (2 * 4)),
+    ],
+)
+def test_denominator_tokens_kept_versus_tokens_generated(mode, kept, generated):
+    assert agg_loss(ONES, KEPT, mode).item() == pytest.approx(kept)
+    assert agg_loss(ONES, KEPT, mode, denominator_mask=GENERATED).item() == pytest.approx(generated)
+
+
+def test_generated_denominator_shrinks_the_gradient_by_the_rejected_share():
+    # REINFORCE, A = 1: kept gives each kept token -1/2; generated gives -1/6 (verl #4852's
+    # "the loss shrinks", here a choice rather than an accident).
+    for denominator, grad in ((None, -1 / 2), (GENERATED, -1 / 6)):
+        log_probs = torch.zeros(2, 4, requires_grad=True)
+        loss, _ = reinforce_loss(log_probs, ONES, KEPT, denominator_mask=denominator)
+        loss.backward()
+        assert log_probs.grad[0, :2].tolist() == pytest.approx([grad, grad])
+        assert log_probs.grad[1].tolist() == [0.0] * 4

@@ -188,7 +188,10 @@ def test_presets_list_and_show():
 def test_keys_lists_descriptions():
     result = runner.invoke(app, ["keys", "algorithm.rollout_correction"])
     assert result.exit_code == 0
-    assert "algorithm.rollout_correction.rollout_is_threshold = 2.0  # Upper cap C" in result.output
+    assert (
+        "algorithm.rollout_correction.rollout_is_threshold = 2.0  # IS bound: a number C > 1"
+        in result.output
+    )
     assert "trainer.seed" not in result.output
 
 

@@ -141,7 +141,7 @@ def test_any_markup_grid_name_never_crashes(tmp_path, key):
          "'/dev/null' is not a folder"),
         ("trainer.default_local_dir=/tmp/" + "d" * 300, "trainer.default_local_dir", "E012",
          "bytes"),
-        (f"{RC}.rollout_is_threshold=1.5_2", f"{RC}.rollout_is_threshold", "E009", "IcePop"),
+        (f"{RC}.rollout_is_threshold=1.5_2", f"{RC}.rollout_is_threshold", "E005", "0 < lo < 1"),
         ("trainer.seed=1_0", "trainer.seed", "E009", "no '_'"),
         ("actor_rollout_ref.actor.optim.betas=[0.9,0_9]", "actor_rollout_ref.actor.optim.betas",
          "E009", "no '_'"),

@@ -51,3 +51,32 @@ def test_bypass_says_where_the_correction_is_recomputed():
     carries the gradient), and as the README says."""
     mode = explain_lines(load_config(preset="grpo-multi-rs"))[0]
     assert "recomputed for every micro-batch" in mode and "mini-batch" not in mode
+
+
+def test_icepop_band_cispo_gspo_opsm_and_denominators_are_explained():
+    cfg = load_config(
+        overrides=[
+            "algorithm.rollout_correction.rollout_is=token",
+            "algorithm.rollout_correction.rollout_is_threshold=0.5_5.0",
+            "algorithm.rollout_correction.loss_type=cispo",
+            "algorithm.rollout_correction.off_policy_mask_threshold=0.5",
+            "algorithm.rollout_correction.loss_denominator=generated",
+        ]
+    )
+    info = explain(cfg)
+    assert info["is"]["kind"] == "band" and (info["is"]["lower"], info["is"]["upper"]) == (0.5, 5)
+    assert info["loss"] == "cispo" and info["is"]["applied"] == "loss"
+    assert info["opsm"]["threshold"] == 0.5 and info["loss_denominator"] == "generated"
+    text = "\n".join(explain_lines(cfg))
+    assert "w = r if 0.5 <= r <= 5 else 0" in text and "the mask is left alone" in text
+    assert "CISPO" in text and "OPSM" in text and "every generated token" in text
+    gspo = load_config(overrides=[*BYPASS_GSPO])
+    assert explain(gspo)["is"]["applied"] == "metrics_only"
+    assert "GSPO, sequence ratio" in "\n".join(explain_lines(gspo))
+
+
+BYPASS_GSPO = [
+    "algorithm.rollout_correction.bypass_mode=true",
+    "algorithm.rollout_correction.loss_type=gspo",
+    "algorithm.rollout_correction.rollout_is=token",
+]

@@ -35,7 +35,7 @@ CASES = {
         "actor_rollout_ref.actor.ppo_epochs",
     ),
     "RCX-W002": (
-        [*BYPASS, f"{RC}.rollout_is=token", f"{RC}.loss_type=ppo_clip"],
+        [*BYPASS, f"{RC}.rollout_is=token", f"{RC}.loss_type=cispo"],
         [*BYPASS, f"{RC}.rollout_is=token", f"{RC}.loss_type=reinforce"],
         f"{RC}.rollout_is",
     ),
@@ -67,6 +67,29 @@ CASES = {
         [f"{THRESHOLD}=0.995_1.005"],
         rs("token_k1", "0.8_1.25"),
         THRESHOLD,
+    ),
+    "RCX-W012": (
+        [f"{RC}.loss_type=gspo"],
+        [f"{RC}.loss_type=gspo", "actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-mean"],
+        "actor_rollout_ref.actor.loss_agg_mode",
+    ),
+    "RCX-W013": (
+        [*BYPASS, *rs("seq_sum_k1", "0.5_2"), f"{RC}.baseline_includes_rejected=false"],
+        [*rs("seq_sum_k1", "0.5_2"), f"{RC}.baseline_includes_rejected=false"],
+        f"{RC}.baseline_includes_rejected",
+    ),
+    "RCX-W014": (
+        [f"{RC}.loss_denominator=generated"],
+        [*rs("token_k1", "0.5_2"), f"{RC}.loss_denominator=generated"],
+        f"{RC}.loss_denominator",
+    ),
+    "RCX-W015": (
+        ["actor_rollout_ref.actor.sampling_mask_replay=true"],
+        [
+            "actor_rollout_ref.actor.sampling_mask_replay=true",
+            "actor_rollout_ref.rollout.top_p=0.8",
+        ],
+        "actor_rollout_ref.actor.sampling_mask_replay",
     ),
     "RCX-E001": (["trainer.project=x"], ["trainer.project_name=x"], "trainer.project"),
     "RCX-E002": (rs("token_k5", "2"), rs("token_k2", "2"), f"{RC}.rollout_rs"),
@@ -117,6 +140,14 @@ CASES = {
         ['trainer.logger=["console","wandb"]'],
         ['trainer.logger=["console","mlflow"]'],
         "trainer.logger",
+    ),
+    "RCX-E015": (
+        [
+            "actor_rollout_ref.actor.sampling_mask_replay=true",
+            "actor_rollout_ref.rollout.name=vllm",
+        ],
+        ["actor_rollout_ref.actor.sampling_mask_replay=true", "actor_rollout_ref.rollout.top_k=5"],
+        "actor_rollout_ref.actor.sampling_mask_replay",
     ),
 }
 

@@ -125,10 +125,22 @@ def test_numbers_with_underscores_stay_strings_and_are_refused(text, key):
 
 @settings(max_examples=20, deadline=None)
 @given(st.floats(1.01, 100).map(lambda x: round(x, 2)), st.floats(1.01, 100))
-def test_lo_hi_on_the_is_threshold_says_icepop(lo, hi):
+def test_lo_hi_above_one_is_a_band_never_a_number(lo, hi):
+    # "1.5_2" is the band [1.5, 2] (which excludes r = 1: refused), never the YAML 1.1 number 1.52.
     report = validate_sources(overrides=[f"{RC}.rollout_is_threshold={lo}_{hi}"])
     (f,) = report.errors
-    assert f.code == "RCX-E009" and "IcePop" in f.message
+    assert f.code == "RCX-E005" and "0 < lo < 1 < hi" in f.message
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.floats(0.01, 0.99).map(lambda x: round(x, 2)), st.floats(1.01, 100))
+def test_lo_hi_band_is_parsed_exactly_as_written(lo, hi):
+    report = validate_sources(
+        overrides=[f"{RC}.rollout_is=token", f"{RC}.rollout_is_threshold={lo}_{hi!r}"]
+    )
+    assert report.valid, report.findings
+    spec = report.config.algorithm.rollout_correction.spec
+    assert (spec.is_lower, spec.is_threshold) == (lo, hi)
 
 
 def test_quoted_yaml12_numbers_are_still_numbers():

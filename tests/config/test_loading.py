@@ -129,8 +129,17 @@ def test_seed_command_line_keys_all_exist():
     assert set(seed_keys) <= set(all_key_paths())
 
 
-def test_presets_are_the_four_seed_configurations():
-    assert list_presets() == ["gae-seq-is-rs", "grpo-multi-rs", "grpo-rs-only", "rloo-seq-is"]
+def test_presets_are_the_four_seed_configurations_and_the_frontier_ones():
+    assert list_presets() == [
+        "gae-seq-is-rs",
+        "grpo-bypass-cispo",
+        "grpo-bypass-pg-token-icepop",
+        "grpo-gspo",
+        "grpo-multi-rs",
+        "grpo-rs-only",
+        "grpo-token-icepop",
+        "rloo-seq-is",
+    ]
 
 
 @pytest.mark.parametrize("name", list_presets())

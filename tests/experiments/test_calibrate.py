@@ -218,3 +218,16 @@ def test_tiny_mismatch_never_gets_a_bound_the_validator_warns_about(tmp_path: Pa
     assert not [f for f in report.findings if f.code == "RCX-W007"], report.findings
     assert sum("RCX-W007" in note for note in cal.notes) == 2
     assert cal.proposal.rollout_is_threshold == 10.0  # ESS met everywhere: least truncation
+
+
+def test_band_calibration_proposes_the_widest_band_meeting_ess(stack: DumpStack) -> None:
+    # On this dump ESS is not monotone in the band width (wide bands keep the outliers' large
+    # weights, narrow ones zero most tokens): the widest band that meets 0.94 is [0.2, 5].
+    cal = calibrate(stack, criteria=[], targets=Targets(min_ess=0.94), is_level="token", band=True)
+    assert all(p.band for p in cal.is_curve)
+    chosen = cal.is_chosen
+    assert chosen is not None and chosen.ess >= 0.94
+    assert all(p.ess < 0.94 for p in cal.is_curve if p.cap > chosen.cap)
+    lo, hi = str(cal.proposal.rollout_is_threshold).split("_")
+    assert float(lo) == pytest.approx(1 / float(hi), rel=1e-3)
+    assert validate_sources(overrides=cal.overrides()).valid

@@ -311,3 +311,26 @@ def test_whatif_reads_the_trainers_own_dumps(tiny_config, tmp_path: Path) -> Non
         settings = CorrectionSettings(**entry["config"])
         (replayed,) = replay(stack, [settings])
         assert_matches_direct(stack, replayed, settings)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_icepop_band_replay_matches_the_correction_per_step(dumps: Path, level) -> None:
+    settings = CorrectionSettings(level, "0.9_1.1", False, None, None)
+    stack = load_dumps([dumps])
+    (result,) = replay(stack, [settings])
+    assert "band=0.9_1.1" in settings.label and "truncated_fraction" not in result.per_step
+    for k in range(stack.num_steps):
+        m = direct_step(stack, k, settings).metrics
+        assert result.per_step["oob_fraction"][k] == pytest.approx(m[P + "rollout_is_oob_ratio"])
+        assert result.per_step["ess"][k] == pytest.approx(
+            m[P + "rollout_is_eff_sample_size"], rel=1e-5
+        )
+
+
+def test_whatif_cli_sweeps_bands_given_as_typed(dumps: Path) -> None:
+    result = CliRunner().invoke(
+        app, ["whatif", str(dumps), "--grid", "rollout_is_threshold=0.5_2,0.2_5,2"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "band=0.5_2" in result.output and "band=0.2_5" in result.output
+    assert "C=2" in result.output

@@ -13,6 +13,7 @@ from rcx.rollout import (
     SamplingParams,
     left_pad,
     make_rollout_engine,
+    processed_log_probs,
     response_mask_through_eos,
     token_log_probs,
 )
@@ -264,3 +265,37 @@ def test_eos_ids_include_generation_config_ones(tiny):
     chat_model = copy.deepcopy(model)
     chat_model.generation_config = GenerationConfig(eos_token_id=[tokenizer.eos_token_id, 7])
     assert eos_token_ids(chat_model, tokenizer) == sorted({tokenizer.eos_token_id, 7})
+
+
+def test_kept_set_renormalises_the_distribution():
+    # probs [0.1, 0.2, 0.3, 0.4]; kept set {2, 3}: token 3 gets 0.4 / 0.7, token 2 0.3 / 0.7.
+    logits = torch.log(torch.tensor([[[0.1, 0.2, 0.3, 0.4]] * 2]))  # (1, 2, 4)
+    kept = torch.tensor([[[False, False, True, True]] * 2])
+    got = processed_log_probs(logits, torch.tensor([[3, 2]]), SamplingParams(), kept)
+    assert got.exp().tolist()[0] == pytest.approx([0.4 / 0.7, 0.3 / 0.7])
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        SamplingParams(n=3, top_p=0.8, max_new_tokens=10),
+        SamplingParams(n=3, temperature=0.7, top_k=3, max_new_tokens=10),
+    ],
+    ids=["topp", "topk"],
+)
+def test_sampling_mask_replay_matches_the_rollout_log_probs(tiny, prompts, sampling):
+    # The trainer scores at temperature only, over the rollout's kept sets: the same numbers as
+    # the rollout reported; over the full vocabulary they differ (the truncation mismatch).
+    model, tokenizer = tiny
+    engine = make_rollout_engine("hf", model, tokenizer)
+    batch = engine.generate(prompts, sampling, seed=1, sampling_mask=True)
+    assert batch.sampling_mask.shape == (*batch.response_ids.shape, model.config.vocab_size)
+    scoring = SamplingParams(temperature=sampling.temperature)
+    args = (engine.model, batch.input_ids, batch.attention_mask, batch.response_length, scoring)
+    with torch.no_grad():
+        replayed = token_log_probs(*args, batch.sampling_mask)
+        full = token_log_probs(*args)
+    mask = batch.response_mask
+    assert masked_max_abs(replayed, batch.rollout_log_probs, mask) < 1e-5
+    assert masked_max_abs(full, batch.rollout_log_probs, mask) > 1e-3
+    assert engine.generate(prompts, sampling, seed=1).sampling_mask is None

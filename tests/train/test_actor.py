@@ -9,7 +9,7 @@ import torch
 
 from rcx.algos.correction import compute_rollout_correction
 from rcx.algos.criteria import correction_spec
-from rcx.algos.losses import ppo_clip_loss
+from rcx.algos.losses import cispo_loss, gspo_loss, ppo_clip_loss, reinforce_loss
 from rcx.algos.modes import update_plan
 from rcx.config.models import ActorConfig
 from rcx.train.actor import policy_loss
@@ -131,3 +131,52 @@ def test_update_plan_says_where_the_is_weights_go(rollout_is, bypass, loss_type,
     plan = update_plan(rollout_is, bypass, loss_type)
     assert (plan.loss, plan.is_weights) == (loss, weights)
     assert plan.anchor == ("pi_rollout" if bypass else "pi_old")
+
+
+@pytest.mark.parametrize("loss_type", ["cispo", "gspo"])
+def test_cispo_and_gspo_follow_the_mode_table(loss_type):
+    # decoupled: the batch weights multiply the loss; bypass: weights are metrics only.
+    weights = torch.rand(3, 6) + 0.5
+    log_probs, mb = micro_batch(is_weights=weights)
+    spec = correction_spec(rollout_is="token")
+    fn = cispo_loss if loss_type == "cispo" else gspo_loss
+    ref, _ = fn(mb.old_log_probs, log_probs, mb.advantages, mb.train_mask, is_weights=weights)
+    loss, metrics, _ = policy_loss(
+        update_plan("token", False, loss_type), spec, ACTOR, log_probs, mb
+    )
+    assert loss.item() == pytest.approx(ref.item()) and "actor/is_weight_mean" in metrics
+    plan = update_plan("token", True, loss_type)
+    assert plan.is_weights == "metrics_only"
+    loss, metrics, _ = policy_loss(plan, spec, ACTOR, log_probs, mb)
+    ref, _ = fn(mb.rollout_log_probs, log_probs, mb.advantages, mb.response_mask)
+    assert loss.item() == pytest.approx(ref.item()) and "actor/is_weight_mean" not in metrics
+
+
+def test_bypass_opsm_masks_sequences_from_the_current_policy():
+    # Row 0 drifts (mean lp_rollout - lp_theta = 1 > delta 0.5) with A < 0: masked whole.
+    log_probs, mb = micro_batch()
+    with torch.no_grad():
+        log_probs[0] = mb.rollout_log_probs[0] - 1.0
+    mb.advantages[0] = -1.0
+    plan = update_plan(None, True, "ppo_clip")
+    spec = correction_spec(off_policy_mask_threshold=0.5)
+    loss, metrics, kept = policy_loss(plan, spec, ACTOR, log_probs, mb)
+    keep = mb.response_mask.clone()
+    keep[0] = 0
+    ref, _ = ppo_clip_loss(mb.rollout_log_probs, log_probs, mb.advantages, keep)
+    assert loss.item() == pytest.approx(ref.item())
+    assert kept == float(keep.sum())
+    assert metrics["rollout_corr/opsm_seq_masked_fraction"] >= 1 / 3
+
+
+def test_generated_denominator_divides_by_the_response_mask():
+    log_probs, mb = micro_batch()
+    settings = dict(rollout_rs="token_k1", rollout_rs_threshold="0.7_1.4")
+    spec = correction_spec(**settings)
+    plan = update_plan(None, True, "reinforce", "generated")
+    loss, _, _ = policy_loss(plan, spec, ACTOR, log_probs, mb)
+    corr = compute_rollout_correction(
+        log_probs.detach(), mb.rollout_log_probs, mb.response_mask, **settings
+    )
+    ref, _ = reinforce_loss(log_probs, mb.advantages, corr.mask, denominator_mask=mb.response_mask)
+    assert loss.item() == pytest.approx(ref.item())
