@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rcx.store.tracking import RunStatus, Tracker, TrackingError
+from rcx.store.tracking import RunStatus, Tracker, TrackingError, open_tracker
 
 #: Logger name -> (the module it needs, the rcx extra that installs it).
 OPTIONAL_LOGGERS: dict[str, tuple[str, str]] = {
@@ -286,3 +286,36 @@ class MultiTracker:
         """Finish the extras, then the primary (each idempotent)."""
         for tracker in (*self.extras, self.primary):
             tracker.finish(status)
+
+
+def open_trackers(
+    logger: Sequence[str],
+    *,
+    project_name: str,
+    experiment_name: str,
+    tracking_uri: str | None,
+    run_dir: Path,
+    resume_run_id: str | None = None,
+    parent_run_id: str | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> Tracker:
+    """The run's trackers: MLflow (or nothing) composed with the optional loggers of
+    ``trainer.logger``. A missing logger package is an error before any run is opened; a logger
+    that fails to start marks the MLflow run FAILED."""
+    require_packages(logger)
+    primary = open_tracker(
+        logger=logger,
+        project_name=project_name,
+        experiment_name=experiment_name,
+        tracking_uri=tracking_uri,
+        resume_run_id=resume_run_id,
+        parent_run_id=parent_run_id,
+        tags=tags,
+    )
+    try:
+        return with_loggers(
+            primary, logger, run_dir=run_dir, project=project_name, run_name=experiment_name
+        )
+    except BaseException:
+        primary.finish("FAILED")
+        raise

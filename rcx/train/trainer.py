@@ -48,12 +48,10 @@ from __future__ import annotations
 
 import copy
 import json
-import signal
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,12 +74,13 @@ from rcx.store.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from rcx.store.loggers import require_packages, with_loggers
+from rcx.store.loggers import open_trackers
 from rcx.store.provenance import environment_params, environment_record
-from rcx.store.tracking import RunStatus, Tracker, flatten_config, open_tracker, plot_history
+from rcx.store.tracking import RunStatus, flatten_config, plot_history
 from rcx.train.actor import Actor
 from rcx.train.critic import Critic, ValueModel
 from rcx.train.evaluate import score_rollout, validate
+from rcx.train.interrupt import StopRequested, install_sigint, restore_sigint
 from rcx.train.metrics import (
     PlainProgress,
     progress_bar,
@@ -192,7 +191,17 @@ class Trainer:
         resume_run_id = (
             None if self.resume_path is None else read_meta(self.resume_path).get("mlflow_run_id")
         )
-        self.tracker = self._open_trackers(resume_run_id, parent_run_id, tags)
+        t = cfg.trainer
+        self.tracker = open_trackers(
+            t.logger,
+            project_name=t.project_name,
+            experiment_name=t.experiment_name,
+            tracking_uri=t.tracking_uri,
+            run_dir=self.ckpt_dir,
+            resume_run_id=resume_run_id,
+            parent_run_id=parent_run_id,
+            tags=tags,
+        )
         self.console.print(self.tracker.describe(), markup=False, highlight=False)
         try:
             self._build()
@@ -204,37 +213,6 @@ class Trainer:
             raise
 
     # ------------------------------------------------------------------ setup
-
-    def _open_trackers(
-        self,
-        resume_run_id: str | None,
-        parent_run_id: str | None,
-        tags: Mapping[str, str] | None,
-    ) -> Tracker:
-        """MLflow (or nothing) composed with the optional loggers of ``trainer.logger``; a
-        missing logger package is an error before any run is opened."""
-        t = self.cfg.trainer
-        require_packages(t.logger)
-        primary = open_tracker(
-            logger=t.logger,
-            project_name=t.project_name,
-            experiment_name=t.experiment_name,
-            tracking_uri=t.tracking_uri,
-            resume_run_id=resume_run_id,
-            parent_run_id=parent_run_id,
-            tags=tags,
-        )
-        try:
-            return with_loggers(
-                primary,
-                t.logger,
-                run_dir=self.ckpt_dir,
-                project=t.project_name,
-                run_name=t.experiment_name,
-            )
-        except BaseException:
-            primary.finish("FAILED")
-            raise
 
     def _build(self) -> None:
         """Load model, data, engines, optimisers; restore the checkpoint when resuming."""
@@ -288,7 +266,7 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Validate, run the remaining steps, validate, save; end the MLflow run."""
         status: RunStatus = "FAILED"
-        previous_handler = _install_sigint(self._on_sigint)
+        previous_handler = install_sigint(self._on_sigint)
         try:
             self._announce()
             if self.step >= self.total_steps:
@@ -301,7 +279,7 @@ class Trainer:
             self._save()
             self._finish_artifacts(plot)
             status = "FINISHED"
-        except _StopRequested:
+        except StopRequested:
             status = "KILLED"
             self._save()
             self.console.print(
@@ -314,7 +292,7 @@ class Trainer:
                 self._save()
             self.console.print(f"[yellow]interrupted at step {self.step + 1}[/]")
         finally:
-            _restore_sigint(previous_handler)
+            restore_sigint(previous_handler)
             self.tracker.finish(status)
         result = TrainResult(
             status=status,
@@ -364,7 +342,7 @@ class Trainer:
                 if plain is not None:
                     plain.update(step, metrics)
                 if self._stop_requested:
-                    raise _StopRequested
+                    raise StopRequested
 
     # ------------------------------------------------------------------ one step
 
@@ -504,20 +482,3 @@ class Trainer:
             "[yellow]Ctrl-C: finishing this step, then saving a checkpoint "
             "(press again to stop now)[/]"
         )
-
-
-class _StopRequested(Exception):
-    """Raised at a step boundary after the first Ctrl-C."""
-
-
-def _install_sigint(handler: Any) -> Any:
-    try:
-        return signal.signal(signal.SIGINT, handler)
-    except ValueError:  # not the main thread: leave the default KeyboardInterrupt behaviour
-        return None
-
-
-def _restore_sigint(previous: Any) -> None:
-    if previous is not None:
-        with suppress(ValueError):
-            signal.signal(signal.SIGINT, previous)

@@ -1,0 +1,28 @@
+"""Ctrl-C during training: the first press asks the loop to stop at the next step boundary
+(:class:`StopRequested`), a second press raises ``KeyboardInterrupt`` at once. The handler is
+installed for the run and the caller's restored after it."""
+
+from __future__ import annotations
+
+import signal
+from contextlib import suppress
+from typing import Any
+
+
+class StopRequested(Exception):
+    """Raised at a step boundary after the first Ctrl-C."""
+
+
+def install_sigint(handler: Any) -> Any:
+    """Install `handler` for SIGINT; return the previous handler (None off the main thread)."""
+    try:
+        return signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: leave the default KeyboardInterrupt behaviour
+        return None
+
+
+def restore_sigint(previous: Any) -> None:
+    """Put back the handler `install_sigint` replaced."""
+    if previous is not None:
+        with suppress(ValueError):
+            signal.signal(signal.SIGINT, previous)
