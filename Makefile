@@ -48,7 +48,7 @@ run: setup
 
 # The warm start of the embedded default must reach its target from an empty cache (CI runs this).
 check-warm-start: setup
-	RCX_CACHE_DIR=$$(mktemp -d) $(BIN)/rcx pretrain
+	dir=$$(mktemp -d) && RCX_CACHE_DIR=$$dir $(BIN)/rcx pretrain; status=$$?; rm -rf $$dir; exit $$status
 
 lint: setup
 	$(BIN)/ruff check rcx tests bench
