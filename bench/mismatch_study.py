@@ -718,9 +718,13 @@ def report_only(out: Path) -> int:
         print(f"no recorded study in {out}", file=sys.stderr)
         return 1
     done = len(records)
-    meta.update(done=done, wall_min=elapsed_minutes(records))
+    # Every recorded source, not only the last session's: a --resume with --sources or --arms
+    # adds to the runs of earlier sessions, and the report covers them all.
+    recorded = {record["source"] for record in records}
+    sources = [source for source in SOURCES if source in recorded]
+    meta.update(done=done, wall_min=elapsed_minutes(records), planned=max(meta["planned"], done))
     meta["status"] = "complete" if done >= meta["planned"] else "partial"
-    write_outputs(records, out, meta, meta["sources"])
+    write_outputs(records, out, meta, sources)
     print(f"rewrote {out / STEM}.md/.csv/.png from {done} runs")
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 import math
 import subprocess
 import sys
@@ -67,6 +68,28 @@ def test_smoke_run_writes_table_csv_and_plot(study, tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "3 of 3 runs" in (tmp_path / "mismatch_study.md").read_text()
+
+    # A later session that ran another source with --resume: --report covers both sessions.
+    runs = tmp_path / "mismatch_study_runs.jsonl"
+    lines = runs.read_text().splitlines()
+    meta = json.loads(lines[0])
+    meta["meta"].update(sources=["stale4"], planned=1)
+    record = json.loads(next(line for line in lines if '"key"' in line))
+    record.update(key="stale4/uncorrected/1", source="stale4", arm="uncorrected")
+    runs.write_text("\n".join([*lines, json.dumps(meta), json.dumps(record)]) + "\n")
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--report", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    md = (tmp_path / "mismatch_study.md").read_text()
+    assert (
+        "4 of 4 runs" in md
+        and "| stale8 | uncorrected |" in md
+        and "| stale4 | uncorrected |" in md
+    )
 
 
 def test_normalised_auc_is_the_mean_under_the_trapezoid(study) -> None:
