@@ -15,9 +15,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported 
 os.environ["WANDB_MODE"] = "offline"
 os.environ["WANDB_SILENT"] = "true"
 
+import importlib.util
 import itertools
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -93,3 +96,24 @@ def tiny_config(
         return load_config(preset=preset, overrides=[*base, *overrides])
 
     return make
+
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def load_bench_script(name: str) -> Iterator[ModuleType]:
+    """Import ``bench/<name>.py`` as module ``name`` for the duration of a fixture."""
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while being built
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture(scope="session")
+def bench_script() -> Callable[[str], Iterator[ModuleType]]:
+    """``yield from bench_script("name")`` in a fixture imports ``bench/name.py`` for its scope."""
+    return load_bench_script

@@ -8,7 +8,6 @@ GPU machine has none). The helper tests build their inputs by hand.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -25,15 +24,8 @@ POISON = 'raise RuntimeError("mlflow was imported")\n'
 
 
 @pytest.fixture(scope="module")
-def kit():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while being built
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
+def kit(bench_script):
+    yield from bench_script("gpu_check")
 
 
 def poisoned_env(tmp: Path) -> dict[str, str]:

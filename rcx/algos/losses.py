@@ -67,6 +67,14 @@ def agg_loss(
     return seq_sums.sum() / (num_seqs * mask.shape[-1])
 
 
+def _token_log_ratio(
+    log_probs: torch.Tensor, old_log_probs: torch.Tensor, keep: torch.Tensor
+) -> torch.Tensor:
+    """``clamp(log_probs - old_log_probs, -20, 20)`` on kept tokens, 0 elsewhere, ``(B, T)``:
+    the per-token log-ratio every ratio loss starts from."""
+    return _masked(log_probs - old_log_probs, keep).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+
+
 def _masked(x: torch.Tensor, keep: torch.Tensor, fill: float | torch.Tensor = 0.0) -> torch.Tensor:
     return torch.where(keep, x, fill)
 
@@ -118,9 +126,7 @@ def ppo_clip_loss(
     keep = mask.bool()
     # Entries outside the mask may be NaN/inf (a rollout engine's padding): neutralise them first
     # so that no NaN enters the graph, whose backward would multiply it by a zero gradient.
-    neg_kl = _masked(log_probs - old_log_probs, keep).clamp(
-        -LOG_RATIO_BOUND, LOG_RATIO_BOUND
-    )  # (B, T)
+    neg_kl = _token_log_ratio(log_probs, old_log_probs, keep)  # (B, T)
     adv = _masked(advantages, keep)  # (B, T)
     ratio = torch.exp(neg_kl)
     loss_unclipped = -adv * ratio
@@ -209,9 +215,7 @@ def cispo_loss(
     """
     low, high = _clip_range(clip_ratio, clip_ratio_low, clip_ratio_high)
     keep = mask.bool()
-    neg_kl = _masked(log_probs - old_log_probs, keep).clamp(
-        -LOG_RATIO_BOUND, LOG_RATIO_BOUND
-    )  # (B, T)
+    neg_kl = _token_log_ratio(log_probs, old_log_probs, keep)  # (B, T)
     ratio = torch.exp(neg_kl.detach())  # (B, T)
     clipped = torch.clamp(ratio, low, high)  # (B, T), no gradient
     coeff = clipped * _masked(advantages, keep)  # (B, T)
@@ -268,9 +272,7 @@ def gspo_loss(
     """
     low, high = _clip_range(clip_ratio, clip_ratio_low, clip_ratio_high)
     keep = mask.bool()
-    neg_kl = _masked(log_probs - old_log_probs, keep).clamp(
-        -LOG_RATIO_BOUND, LOG_RATIO_BOUND
-    )  # (B, T)
+    neg_kl = _token_log_ratio(log_probs, old_log_probs, keep)  # (B, T)
     seq_ratio = torch.exp(sequence_log_ratio(neg_kl, keep))[:, None]  # (B, 1)
     adv = _masked(advantages, keep)  # (B, T)
     loss_unclipped = -adv * seq_ratio  # (B, T)

@@ -8,7 +8,6 @@ model and 2 steps so that it takes seconds.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 import subprocess
@@ -21,15 +20,20 @@ SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "mismatch_study.py"
 
 
 @pytest.fixture(scope="module")
-def study():
-    spec = importlib.util.spec_from_file_location("mismatch_study", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while being built
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
+def study(bench_script):
+    yield from bench_script("mismatch_study")
+
+
+def rewrite_report(out: Path) -> str:
+    """``--report --out out`` (no training); the rewritten Markdown."""
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--report", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return (out / "mismatch_study.md").read_text()
 
 
 def test_smoke_run_writes_table_csv_and_plot(study, tmp_path: Path) -> None:
@@ -60,14 +64,7 @@ def test_smoke_run_writes_table_csv_and_plot(study, tmp_path: Path) -> None:
 
     # --report rewrites the same outputs from the recorded runs, without training.
     (tmp_path / "mismatch_study.md").unlink()
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--report", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "3 of 3 runs" in (tmp_path / "mismatch_study.md").read_text()
+    assert "3 of 3 runs" in rewrite_report(tmp_path)
 
     # A later session that ran another source with --resume: --report covers both sessions.
     runs = tmp_path / "mismatch_study_runs.jsonl"
@@ -77,14 +74,7 @@ def test_smoke_run_writes_table_csv_and_plot(study, tmp_path: Path) -> None:
     record = json.loads(next(line for line in lines if '"key"' in line))
     record.update(key="stale4/uncorrected/1", source="stale4", arm="uncorrected")
     runs.write_text("\n".join([*lines, json.dumps(meta), json.dumps(record)]) + "\n")
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--report", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    md = (tmp_path / "mismatch_study.md").read_text()
+    md = rewrite_report(tmp_path)
     assert (
         "4 of 4 runs" in md
         and "| stale8 | uncorrected |" in md
