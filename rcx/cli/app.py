@@ -122,10 +122,21 @@ def report_json(report: ValidationReport) -> dict[str, Any]:
     }
 
 
+def quiet_rank() -> bool:
+    """A training process that should not repeat what another already printed: every rank but
+    0, and rank 0 too when ``rcx train`` launched it (the launcher printed the findings)."""
+    # The environment torchrun sets (read here without importing torch: see the module doc);
+    # RCX_LAUNCHED is rcx.train.distributed.LAUNCHED_BY_RCX.
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    return os.environ.get("RANK", "0") != "0" or os.environ.get("RCX_LAUNCHED") == "1"
+
+
 def validated_config(preset: str | None, config: Path | None, args: list[str] | None) -> Any:
     """Validate first and print the findings; exit 1 before anything loads if invalid."""
     report = gather(preset, config, args)
-    print_findings(report.findings)
+    if not quiet_rank():
+        print_findings(report.findings)
     if not report.valid:
         console.print(f"[bold red]{summary_line(report)}: nothing was started[/]")
         raise typer.Exit(1)
@@ -143,6 +154,18 @@ def train(
     Exit 0 when finished, 1 on failure, 130 when interrupted (Ctrl-C saves a checkpoint first).
     """
     report = validated_config(preset, config, args)
+    from rcx.train.distributed import launched_world
+
+    if report.config.world_size > 1 and not launched_world().distributed:
+        from rcx.train.launch import launch_processes
+
+        argv = ["train", *(["--preset", preset] if preset else [])]
+        argv += [*(["--config", str(config)] if config else []), *(args or [])]
+        try:
+            code = launch_processes(report.config, argv, console)
+        except RcxError as e:
+            raise fail(str(e)) from None
+        raise typer.Exit(code)
     from rcx.train.trainer import train as run_training
 
     try:

@@ -51,6 +51,7 @@ CODES: dict[str, str] = {
     "RCX-E013": "a step or the built-in data needs more memory than this machine has available",
     "RCX-E014": "a logger in trainer.logger whose package is not installed here (names the extra)",
     "RCX-E015": "sampling_mask_replay with the vllm engine (it does not report the kept token sets)",
+    "RCX-E016": "a batch that the training processes cannot share evenly (n_gpus_per_node x nnodes)",
 }
 
 RC = "algorithm.rollout_correction"
@@ -338,8 +339,37 @@ def check_config(cfg: RcxConfig) -> list[Finding]:
                 "uses PPO-clip, so this setting is ignored",
             )
         )
-    out += _frontier_findings(cfg)
+    out += _frontier_findings(cfg) + _distributed_findings(cfg)
     return out + _file_findings(cfg) + _machine_findings(cfg) + _logger_findings(cfg)
+
+
+def _distributed_findings(cfg: RcxConfig) -> list[Finding]:
+    """Batches every process can take an equal, whole-group share of (E016): each rank gets
+    whole prompts (all ``n`` responses) and the same number of them."""
+    world = cfg.world_size
+    if world == 1:
+        return []
+    procs = (
+        f"the {world} training processes (trainer.n_gpus_per_node="
+        f"{cfg.trainer.n_gpus_per_node} x trainer.nnodes={cfg.trainer.nnodes})"
+    )
+    out: list[Finding] = []
+    for path, value in (
+        ("data.train_batch_size", cfg.data.train_batch_size),
+        (
+            "actor_rollout_ref.actor.ppo_mini_batch_size",
+            cfg.actor_rollout_ref.actor.ppo_mini_batch_size,
+        ),
+    ):
+        if value % world:
+            out.append(
+                error(
+                    "RCX-E016",
+                    path,
+                    f"{value} prompts cannot be shared evenly by {procs}; use a multiple of {world}",
+                )
+            )
+    return out
 
 
 def _frontier_findings(cfg: RcxConfig) -> list[Finding]:

@@ -343,10 +343,30 @@ class ModelConfig(Section):
         description="builtin:tiny: most supervised warm-start steps before RL, stopped early at "
         "~30% sampled accuracy (0: none); cached.",
     )
+    enable_gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute activations in the backward pass (less memory, ~1/3 more compute).",
+    )
+
+
+class FsdpConfig(Section):
+    param_offload: bool = Field(
+        False,
+        description="Multi-process: keep sharded parameters (and their gradients) in CPU memory "
+        "between uses (FSDP2 CPU offload; with optimizer_offload, one policy for both).",
+    )
+    optimizer_offload: bool = Field(
+        False,
+        description="Multi-process: keep the optimizer state in CPU memory (FSDP2 CPU offload "
+        "moves parameters, gradients and optimizer state together).",
+    )
 
 
 class ActorConfig(Section):
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Actor optimiser.")
+    fsdp_config: FsdpConfig = Field(
+        default_factory=FsdpConfig, description="FSDP2 sharding options (several processes)."
+    )
     ppo_mini_batch_size: int = Field(
         32, ge=1, description="Prompts per optimiser step (x rollout.n responses), as in verl."
     )
@@ -441,6 +461,9 @@ class RolloutConfig(Section):
     gpu_memory_utilization: float = Field(
         0.5, gt=0.0, le=1.0, description="vllm: share of GPU memory it may use."
     )
+    tensor_model_parallel_size: int = Field(
+        1, ge=1, description="vllm: GPUs one rollout engine shards the model over."
+    )
     val_kwargs: ValKwargsConfig = Field(
         default_factory=ValKwargsConfig, description="Sampling for validation."
     )
@@ -530,7 +553,19 @@ class TrainerConfig(Section):
         1, ge=0, le=MAX_SEED, description="Seed of sampling, shuffling and initialisation."
     )
     num_threads: int | None = Field(
-        None, ge=1, description="Torch CPU threads (null: 1 on <= 2 cores, else cores // 2)."
+        None,
+        ge=1,
+        description="Torch CPU threads per process (null: 1 on <= 2 cores, else cores // 2, "
+        "divided among the processes of this node).",
+    )
+    n_gpus_per_node: int = Field(
+        1,
+        ge=1,
+        description="Training processes per node (one per GPU; on CPU, processes): > 1 shards "
+        "the models with FSDP2 and rcx train starts them through torch.distributed.run.",
+    )
+    nnodes: int = Field(
+        1, ge=1, description="Nodes (> 1: launch each node with torchrun; see the README)."
     )
     dump_log_probs: bool = Field(
         False,
@@ -577,6 +612,11 @@ class RcxConfig(Section):
     @property
     def rollout_correction(self) -> RolloutCorrectionConfig:
         return self.algorithm.rollout_correction
+
+    @property
+    def world_size(self) -> int:
+        """Training processes: ``trainer.n_gpus_per_node * trainer.nnodes``."""
+        return self.trainer.n_gpus_per_node * self.trainer.nnodes
 
     def checkpoint_dir(self) -> str:
         """``trainer.default_local_dir`` or ``checkpoints/<project_name>/<experiment_name>``."""

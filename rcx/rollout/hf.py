@@ -11,10 +11,19 @@ sampling field of the `GenerationConfig` is set explicitly, and the rollout copy
 from __future__ import annotations
 
 import copy
+import dataclasses
+import zlib
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from rcx.models.loading import resolve_dtype
 from rcx.rollout.base import (
@@ -22,6 +31,7 @@ from rcx.rollout.base import (
     SamplingParams,
     left_pad,
     response_mask_through_eos,
+    sampling_processors,
 )
 from rcx.rollout.quant import fake_quantize_model_
 
@@ -45,6 +55,43 @@ def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) ->
     if not ids:
         raise ValueError("the tokenizer and the model config define no EOS token")
     return sorted(ids)
+
+
+def sample_seeds(prompt_seeds: Sequence[int], n: int) -> list[int]:
+    """One seed per sample: sample j of the prompt seeded ``s`` gets ``crc32("s|j")`` (31 bits)."""
+    return [zlib.crc32(f"{s}|{j}".encode()) & 0x7FFFFFFF for s in prompt_seeds for j in range(n)]
+
+
+class RowSeededSampler(LogitsProcessor):
+    """Draws every row's next token with that row's own generator, so that a sample depends on
+    its seed and its scores only, never on the other rows of the batch (or on how prompts were
+    split into batches or across ranks).
+
+    Gumbel-max: ``argmax(s + G)`` with ``G = -log(-log U)`` and ``U ~ Uniform(0, 1)^V`` per row
+    is a draw from ``softmax(s)``; ``-inf`` scores (top-k/top-p) are never drawn. Each call
+    records the processed scores ``s`` (B, V) in :attr:`scores` and returns scores that are
+    ``-inf`` except at the drawn token, so that greedy decoding emits the draw.
+    """
+
+    def __init__(
+        self, seeds: Sequence[int], processors: LogitsProcessorList, device: torch.device
+    ) -> None:
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        self.processors = processors
+        self.scores: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        processed = self.processors(input_ids, scores.float())  # (B, V)
+        self.scores.append(processed)
+        vocab = processed.shape[-1]
+        uniform = torch.stack(
+            [torch.rand(vocab, generator=g, device=processed.device) for g in self.generators]
+        )  # (B, V)
+        tiny = torch.finfo(uniform.dtype).tiny
+        gumbel = -torch.log(-torch.log(uniform.clamp_min(tiny)))
+        drawn = (processed + gumbel).argmax(-1, keepdim=True)  # (B, 1)
+        forced = torch.full_like(processed, -torch.inf)
+        return forced.scatter_(-1, drawn, 0.0)
 
 
 class HFRolloutEngine:
@@ -82,9 +129,13 @@ class HFRolloutEngine:
 
     def sync_weights(self, model: PreTrainedModel, version: int) -> None:
         """Copy `model`'s weights into the rollout copy (cast and quantised); `weight_version`
-        becomes `version`."""
+        becomes `version`. `model` may be FSDP-sharded: every rank must then call this."""
+        from rcx.train.distributed import full_state_items
+
+        own = self.model.state_dict()
         with torch.no_grad():
-            self.model.load_state_dict(model.state_dict())  # copies and casts to self.dtype
+            for name, value in full_state_items(model):  # one tensor at a time (sharded: gathered)
+                own[name].copy_(value)  # casts to self.dtype
         fake_quantize_model_(self.model, self.quantization)
         self.weight_version = version
 
@@ -151,16 +202,28 @@ class HFRolloutEngine:
         self,
         prompts: list[list[int]],
         sampling: SamplingParams,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         sampling_mask: bool = False,
     ) -> RolloutBatch:
         """Sample `sampling.n` responses per prompt (token-id lists) from the rollout copy.
 
-        With `seed`, sampling is a pure function of (weights, prompts, sampling, seed) and the
-        global RNG is left untouched; without it, the global torch RNG is used. With
-        `sampling_mask`, the batch carries each position's kept token set (B, R, V): the tokens
-        whose processed score is finite (top-k and top-p set the others to -inf).
+        `seed` is one of:
+
+        - a sequence, one seed per prompt: every sample is drawn with its own generator
+          (:class:`RowSeededSampler`, seeds from :func:`sample_seeds`), so a prompt's responses
+          are the same whichever batch, or rank, it is generated in. The trainer's way.
+        - an int: Hugging Face's own sampling, seeded once for the batch (one sample's draw then
+          depends on the batch it is in).
+        - None: Hugging Face's sampling from the global torch RNG.
+
+        With a seed the global RNG is left untouched. With `sampling_mask`, the batch carries
+        each position's kept token set (B, R, V): the tokens whose processed score is finite
+        (top-k and top-p set the others to -inf).
         """
+        if isinstance(seed, Sequence) and sampling.do_sample:
+            return self._generate_row_seeded(prompts, sampling, seed, sampling_mask)
+        if isinstance(seed, Sequence):
+            seed = seed[0] if seed else None  # greedy: nothing is drawn
         prompt_ids, prompt_mask = left_pad(prompts, self.pad_token_id)  # (N, P)
         with torch.random.fork_rng(devices=self._rng_devices(), enabled=seed is not None):
             if seed is not None:
@@ -173,6 +236,52 @@ class HFRolloutEngine:
         width = prompt_ids.shape[1]
         response_ids = out.sequences[:, width:].cpu()  # (B, R), R = longest response in batch
         scores = torch.stack(out.scores, dim=1).float().cpu()  # (B, R, V) processed scores
+        return self._to_batch(
+            prompts, prompt_ids, prompt_mask, response_ids, scores, sampling, sampling_mask
+        )
+
+    def _generate_row_seeded(
+        self,
+        prompts: list[list[int]],
+        sampling: SamplingParams,
+        prompt_seeds: Sequence[int],
+        sampling_mask: bool,
+    ) -> RolloutBatch:
+        """:meth:`generate` with one generator per sample: greedy decoding over the scores that
+        :class:`RowSeededSampler` forces, the true processed scores taken from the sampler."""
+        if len(prompt_seeds) != len(prompts):
+            raise ValueError(f"{len(prompt_seeds)} seeds for {len(prompts)} prompts")
+        prompt_ids, prompt_mask = left_pad(prompts, self.pad_token_id)  # (N, P)
+        n = sampling.n
+        sampler = RowSeededSampler(
+            sample_seeds(prompt_seeds, n), sampling_processors(sampling), self.device
+        )
+        greedy = dataclasses.replace(sampling, do_sample=False, n=1)
+        out = self.model.generate(
+            input_ids=prompt_ids.repeat_interleave(n, dim=0).to(self.device),
+            attention_mask=prompt_mask.repeat_interleave(n, dim=0).to(self.device),
+            generation_config=self.generation_config(greedy),
+            logits_processor=LogitsProcessorList([sampler]),
+        )
+        width = prompt_ids.shape[1]
+        response_ids = out.sequences[:, width:].cpu()  # (B, R)
+        scores = torch.stack(sampler.scores, dim=1).float().cpu()  # (B, R, V) processed scores
+        return self._to_batch(
+            prompts, prompt_ids, prompt_mask, response_ids, scores, sampling, sampling_mask
+        )
+
+    def _to_batch(
+        self,
+        prompts: list[list[int]],
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        response_ids: torch.Tensor,
+        scores: torch.Tensor,
+        sampling: SamplingParams,
+        sampling_mask: bool,
+    ) -> RolloutBatch:
+        """The :class:`RolloutBatch` of generated ids (B, R) and their processed scores
+        (B, R, V); greedy decodes (one per prompt) are repeated ``n`` times."""
         if not sampling.do_sample and sampling.n > 1:
             response_ids = response_ids.repeat_interleave(sampling.n, dim=0)
             scores = scores.repeat_interleave(sampling.n, dim=0)

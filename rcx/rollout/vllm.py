@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -31,6 +32,20 @@ VLLM_QUANTIZATION = {"none": None, "fp8": "fp8"}
 
 class VLLMUnavailableError(RcxError, RuntimeError):
     """vLLM or CUDA is missing, or the configuration cannot be served by vLLM."""
+
+
+def vllm_request_params(
+    vllm_module: Any, sampling: SamplingParams, seed: int | Sequence[int] | None, prompts: int
+) -> Any:
+    """What `LLM.generate` takes as its sampling parameters: one `SamplingParams` for the
+    batch (`seed` an int or None), or one per prompt, each with its own seed (`seed` a
+    sequence): then a prompt's samples do not depend on the batch it is in, as with the hf
+    engine's per-prompt seeds."""
+    if not isinstance(seed, Sequence):
+        return vllm_module.SamplingParams(**vllm_sampling_kwargs(sampling, seed))
+    if len(seed) != prompts:
+        raise ValueError(f"{len(seed)} seeds for {prompts} prompts")
+    return [vllm_module.SamplingParams(**vllm_sampling_kwargs(sampling, int(s))) for s in seed]
 
 
 def vllm_sampling_kwargs(sampling: SamplingParams, seed: int | None) -> dict[str, Any]:
@@ -143,10 +158,13 @@ def inner_model(llm: Any) -> Any:
     )
 
 
-def load_weights_into(llm: Any, weights: dict[str, torch.Tensor]) -> None:
+def load_weights_into(
+    llm: Any, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
+) -> None:
     """Push `weights` (HF parameter names) into vLLM's model: `LLM.apply_model` when the
-    version has it, else the in-process model object."""
-    items = list(weights.items())
+    version has it, else the in-process model object. An iterable of pairs is streamed, one
+    tensor at a time (the in-process engine consumes it once)."""
+    items = list(weights.items()) if isinstance(weights, Mapping) else weights
     if hasattr(llm, "apply_model"):
         llm.apply_model(lambda model: model.load_weights(weights=items))
     else:
@@ -206,9 +224,18 @@ class VLLMRolloutEngine:
 
     def push_weights(self, model: PreTrainedModel) -> None:
         """Load `model`'s current weights into the vLLM model."""
-        state = {k: v.detach() for k, v in model.state_dict().items()}
-        load_weights_into(self.llm, state)
-        self._last_weights = {k: v.cpu().clone() for k, v in state.items()}
+        from rcx.train.distributed import full_state_items
+
+        kept: dict[str, torch.Tensor] = {}
+
+        def gathered() -> Iterator[tuple[str, torch.Tensor]]:
+            # One tensor at a time (gathered when sharded): never the whole model twice.
+            for name, value in full_state_items(model):
+                kept[name] = value.detach().cpu().clone()
+                yield name, value.detach()
+
+        load_weights_into(self.llm, gathered())
+        self._last_weights = kept
 
     def sync_weights(self, model: PreTrainedModel, version: int) -> None:
         """Push `model`'s weights; `weight_version` becomes `version`."""
@@ -232,16 +259,17 @@ class VLLMRolloutEngine:
         self,
         prompts: list[list[int]],
         sampling: SamplingParams,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         sampling_mask: bool = False,
     ) -> RolloutBatch:
-        """Sample `sampling.n` responses per prompt with vLLM (no sampling masks: RCX-E015)."""
+        """Sample `sampling.n` responses per prompt with vLLM (no sampling masks: RCX-E015);
+        `seed` as for the hf engine (:func:`vllm_request_params`)."""
         if sampling_mask:
             raise ValueError(
                 "the vllm engine does not report sampling masks; sampling_mask_replay needs "
                 "actor_rollout_ref.rollout.name=hf"
             )
-        params = self._vllm.SamplingParams(**vllm_sampling_kwargs(sampling, seed))
+        params = vllm_request_params(self._vllm, sampling, seed, len(prompts))
         requests = [{"prompt_token_ids": list(p)} for p in prompts]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         return outputs_to_batch(

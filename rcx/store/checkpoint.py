@@ -78,20 +78,25 @@ def save_checkpoint(
     config_yaml: str | None = None,
     mlflow_run_id: str | None = None,
     keep_last: int | None = None,
+    shards: Path | None = None,
 ) -> Path:
     """Write ``state`` as the checkpoint of ``step`` under ``root``, atomically; return its path.
 
     An existing checkpoint of the same step is replaced (also atomically as seen by
     :func:`latest_checkpoint`: the old one is moved aside first, then removed). With ``keep_last``
-    only the newest ``keep_last`` checkpoints are kept.
+    only the newest ``keep_last`` checkpoints are kept. ``shards``, a folder of sharded state
+    already written by every rank (``torch.distributed.checkpoint``), is moved in as
+    ``sharded/``.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(root)
+    _remove_stale_temporaries(root, keep=shards)
     final = step_dir(root, step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    if shards is not None:
+        os.replace(shards, tmp / "sharded")
     with open(tmp / STATE_FILE, "wb") as f:
         torch.save(dict(state), f)
         f.flush()
@@ -231,10 +236,13 @@ def restore_rng_state(
 # --------------------------------------------------------------------------- helpers
 
 
-def _remove_stale_temporaries(root: Path) -> None:
-    """Delete ``.tmp-*`` / ``.old-*`` directories left by a crash in an earlier save."""
+def _remove_stale_temporaries(root: Path, keep: Path | None = None) -> None:
+    """Delete ``.tmp-*`` / ``.old-*`` / ``.shards-*`` directories left by a crash in an earlier
+    save (all but ``keep``, the shards of the save in progress)."""
     for child in root.iterdir():
-        if child.is_dir() and child.name.startswith((".tmp-", ".old-")):
+        if child == keep:
+            continue
+        if child.is_dir() and child.name.startswith((".tmp-", ".old-", ".shards-")):
             shutil.rmtree(child, ignore_errors=True)
 
 

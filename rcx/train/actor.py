@@ -27,7 +27,8 @@ from rcx.algos.criteria import CorrectionSpec
 from rcx.algos.modes import UpdatePlan
 from rcx.config.models import ActorConfig
 from rcx.rollout import SamplingParams, processed_log_probs, response_logits, token_log_probs
-from rcx.train.batch import StepBatch
+from rcx.train.batch import LOSS_FIELDS, StepBatch
+from rcx.train.distributed import SINGLE, World, as_local_scalar, gather_fields, with_local_grad
 from rcx.train.metrics import MetricBag, masked_mean
 from rcx.train.setup import autocast, batch_split, derive_seed
 
@@ -145,6 +146,7 @@ class Actor:
     n: int  # responses per prompt
     seed: int
     device: torch.device
+    world: World = SINGLE  # several processes: losses and metrics over the global micro-batch
 
     def log_probs(self, model: torch.nn.Module, batch: StepBatch) -> torch.Tensor:
         """Log-probs (B, T) of the sampled tokens under ``model`` (the policy for pi_old, or the
@@ -204,6 +206,11 @@ class Actor:
                     log_probs, entropy = self.scored(mb)  # (b, T) each
                     if epoch == 0:
                         epoch1_log_probs[rows] = log_probs.detach().float()
+                    # The global micro-batch (every rank's rows; only ours carry gradient):
+                    # the correction, the loss, its denominators and metrics are global.
+                    log_probs = with_local_grad(log_probs, self.world)
+                    entropy = with_local_grad(entropy, self.world)
+                    mb = gather_fields(mb, LOSS_FIELDS, self.world)
                     loss, loss_metrics, kept = actor_loss(
                         self.plan, self.spec, actor, log_probs, entropy, mb
                     )
@@ -211,12 +218,16 @@ class Actor:
                     bag.add({"actor/entropy": masked_mean(entropy.detach(), mb.response_mask)})
                     if kept > 0:  # an all-rejected micro-batch contributes no update at all
                         kept_tokens += kept
-                        (loss * (len(rows) / len(mini_rows))).backward()
+                        # x W: FSDP averages the ranks' gradients; the global loss sums them.
+                        share = self.world.size * len(rows) / len(mini_rows)
+                        (loss * share).backward()
                 if kept_tokens == 0:
                     bag.add({"actor/skipped_minibatch": 1.0})
                     continue
                 bag.add({"actor/skipped_minibatch": 0.0})
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), actor.grad_clip)
+                grad_norm = as_local_scalar(
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), actor.grad_clip)
+                )
                 bag.add({"actor/grad_norm": grad_norm})
                 if torch.isfinite(grad_norm):
                     self.optimizer.step()

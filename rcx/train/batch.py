@@ -14,6 +14,20 @@ import torch
 
 from rcx.rollout import RolloutBatch
 
+#: The per-token fields the losses read, gathered across ranks for the global micro-batch (the
+#: forwards' inputs, ``input_ids`` and the masks of whole sequences, stay with their rank).
+LOSS_FIELDS = (
+    "response_mask",
+    "rollout_log_probs",
+    "old_log_probs",
+    "ref_log_probs",
+    "values",
+    "advantages",
+    "returns",
+    "is_weights",
+    "train_mask",
+)
+
 
 @dataclass
 class StepBatch:

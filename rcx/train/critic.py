@@ -11,7 +11,8 @@ import torch
 from rcx.algos import losses
 from rcx.config.models import CriticConfig
 from rcx.rollout import position_ids_from_mask
-from rcx.train.batch import StepBatch
+from rcx.train.batch import LOSS_FIELDS, StepBatch
+from rcx.train.distributed import SINGLE, World, as_local_scalar, gather_fields, with_local_grad
 from rcx.train.metrics import MetricBag
 from rcx.train.setup import autocast, batch_split
 
@@ -57,6 +58,7 @@ class Critic:
     n: int  # responses per prompt
     loss_agg_mode: str  # the actor's
     device: torch.device
+    world: World = SINGLE  # several processes: the loss of the global micro-batch
 
     def values(self, batch: StepBatch, grad: bool = False) -> torch.Tensor:
         """Values before each response token, (b, T) float32."""
@@ -81,7 +83,8 @@ class Critic:
                 for mstart in range(0, len(mini_rows), micro):
                     rows = mini_rows[mstart : mstart + micro].to(self.device)
                     mb = batch.rows(rows)
-                    values = self.values(mb, grad=True)  # (b, T)
+                    values = with_local_grad(self.values(mb, grad=True), self.world)  # (b, T)
+                    mb = gather_fields(mb, LOSS_FIELDS, self.world)
                     loss, loss_metrics = losses.value_loss(
                         values,
                         mb.returns,
@@ -91,9 +94,9 @@ class Critic:
                         loss_agg_mode=self.loss_agg_mode,
                     )
                     bag.add(loss_metrics)
-                    (loss * (len(rows) / len(mini_rows))).backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    self.model.parameters(), self.cfg.grad_clip
+                    (loss * (self.world.size * len(rows) / len(mini_rows))).backward()
+                grad_norm = as_local_scalar(
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
                 )
                 bag.add({"critic/grad_norm": grad_norm})
                 if torch.isfinite(grad_norm):

@@ -1,6 +1,10 @@
 """Ctrl-C during training: the first press asks the loop to stop at the next step boundary
 (:class:`StopRequested`), a second press raises ``KeyboardInterrupt`` at once. The handler is
-installed for the run and the caller's restored after it."""
+installed for the run and the caller's restored after it.
+
+SIGTERM (what ``torchrun`` sends the other ranks when one fails, or a plain ``kill``) raises
+:class:`Terminated` where the process is: the run ends FAILED, its MLflow run marked so, the last
+checkpoint left as it was."""
 
 from __future__ import annotations
 
@@ -13,16 +17,28 @@ class StopRequested(Exception):
     """Raised at a step boundary after the first Ctrl-C."""
 
 
+class Terminated(Exception):
+    """Raised by SIGTERM."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated("terminated by SIGTERM (another rank failed, or the process was killed)")
+
+
 def install_sigint(handler: Any) -> Any:
-    """Install `handler` for SIGINT; return the previous handler (None off the main thread)."""
+    """Install `handler` for SIGINT and :class:`Terminated` for SIGTERM; return the previous
+    handlers (None off the main thread, where signals cannot be handled)."""
     try:
-        return signal.signal(signal.SIGINT, handler)
+        return signal.signal(signal.SIGINT, handler), signal.signal(
+            signal.SIGTERM, _raise_terminated
+        )
     except ValueError:  # not the main thread: leave the default KeyboardInterrupt behaviour
         return None
 
 
 def restore_sigint(previous: Any) -> None:
-    """Put back the handler `install_sigint` replaced."""
+    """Put back the handlers `install_sigint` replaced."""
     if previous is not None:
         with suppress(ValueError):
-            signal.signal(signal.SIGINT, previous)
+            signal.signal(signal.SIGINT, previous[0])
+            signal.signal(signal.SIGTERM, previous[1])

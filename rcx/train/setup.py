@@ -35,9 +35,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def configure_threads(num_threads: int | None) -> int:
-    """Set torch's CPU threads: ``num_threads``, else 1 on <= 2 cores, else cores // 2."""
+    """Set torch's CPU threads: ``num_threads``, else 1 on <= 2 cores, else cores // 2 shared
+    by this node's training processes (``LOCAL_WORLD_SIZE``, set by torchrun)."""
     cores = os.cpu_count() or 1
-    threads = num_threads or (1 if cores <= 2 else cores // 2)
+    local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    threads = num_threads or (1 if cores <= 2 else max(1, cores // 2 // local_processes))
     torch.set_num_threads(threads)
     return threads
 
@@ -113,14 +115,13 @@ def find_resume_checkpoint(cfg: RcxConfig, ckpt_dir: Path) -> Path | None:
     return latest_checkpoint(ckpt_dir)
 
 
-def load_policy(cfg: RcxConfig, device: torch.device, show: bool = True) -> tuple[Any, Any, str]:
-    """(model, tokenizer, resolved path): the policy in float32 and eval mode; builtin:tiny is
-    warm-started (or taken from the cache) first, and the path is then its directory."""
-    from rcx.models.loading import load_model_and_tokenizer
+def ensure_policy_files(cfg: RcxConfig, show: bool = True) -> str:
+    """The policy's directory (or ``builtin:tiny`` spec): builtin:tiny is warm-started, or
+    taken from the cache, here."""
     from rcx.train.pretrain import resolve_model_path
 
     model_cfg = cfg.actor_rollout_ref.model
-    path = resolve_model_path(
+    return resolve_model_path(
         model_cfg.path,
         model_cfg.warm_start_steps,
         cfg.data.train_files,
@@ -128,6 +129,14 @@ def load_policy(cfg: RcxConfig, device: torch.device, show: bool = True) -> tupl
         seed=cfg.data.builtin.seed,
         progress=show,
     )
+
+
+def load_policy(cfg: RcxConfig, device: torch.device, show: bool = True) -> tuple[Any, Any, str]:
+    """(model, tokenizer, resolved path): the policy in float32 and eval mode; builtin:tiny is
+    warm-started (or taken from the cache) first, and the path is then its directory."""
+    from rcx.models.loading import load_model_and_tokenizer
+
+    path = ensure_policy_files(cfg, show)
     model, tokenizer = load_model_and_tokenizer(
         path, dtype="float32", device=device, seed=cfg.trainer.seed
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from collections.abc import Sequence
@@ -19,6 +20,16 @@ from rcx.store.tracking import Tracker
 from rcx.train.actor import Actor
 from rcx.train.batch import StepBatch
 from rcx.train.critic import Critic
+from rcx.train.distributed import (
+    World,
+    all_max,
+    all_sum,
+    gather_rows,
+    global_positions,
+    local_rows,
+    local_share,
+    pad_width,
+)
 from rcx.train.metrics import (
     StageTimer,
     advantage_metrics,
@@ -44,6 +55,7 @@ class StepHost(Protocol):
     ckpt_dir: Path
     tracker: Tracker
     weights_dirty: bool
+    world: World  # several processes: this rank's place (batch quantities are global)
 
     def score(
         self, batch: Any, examples: Sequence[Any]
@@ -57,20 +69,30 @@ def train_step(trainer: StepHost, step: int) -> dict[str, float]:
     step_start = time.perf_counter()
     metrics["actor/lr"] = trainer.actor.optimizer.param_groups[0]["lr"]  # the lr of this step
 
-    # 1. Prompts: a pure function of (seed, step), so a resumed run sees the same batch.
+    # 1. Prompts: a pure function of (seed, step), so a resumed run sees the same batch. With
+    #    several processes each rank takes an interleaved share of whole prompts.
+    world = trainer.world
     indices = trainer.train_data.batch(step - 1, cfg.data.train_batch_size, cfg.trainer.seed)
+    indices = local_share(indices, world)
     examples = [trainer.train_data.examples[i] for i in indices]
     prompts = [trainer.train_data.prompt_ids[i] for i in indices]
 
-    # 2. Generate n responses per prompt from the rollout copy (step - 1 updates so far).
+    # 2. Generate n responses per prompt from the rollout copy (step - 1 updates so far). One
+    #    seed per prompt (from its place in the global batch): its responses do not depend on
+    #    the batch or rank that generates them.
     with timer("gen"):
         sync_rollout_weights(trainer, step - 1)
-        seed = derive_seed(cfg.trainer.seed, "gen", step)
+        seeds = [
+            derive_seed(cfg.trainer.seed, f"gen/{i}", step)
+            for i in global_positions(len(prompts), world)
+        ]
         # Sampling-mask replay: the engine also reports each position's kept token set.
         replay = {"sampling_mask": True} if cfg.actor_rollout_ref.actor.sampling_mask_replay else {}
-        rollout = trainer.engine.generate(prompts, trainer.sampling, seed=seed, **replay)
-        rollout = rollout.to(trainer.device)
+        rollout = trainer.engine.generate(prompts, trainer.sampling, seed=seeds, **replay)
+        rollout = to_global_width(rollout.to(trainer.device), world, trainer.engine.pad_token_id)
     batch = StepBatch.from_rollout(rollout)
+    # Prompt ids unique across ranks (rank r's local prompt k is prompt r + W k of the step).
+    global_prompt = gather_rows(batch.prompt_index * world.size + world.rank, world)  # (B_all,)
     metrics["rollout/staleness"] = float(step - 1 - rollout.weight_version)
 
     # 3. Rewards: the outcome score sits on each response's last valid token.
@@ -78,12 +100,18 @@ def train_step(trainer: StepHost, step: int) -> dict[str, float]:
         per_response = [examples[i] for i in rollout.prompt_index.tolist()]
         scores, extras = trainer.score(rollout, per_response)  # (B,), {name: (B,)}
         token_rewards = token_rewards_from_scores(scores, batch.response_mask)  # (B, T)
-    metrics.update(reward_metrics(scores, "reward"))
-    metrics.update({f"reward/extra/{k}": float(v.float().mean()) for k, v in extras.items()})
+    all_scores = gather_rows(scores, world)  # (B_all,)
+    metrics.update(reward_metrics(all_scores, "reward"))
+    metrics.update(
+        {
+            f"reward/extra/{k}": float(gather_rows(v.float(), world).mean())
+            for k, v in extras.items()
+        }
+    )
     metrics.update(
         length_metrics(
-            rollout.response_ids,
-            rollout.response_mask,
+            gather_rows(rollout.response_ids, world),
+            gather_rows(rollout.response_mask, world),
             trainer.eos_ids,
             cfg.data.max_response_length,
         )
@@ -113,33 +141,40 @@ def train_step(trainer: StepHost, step: int) -> dict[str, float]:
     batch.train_mask = batch.response_mask
     if not plan.bypass:
         with timer("correction"):
+            # On the global batch: batch normalisation and every metric are over all ranks.
             correction = compute_correction(
                 trainer.actor.spec,
-                batch.old_log_probs,
-                batch.rollout_log_probs,
-                batch.response_mask,
+                gather_rows(batch.old_log_probs, world),
+                gather_rows(batch.rollout_log_probs, world),
+                gather_rows(batch.response_mask, world),
             )
-        batch.is_weights, batch.train_mask = correction.weights, correction.mask
+        weights = correction.weights
+        batch.is_weights = None if weights is None else local_rows(weights, world)
+        batch.train_mask = local_rows(correction.mask, world)
         metrics.update(correction.metrics)
 
     # 8. Advantages. Group baselines leave out the sequences rejection emptied when asked to
     #    (decoupled mode: rejection has run).
+    #    On the global batch, for estimators with batch statistics (reinforce++ whitening).
     with timer("adv"):
         alg = cfg.algorithm
-        batch.advantages, batch.returns = compute_advantages(
+        members = baseline_members(rc.baseline_includes_rejected, plan.bypass, batch)
+        values = None if batch.values is None else gather_rows(batch.values, world)
+        advantages, returns = compute_advantages(
             alg.adv_estimator,
-            scores,
-            token_rewards,
-            batch.response_mask,
-            batch.prompt_index,
-            batch.values,
+            all_scores,
+            gather_rows(token_rewards, world),
+            gather_rows(batch.response_mask, world),
+            global_prompt,
+            values,
             gamma=alg.gamma,
             lam=alg.lam,
             norm_by_std=alg.norm_adv_by_std_in_grpo,
-            in_baseline=baseline_members(rc.baseline_includes_rejected, plan.bypass, batch),
-        )  # (B, T) each
+            in_baseline=None if members is None else gather_rows(members, world),
+        )  # (B_all, T) each
+        batch.advantages, batch.returns = local_rows(advantages, world), local_rows(returns, world)
     metrics.update(
-        advantage_metrics(batch.advantages, batch.returns, batch.values, batch.response_mask)
+        advantage_metrics(advantages, returns, values, gather_rows(batch.response_mask, world))
     )
 
     # 8b. Off-policy sequence masking, decoupled mode (it needs the advantages): drop whole
@@ -147,12 +182,13 @@ def train_step(trainer: StepHost, step: int) -> dict[str, float]:
     delta = trainer.actor.spec.opsm_threshold
     if delta is not None and not plan.bypass:
         keep, opsm_metrics = off_policy_sequence_mask(
-            batch.old_log_probs,
-            batch.rollout_log_probs,
-            batch.response_mask,
-            batch.advantages,
+            gather_rows(batch.old_log_probs, world),
+            gather_rows(batch.rollout_log_probs, world),
+            gather_rows(batch.response_mask, world),
+            advantages,
             delta,
         )
+        keep = local_rows(keep, world)
         batch.train_mask = batch.train_mask * keep[:, None].to(batch.train_mask.dtype)
         metrics.update(opsm_metrics)
 
@@ -178,9 +214,10 @@ def train_step(trainer: StepHost, step: int) -> dict[str, float]:
     # 11. Metrics: timing, throughput; optional log-prob dump.
     if cfg.trainer.dump_log_probs:
         compared = epoch1_log_probs if plan.bypass else batch.old_log_probs
-        dump_log_probs(trainer, step, rollout, compared, scores)
+        dump_log_probs(trainer, step, rollout, compared, all_scores, global_prompt)
     metrics.update(timer.metrics())
-    tokens = float(rollout.response_mask.sum() + rollout.prompt_mask.sum())
+    local_tokens = rollout.response_mask.sum() + rollout.prompt_mask.sum()
+    tokens = float(all_sum(local_tokens.double(), world))
     metrics.update(throughput_metrics(time.perf_counter() - step_start, tokens, trainer.device))
     return metrics
 
@@ -207,20 +244,50 @@ def sync_rollout_weights(trainer: StepHost, updates: int) -> None:
 
 
 def dump_log_probs(
-    trainer: StepHost, step: int, rollout: Any, train_log_probs: torch.Tensor, scores: torch.Tensor
-) -> Path:
-    """Write this step's log-prob dump (:mod:`rcx.store.dumps`) and upload it."""
+    trainer: StepHost,
+    step: int,
+    rollout: Any,
+    train_log_probs: torch.Tensor,
+    scores: torch.Tensor,
+    prompt_index: torch.Tensor,
+) -> Path | None:
+    """Write this step's log-prob dump of the global batch (:mod:`rcx.store.dumps`) and upload
+    it: rank 0 writes (every rank takes part in the gathers); ``scores`` and ``prompt_index``
+    are already global."""
+    world = trainer.world
+    rollout_log_probs = gather_rows(rollout.rollout_log_probs, world)
+    train_log_probs = gather_rows(train_log_probs, world)
+    response_mask = gather_rows(rollout.response_mask, world)
+    if not world.is_main:
+        return None
     rc = trainer.cfg.algorithm.rollout_correction
     path = write_dump(
         trainer.ckpt_dir / "log_probs",
         step,
         mode=trainer.actor.plan.mode,
-        rollout_log_probs=rollout.rollout_log_probs,
+        rollout_log_probs=rollout_log_probs,
         train_log_probs=train_log_probs,
-        response_mask=rollout.response_mask,
-        prompt_index=rollout.prompt_index,
+        response_mask=response_mask,
+        prompt_index=prompt_index,
         scores=scores,
         rollout_correction=rc.model_dump(mode="json"),
     )
     trainer.tracker.log_artifact(path, "log_probs")
     return path
+
+
+def to_global_width(rollout: Any, world: World, pad_token_id: int) -> Any:
+    """``rollout`` with its responses right-padded to the longest response of any rank, so that
+    per-token tensors can be gathered row-wise (unchanged with one process)."""
+    width = all_max(rollout.response_length, world)
+    if width == rollout.response_length:
+        return rollout
+    return dataclasses.replace(
+        rollout,
+        response_ids=pad_width(rollout.response_ids, width, pad_token_id),
+        response_mask=pad_width(rollout.response_mask, width, 0),
+        rollout_log_probs=pad_width(rollout.rollout_log_probs, width, 0.0),
+        sampling_mask=None
+        if rollout.sampling_mask is None
+        else pad_width(rollout.sampling_mask, width, True),
+    )

@@ -67,18 +67,24 @@ from rcx.errors import RcxError
 from rcx.markup import esc
 from rcx.rollout.hf import eos_token_ids
 from rcx.store.checkpoint import (
-    capture_rng_state,
     latest_checkpoint,
-    load_checkpoint,
     read_meta,
-    restore_rng_state,
-    save_checkpoint,
 )
 from rcx.store.loggers import open_trackers
 from rcx.store.provenance import environment_params, environment_record
-from rcx.store.tracking import RunStatus, flatten_config, plot_history
+from rcx.store.tracking import NullTracker, RunStatus, flatten_config, plot_history
 from rcx.train.actor import Actor
 from rcx.train.critic import Critic, ValueModel
+from rcx.train.distributed import (
+    any_rank,
+    barrier,
+    close_world,
+    enable_activation_checkpointing,
+    init_world,
+    launched_world,
+    local_device,
+    shard_model,
+)
 from rcx.train.evaluate import score_rollout, validate
 from rcx.train.interrupt import StopRequested, install_sigint, restore_sigint
 from rcx.train.metrics import (
@@ -101,10 +107,12 @@ from rcx.train.setup import (
     seed_everything,
     total_steps,
 )
-from rcx.train.state import load_parts_state, parts_state
+from rcx.train.state import restore_run_state, save_run_state
 from rcx.train.step import train_step
 
 EXIT_CODES = {"FINISHED": 0, "FAILED": 1, "KILLED": 130}
+#: A second Ctrl-C stops at once only this long after the first (see :meth:`Trainer._on_sigint`).
+SECOND_PRESS_S = 1.0
 
 
 @dataclass
@@ -144,16 +152,20 @@ def train(
     unreadable checkpoint); returns a KILLED result on Ctrl-C.
     """
     console = console or Console(highlight=False)
-    trainer = Trainer(cfg, console=console, parent_run_id=parent_run_id, tags=tags)
-    if findings:
-        trainer.tracker.log_text(
-            "\n".join(
-                f"{getattr(f, 'code', '')} {getattr(f, 'path', '')}: {getattr(f, 'message', f)}"
-                for f in findings
-            ),
-            "validate_findings.txt",
-        )
-    return trainer.fit()
+    trainer = None
+    try:
+        trainer = Trainer(cfg, console=console, parent_run_id=parent_run_id, tags=tags)
+        if findings:
+            trainer.tracker.log_text(
+                "\n".join(
+                    f"{getattr(f, 'code', '')} {getattr(f, 'path', '')}: {getattr(f, 'message', f)}"
+                    for f in findings
+                ),
+                "validate_findings.txt",
+            )
+        return trainer.fit()
+    finally:
+        close_world(trainer.world if trainer is not None else launched_world())
 
 
 class Trainer:
@@ -168,8 +180,10 @@ class Trainer:
         tags: Mapping[str, str] | None = None,
     ) -> None:
         self.cfg = cfg
-        self.console = console
-        self.show = "console" in cfg.trainer.logger
+        # Several processes: rank 0 alone speaks (console, MLflow, plots, checkpoint metadata).
+        self.world = init_world(resolve_device(cfg.trainer.device), cfg.world_size)
+        self.console = console if self.world.is_main else Console(quiet=True)
+        self.show = "console" in cfg.trainer.logger and self.world.is_main
         self.ckpt_dir = Path(cfg.checkpoint_dir())
         if problem := checkpoint_dir_problem(str(self.ckpt_dir)):  # before any run is opened
             raise RcxError(f"checkpoint folder: {problem}")
@@ -183,7 +197,7 @@ class Trainer:
         # True from a step's first weight update until its metrics are logged: the weights then
         # belong to no completed step, so a hard interrupt must not checkpoint them.
         self.weights_dirty = False
-        self._stop_requested = False
+        self._stop_requested, self._stop_requested_at = False, 0.0
 
         # Resume target first (cheap: only its meta.json), so that the MLflow run can be reopened
         # and an unreachable server reported before anything heavy loads.
@@ -192,15 +206,19 @@ class Trainer:
             None if self.resume_path is None else read_meta(self.resume_path).get("mlflow_run_id")
         )
         t = cfg.trainer
-        self.tracker = open_trackers(
-            t.logger,
-            project_name=t.project_name,
-            experiment_name=t.experiment_name,
-            tracking_uri=t.tracking_uri,
-            run_dir=self.ckpt_dir,
-            resume_run_id=resume_run_id,
-            parent_run_id=parent_run_id,
-            tags=tags,
+        self.tracker = (
+            NullTracker()
+            if not self.world.is_main
+            else open_trackers(
+                t.logger,
+                project_name=t.project_name,
+                experiment_name=t.experiment_name,
+                tracking_uri=t.tracking_uri,
+                run_dir=self.ckpt_dir,
+                resume_run_id=resume_run_id,
+                parent_run_id=parent_run_id,
+                tags=tags,
+            )
         )
         self.console.print(self.tracker.describe(), markup=False, highlight=False)
         try:
@@ -218,15 +236,32 @@ class Trainer:
         """Load model, data, engines, optimisers; restore the checkpoint when resuming."""
         cfg, arr = self.cfg, self.cfg.actor_rollout_ref
         rc = cfg.algorithm.rollout_correction
-        self.device = resolve_device(cfg.trainer.device)
+        world = self.world
+        self.device = local_device(resolve_device(cfg.trainer.device), world)
         self.threads = configure_threads(cfg.trainer.num_threads)
         seed_everything(cfg.trainer.seed)
+        if not world.is_main:
+            barrier(world)  # rank 0 warm-starts builtin:tiny first (it fills the cache)
         model, self.tokenizer, self.model_path = load_policy(cfg, self.device, self.show)
+        if world.is_main:
+            barrier(world)
         self.warm_start = warm_start_metadata(self.model_path)
+        # The engines and the reference copy the full weights, before they are sharded.
+        self.train_data, self.val_data, self.scorer = load_data(cfg, self.tokenizer)
+        self.total_steps = total_steps(cfg, len(self.train_data))
+        self.engine, self.val_engine = rollout_engines(
+            cfg, model, self.tokenizer, self.model_path, self.device
+        )
+        self.eos_ids = torch.tensor(eos_token_ids(model, self.tokenizer))
+        offload = arr.actor.fsdp_config.param_offload or arr.actor.fsdp_config.optimizer_offload
         self.ref_model = None
         if arr.actor.use_kl_loss:
-            self.ref_model = copy.deepcopy(model).requires_grad_(False)
+            self.ref_model = shard_model(copy.deepcopy(model).requires_grad_(False), world, offload)
+        value_model = ValueModel(model) if cfg.critic.enable else None
         model.requires_grad_(True)
+        if arr.model.enable_gradient_checkpointing:
+            enable_activation_checkpointing(model)
+        model = shard_model(model, world, offload)
         self.sampling, self.val_sampling, scoring = sampling_params(cfg)
         self.actor = Actor(
             model,
@@ -238,10 +273,11 @@ class Trainer:
             n=arr.rollout.n,
             seed=cfg.trainer.seed,
             device=self.device,
+            world=world,
         )
         self.critic = None
-        if cfg.critic.enable:
-            value_model = ValueModel(model)
+        if value_model is not None:
+            value_model = shard_model(value_model, world, offload)
             self.critic = Critic(
                 value_model,
                 *make_optimizer(value_model.parameters(), cfg.critic.optim),
@@ -251,13 +287,8 @@ class Trainer:
                 n=arr.rollout.n,
                 loss_agg_mode=arr.actor.loss_agg_mode,
                 device=self.device,
+                world=world,
             )
-        self.train_data, self.val_data, self.scorer = load_data(cfg, self.tokenizer)
-        self.total_steps = total_steps(cfg, len(self.train_data))
-        self.engine, self.val_engine = rollout_engines(
-            cfg, model, self.tokenizer, self.model_path, self.device
-        )
-        self.eos_ids = torch.tensor(eos_token_ids(model, self.tokenizer))
         if self.resume_path is not None:
             self._restore(self.resume_path)
 
@@ -288,7 +319,7 @@ class Trainer:
             )
         except KeyboardInterrupt:
             status = "KILLED"
-            if not self.weights_dirty:
+            if not self.weights_dirty and not self.world.distributed:  # ranks may be anywhere
                 self._save()
             self.console.print(f"[yellow]interrupted at step {self.step + 1}[/]")
         finally:
@@ -341,7 +372,7 @@ class Trainer:
                 progress.update(bar, completed=step, info=progress_info(metrics))
                 if plain is not None:
                     plain.update(step, metrics)
-                if self._stop_requested:
+                if any_rank(self._stop_requested, self.world):  # every rank stops together
                     raise StopRequested
 
     # ------------------------------------------------------------------ one step
@@ -371,41 +402,17 @@ class Trainer:
             batch_size=self.cfg.data.val_batch_size,
             seed=self.cfg.trainer.seed,
             device=self.device,
+            world=self.world,
         )
 
     # ------------------------------------------------------------------ persistence
 
     def _save(self) -> Path | None:
         """Checkpoint the completed step ``self.step`` (nothing before the first step)."""
-        if self.step == 0:
-            return None
-        # With k = 1 every step refreshes the rollout copy first: its weights need no saving.
-        keep_rollout = self.cfg.actor_rollout_ref.rollout.weight_sync_interval > 1
-        state = parts_state(self.actor, self.critic, self.engine, keep_rollout)
-        state["rng"] = capture_rng_state()
-        state["extra"] = {
-            "history": {k: list(v) for k, v in self.history.items()},
-            "val_start": dict(self.val_start),
-        }
-        return save_checkpoint(
-            self.ckpt_dir,
-            self.step,
-            state,
-            config_yaml=dump_yaml(self.cfg.model_dump(mode="json")),
-            mlflow_run_id=self.tracker.run_id,
-            keep_last=self.cfg.trainer.max_actor_ckpt_to_keep,
-        )
+        return save_run_state(self) if self.step > 0 else None
 
     def _restore(self, path: Path) -> None:
-        ckpt = load_checkpoint(path, map_location=self.device)
-        state = ckpt.state
-        load_parts_state(state, path, self.actor, self.critic, self.engine)
-        restore_rng_state(state["rng"])
-        extra = state.get("extra", {})
-        for key, points in extra.get("history", {}).items():
-            self.history[key] = [(int(s), float(v)) for s, v in points]
-        self.val_start = dict(extra.get("val_start", {}))
-        self.step = self.resumed_from = ckpt.step
+        self.step = self.resumed_from = restore_run_state(self, path)
 
     # ------------------------------------------------------------------ console & tracking
 
@@ -475,9 +482,14 @@ class Trainer:
             self.tracker.log_artifact(png, "plots")
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
+        now = time.monotonic()
         if self._stop_requested:
-            raise KeyboardInterrupt
-        self._stop_requested = True
+            # Under torchrun one Ctrl-C arrives twice (from the terminal, then forwarded by
+            # the launcher): a second SIGINT counts only a second after the first.
+            if now - self._stop_requested_at >= SECOND_PRESS_S:
+                raise KeyboardInterrupt
+            return
+        self._stop_requested, self._stop_requested_at = True, now
         self.console.print(
             "[yellow]Ctrl-C: finishing this step, then saving a checkpoint "
             "(press again to stop now)[/]"

@@ -149,6 +149,11 @@ CASES = {
         ["actor_rollout_ref.actor.sampling_mask_replay=true", "actor_rollout_ref.rollout.top_k=5"],
         "actor_rollout_ref.actor.sampling_mask_replay",
     ),
+    "RCX-E016": (
+        ["trainer.n_gpus_per_node=3", "data.train_batch_size=32"],
+        ["trainer.n_gpus_per_node=2", "data.train_batch_size=32"],
+        "data.train_batch_size",
+    ),
 }
 
 

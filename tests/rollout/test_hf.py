@@ -299,3 +299,46 @@ def test_sampling_mask_replay_matches_the_rollout_log_probs(tiny, prompts, sampl
     assert masked_max_abs(replayed, batch.rollout_log_probs, mask) < 1e-5
     assert masked_max_abs(full, batch.rollout_log_probs, mask) > 1e-3
     assert engine.generate(prompts, sampling, seed=1).sampling_mask is None
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [SamplingParams(n=3, max_new_tokens=10), SamplingParams(n=2, top_k=5, top_p=0.9)],
+    ids=["plain", "topk-topp"],
+)
+def test_per_prompt_seeds_make_samples_independent_of_the_batch(tiny, prompts, sampling):
+    """One seed per prompt: a prompt's responses and log-probs are the same whether it is
+    generated with every other prompt or alone in a batch of different padding (what makes a
+    2-rank run sample what a 1-process run samples)."""
+    model, tokenizer = tiny
+    engine = make_rollout_engine("hf", model, tokenizer)
+    seeds = [11, 12, 13, 14]
+    whole = engine.generate(prompts, sampling, seed=seeds)
+    n = sampling.n
+    for i, prompt in enumerate(prompts):
+        alone = engine.generate([prompt], sampling, seed=[seeds[i]])
+        rows = slice(i * n, (i + 1) * n)
+        width = alone.response_length
+        assert torch.equal(whole.response_ids[rows, :width], alone.response_ids)
+        assert (whole.response_mask[rows, width:] == 0).all()
+        torch.testing.assert_close(
+            whole.rollout_log_probs[rows, :width], alone.rollout_log_probs, rtol=0, atol=1e-5
+        )
+    # The draw depends on the seed, and the samples of one prompt differ from one another.
+    other = engine.generate(prompts, sampling, seed=[21, 22, 23, 24])
+    assert not torch.equal(other.response_ids, whole.response_ids[:, : other.response_length])
+    assert len({tuple(r.tolist()) for r in whole.response_ids[:n]}) > 1
+
+
+def test_per_prompt_seeded_log_probs_match_a_teacher_forced_recomputation(tiny, prompts):
+    """The recorded processed scores are those the draw was made from."""
+    model, tokenizer = tiny
+    engine = make_rollout_engine("hf", model, tokenizer)
+    sampling = SamplingParams(n=2, temperature=0.8, top_k=6, max_new_tokens=8)
+    batch = engine.generate(prompts, sampling, seed=[1, 2, 3, 4])
+    recomputed = token_log_probs(
+        model, batch.input_ids, batch.attention_mask, batch.response_length, sampling
+    )
+    mask = batch.response_mask.float()
+    assert masked_max_abs(recomputed, batch.rollout_log_probs, mask) < 1e-4
+    assert torch.isfinite(batch.rollout_log_probs[mask.bool()]).all()

@@ -13,6 +13,7 @@ from rcx.rollout.vllm import (
     VLLMUnavailableError,
     outputs_to_batch,
     vllm_engine_kwargs,
+    vllm_request_params,
     vllm_sampling_kwargs,
 )
 
@@ -71,6 +72,24 @@ def test_sampling_kwargs():
     }
     greedy = vllm_sampling_kwargs(SamplingParams(do_sample=False), seed=None)
     assert greedy["temperature"] == 0.0 and greedy["top_k"] == -1
+
+
+def test_per_prompt_seeds_give_one_request_params_per_prompt():
+    """A seed per prompt: one SamplingParams per request, each with its prompt's seed."""
+
+    class FakeVllm:
+        @staticmethod
+        def SamplingParams(**kwargs):  # noqa: N802 - vLLM's name
+            return kwargs
+
+    sampling = SamplingParams(n=2, max_new_tokens=4)
+    batch_params = vllm_request_params(FakeVllm, sampling, 7, prompts=3)
+    assert batch_params["seed"] == 7
+    per_prompt = vllm_request_params(FakeVllm, sampling, [4, 5, 6], prompts=3)
+    assert [p["seed"] for p in per_prompt] == [4, 5, 6]
+    assert all(p["n"] == 2 for p in per_prompt)
+    with pytest.raises(ValueError, match="2 seeds for 3 prompts"):
+        vllm_request_params(FakeVllm, sampling, [1, 2], prompts=3)
 
 
 def test_engine_kwargs_map_knobs_and_refuse_int8():
