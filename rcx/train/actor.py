@@ -187,7 +187,10 @@ class Actor:
         """
         actor, size = self.cfg, batch.size
         mini, micro = batch_split(
-            size, actor.ppo_mini_batch_size, self.n, actor.ppo_micro_batch_size_per_gpu
+            size,
+            actor.ppo_mini_batch_size // self.world.size,  # verl: a global count of prompts
+            self.n,
+            actor.ppo_micro_batch_size_per_gpu,
         )
         epoch1_log_probs = torch.zeros_like(batch.rollout_log_probs)
         bag, optimizer_steps = MetricBag(), 0

@@ -73,7 +73,10 @@ class Critic:
         passes over mini-batches in order (``critic/vf_loss``, ``critic/vf_clipfrac``, ...)."""
         size = batch.size
         mini, micro = batch_split(
-            size, self.mini_batch_prompts, self.n, self.cfg.ppo_micro_batch_size_per_gpu
+            size,
+            self.mini_batch_prompts // self.world.size,  # verl: a global count of prompts
+            self.n,
+            self.cfg.ppo_micro_batch_size_per_gpu,
         )
         bag = MetricBag()
         for _epoch in range(self.ppo_epochs):

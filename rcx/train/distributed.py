@@ -37,6 +37,8 @@ T = TypeVar("T")
 
 #: Set in the environment of the processes ``rcx train`` starts itself.
 LAUNCHED_BY_RCX = "RCX_LAUNCHED"
+#: The file the processes ``rcx train`` starts meet through (instead of a TCP rendezvous).
+FILE_STORE_ENV = "RCX_FILE_STORE"
 #: How long a rank waits for the others in a collective before the run fails (seconds).
 COLLECTIVE_TIMEOUT_S = 600
 
@@ -101,7 +103,17 @@ def init_world(device: torch.device, requested: int) -> World:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(world.local_rank)
-        dist.init_process_group(backend, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+        timeout = timedelta(seconds=COLLECTIVE_TIMEOUT_S)
+        if store := os.environ.get(FILE_STORE_ENV):
+            dist.init_process_group(
+                backend,
+                init_method=f"file://{store}",
+                rank=world.rank,
+                world_size=world.size,
+                timeout=timeout,
+            )
+        else:  # torchrun's env:// rendezvous (MASTER_ADDR, MASTER_PORT)
+            dist.init_process_group(backend, timeout=timeout)
     return world
 
 

@@ -42,3 +42,9 @@ def restore_sigint(previous: Any) -> None:
         with suppress(ValueError):
             signal.signal(signal.SIGINT, previous[0])
             signal.signal(signal.SIGTERM, previous[1])
+
+
+def ignore_sigterm() -> None:
+    """Ignore SIGTERM until :func:`restore_sigint` (while the run's final status is written)."""
+    with suppress(ValueError):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -13,6 +13,7 @@ import torch
 
 from rcx.algos.advantages import compute_advantages, token_rewards_from_scores
 from rcx.algos.correction import compute_correction, off_policy_sequence_mask
+from rcx.algos.criteria import CorrectionSpec
 from rcx.config.models import RcxConfig
 from rcx.rollout import SamplingParams
 from rcx.store.dumps import write_dump
@@ -141,17 +142,14 @@ def train_step(trainer: StepHost, step: int) -> dict[str, float]:
     batch.train_mask = batch.response_mask
     if not plan.bypass:
         with timer("correction"):
-            # On the global batch: batch normalisation and every metric are over all ranks.
-            correction = compute_correction(
+            batch.is_weights, batch.train_mask, correction_metrics = global_correction(
                 trainer.actor.spec,
-                gather_rows(batch.old_log_probs, world),
-                gather_rows(batch.rollout_log_probs, world),
-                gather_rows(batch.response_mask, world),
+                batch.old_log_probs,
+                batch.rollout_log_probs,
+                batch.response_mask,
+                world,
             )
-        weights = correction.weights
-        batch.is_weights = None if weights is None else local_rows(weights, world)
-        batch.train_mask = local_rows(correction.mask, world)
-        metrics.update(correction.metrics)
+        metrics.update(correction_metrics)
 
     # 8. Advantages. Group baselines leave out the sequences rejection emptied when asked to
     #    (decoupled mode: rejection has run).
@@ -220,6 +218,28 @@ def train_step(trainer: StepHost, step: int) -> dict[str, float]:
     tokens = float(all_sum(local_tokens.double(), world))
     metrics.update(throughput_metrics(time.perf_counter() - step_start, tokens, trainer.device))
     return metrics
+
+
+def global_correction(
+    spec: CorrectionSpec,
+    old_log_probs: torch.Tensor,
+    rollout_log_probs: torch.Tensor,
+    response_mask: torch.Tensor,
+    world: World,
+) -> tuple[torch.Tensor | None, torch.Tensor, dict[str, float]]:
+    """The decoupled correction of the *global* batch, this rank's share of it: (IS weights
+    (b, T) or None, the mask after RS (b, T), the metrics). Every rank's rows are gathered
+    first, so batch normalisation divides by the mean over all ranks' valid tokens (or
+    sequences) and every ``rollout_corr/*`` metric is the global value, the same on each rank
+    and equal to one process's on the whole batch."""
+    correction = compute_correction(
+        spec,
+        gather_rows(old_log_probs, world),
+        gather_rows(rollout_log_probs, world),
+        gather_rows(response_mask, world),
+    )
+    weights = None if correction.weights is None else local_rows(correction.weights, world)
+    return weights, local_rows(correction.mask, world), correction.metrics
 
 
 def baseline_members(

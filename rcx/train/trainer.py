@@ -86,7 +86,7 @@ from rcx.train.distributed import (
     shard_model,
 )
 from rcx.train.evaluate import score_rollout, validate
-from rcx.train.interrupt import StopRequested, install_sigint, restore_sigint
+from rcx.train.interrupt import StopRequested, ignore_sigterm, install_sigint, restore_sigint
 from rcx.train.metrics import (
     PlainProgress,
     progress_bar,
@@ -323,8 +323,10 @@ class Trainer:
                 self._save()
             self.console.print(f"[yellow]interrupted at step {self.step + 1}[/]")
         finally:
-            restore_sigint(previous_handler)
+            # SIGTERM now (a launcher stopping the ranks) must not cut the status update short.
+            ignore_sigterm()
             self.tracker.finish(status)
+            restore_sigint(previous_handler)
         result = TrainResult(
             status=status,
             step=self.step,
