@@ -221,6 +221,16 @@ def dump_log_probs(
         prompt_index=rollout.prompt_index,
         scores=scores,
         rollout_correction=rc.model_dump(mode="json"),
+        advantage=advantage_settings(trainer.cfg.algorithm),
     )
     trainer.tracker.log_artifact(path, "log_probs")
     return path
+
+
+def advantage_settings(alg: Any) -> dict[str, Any]:
+    """The advantage settings a dump records (what-if's OPSM replay recomputes with them)."""
+    return {
+        "adv_estimator": alg.adv_estimator,
+        "norm_adv_by_std_in_grpo": alg.norm_adv_by_std_in_grpo,
+        "gamma": alg.gamma,
+    }
