@@ -129,7 +129,11 @@ def sweep_command(
         int, typer.Option(min=1, help="Trials at a time, each in its own process.")
     ] = 1,
     executor: Annotated[
-        Executor, typer.Option(help="local, or ray (needs Ray installed and a cluster).")
+        Executor,
+        typer.Option(
+            help="local, or ray: each trial a Ray task (pip install 'rcx[ray]'; joins a running "
+            "local instance or starts one unless --ray-address is given)."
+        ),
     ] = Executor.local,
     ray_address: Annotated[
         str | None, typer.Option(help="Ray cluster address, e.g. ray://head:10001 or auto.")
