@@ -326,11 +326,15 @@ def advantage_source(stack: DumpStack, estimator: str | None = None) -> Advantag
             f"({' | '.join(OUTCOME_ESTIMATORS)}), or replay without OPSM"
         )
     if chosen not in OUTCOME_ESTIMATORS:
+        why = (
+            "whose advantages need the critic's values, which a dump does not hold"
+            if chosen == "gae"
+            else "which rcx does not know"
+        )
         raise WhatifError(
             f"off_policy_mask_threshold: OPSM replay recomputes the advantages from the dumped "
             f"scores, which works for adv_estimator {', '.join(OUTCOME_ESTIMATORS)}; this run's "
-            f"adv_estimator is {chosen}, whose advantages need the critic's values, which a dump "
-            f"does not hold; replay without OPSM"
+            f"adv_estimator is {chosen!r}, {why}; replay without OPSM"
         )
     return AdvantageSource(
         estimator=chosen,

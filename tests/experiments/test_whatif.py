@@ -482,7 +482,7 @@ def test_opsm_replay_needs_outcome_advantages(tmp_path: Path) -> None:
     opsm_dump(tmp_path / "gae", **batch, advantage={"adv_estimator": "gae"})
     opsm_dump(tmp_path / "old", **batch)
     opsm = CorrectionSettings(off_policy_mask_threshold=0.5)
-    with pytest.raises(ValueError, match="adv_estimator is gae.*critic's values"):
+    with pytest.raises(ValueError, match="adv_estimator is 'gae'.*critic's values"):
         replay(load_dumps([tmp_path / "gae"]), [opsm])
     with pytest.raises(ValueError, match="do not record its adv_estimator.*--adv-estimator"):
         replay(load_dumps([tmp_path / "old"]), [opsm])
@@ -502,6 +502,8 @@ def test_opsm_replay_needs_outcome_advantages(tmp_path: Path) -> None:
         ],
     )
     assert clash.exit_code == 1 and "record adv_estimator=gae" in clash.output
+    with pytest.raises(ValueError, match="adv_estimator is 'grpo_typo'.*does not know"):
+        replay(load_dumps([tmp_path / "old"]), [opsm], adv_estimator="grpo_typo")
     assert "Traceback" not in clash.output
 
     no_scores = tmp_path / "no_scores"
