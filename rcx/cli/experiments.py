@@ -129,7 +129,11 @@ def sweep_command(
         int, typer.Option(min=1, help="Trials at a time, each in its own process.")
     ] = 1,
     executor: Annotated[
-        Executor, typer.Option(help="local, or ray (needs Ray installed and a cluster).")
+        Executor,
+        typer.Option(
+            help="local, or ray: each trial a Ray task (pip install 'rcx[ray]'; joins a running "
+            "local instance or starts one unless --ray-address is given)."
+        ),
     ] = Executor.local,
     ray_address: Annotated[
         str | None, typer.Option(help="Ray cluster address, e.g. ray://head:10001 or auto.")
@@ -317,17 +321,33 @@ def whatif_command(
         bool, typer.Option("--per-step", help="Also print every step of every config.")
     ] = False,
     output: FormatOpt = OutputFormat.text,
+    adv_estimator: Annotated[
+        str | None,
+        typer.Option(
+            "--adv-estimator",
+            help="OPSM replay of dumps that do not record the run's estimator: the run's "
+            "algorithm.adv_estimator (grpo, rloo or reinforce_plus_plus).",
+        ),
+    ] = None,
 ) -> None:
     """Replay correction configs over log-prob dumps offline, with no model.
 
     Prints, per config, per criterion, per step and overall: masked fractions, ESS, IS weight
-    mean/max and the truncated share.
+    mean/max, the truncated share and, with OPSM, the sequences and tokens it masks.
     The base is the correction config recorded in the dump; each --grid key (rollout_is,
-    rollout_is_threshold, rollout_is_batch_normalize, rollout_rs, rollout_rs_threshold, with or
-    without the algorithm.rollout_correction. prefix) varies it.
+    rollout_is_threshold, rollout_is_batch_normalize, rollout_rs, rollout_rs_threshold,
+    off_policy_mask_threshold, baseline_includes_rejected, with or without the
+    algorithm.rollout_correction. prefix) varies it. OPSM recomputes the advantages from the
+    dumped scores (grpo, rloo, reinforce_plus_plus; not gae, which needs the critic).
     """
     from rcx.experiments.sweep import SweepError, parse_grid
-    from rcx.experiments.whatif import CORRECTION_KEYS, build_settings, replay, results_json
+    from rcx.experiments.whatif import (
+        CORRECTION_KEYS,
+        WhatifError,
+        build_settings,
+        replay,
+        results_json,
+    )
     from rcx.store.dumps import DumpError, load_dumps
 
     try:
@@ -347,7 +367,10 @@ def whatif_command(
             console.print(f"[bold red]invalid config[/] {esc(shown)}:")
             print_findings(findings)
         raise fail(f"{len(invalid)} invalid config(s); nothing was replayed")
-    results = replay(stack, configs)
+    try:
+        results = replay(stack, configs, adv_estimator)
+    except WhatifError as e:
+        raise fail(str(e)) from None
     if output is OutputFormat.json:
         print(json.dumps({"steps": stack.steps, "configs": results_json(results)}, indent=1))
         return
@@ -375,6 +398,8 @@ WHATIF_HEADERS = {
     "truncated_fraction": "truncated",
     "oob_fraction": "zeroed (band)",
     "norm_factor": "norm factor",
+    "opsm_seq_masked_fraction": "OPSM seq masked",
+    "opsm_masked_fraction": "OPSM masked",
 }
 
 

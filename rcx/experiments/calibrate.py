@@ -38,7 +38,7 @@ from rcx.algos.criteria import CRITERIA, resolve_rs_criteria
 from rcx.algos.losses import LOG_RATIO_BOUND
 from rcx.config.findings import TIGHT_LOG_RATIO
 from rcx.errors import RcxError
-from rcx.experiments.whatif import CorrectionSettings, Replayer, WhatifResult
+from rcx.experiments.whatif import IS_RS_KEYS, CorrectionSettings, Replayer, WhatifResult
 from rcx.store.dumps import DumpStack
 
 #: Rejection levels whose quantiles give the candidate RS bounds (share of units beyond it).
@@ -138,7 +138,7 @@ class Calibration:
 
     def overrides(self) -> list[str]:
         """The KEY=VALUE overrides that apply the proposal."""
-        return self.proposal.overrides()
+        return self.proposal.overrides(IS_RS_KEYS)  # calibrate proposes IS/RS only
 
 
 # --------------------------------------------------------------------------- statistics ---

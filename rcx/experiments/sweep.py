@@ -41,6 +41,7 @@ import copy
 import itertools
 import json
 import os
+import socket
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -454,6 +455,7 @@ class TrialResult:
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     error: str | None = None
     seconds: float = 0.0
+    worker: str | None = None  # where it ran: "host:pid", with the Ray task id under Ray
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -482,6 +484,7 @@ def call_trial(trial_fn: TrialFn, spec: TrialSpec) -> TrialResult:
         result = TrialResult(spec.name, "FAILED", error=f"{type(exc).__name__}: {exc}\n{tail}")
     result.name = spec.name
     result.seconds = result.seconds or round(time.perf_counter() - start, 3)
+    result.worker = result.worker or f"{socket.gethostname()}:{os.getpid()}"
     return result
 
 
@@ -606,6 +609,8 @@ def run_sweep(
     and re-raises ``KeyboardInterrupt`` after recording the interruption.
     """
     trial_fn = trial_fn or run_trainer_trial
+    if executor == "ray":
+        import_ray()  # a missing Ray is an error before any state or run is created
     bad = invalid_trials(plan)
     if bad:
         raise SweepError(f"{len(bad)} invalid trial(s): {', '.join(t.name for t in bad)}")
@@ -814,9 +819,20 @@ def import_ray() -> Any:
     except ImportError:
         raise SweepError(
             "--executor ray needs Ray, which is not installed (it is an optional extra): "
-            "pip install 'ray[default]', then start or point to a cluster with --ray-address"
+            "pip install 'rcx[ray]' (or pip install ray); without --ray-address a local Ray "
+            "instance is started, or pass a cluster's address (ray://head:10001, auto)"
         ) from None
     return ray
+
+
+def call_trial_in_ray(trial_fn: TrialFn, spec: TrialSpec) -> TrialResult:
+    """:func:`call_trial` as a Ray task: ``worker`` also names the Ray task that ran it."""
+    import ray
+
+    result = call_trial(trial_fn, spec)
+    task_id = ray.get_runtime_context().get_task_id()
+    result.worker = f"ray task {task_id} on {result.worker}"
+    return result
 
 
 def ray_resources(cfg: Any) -> dict[str, float]:
@@ -844,7 +860,7 @@ def run_on_ray(
     """
     ray = import_ray()
     ray.init(address=address, ignore_reinit_error=True)
-    remote_trial = ray.remote(call_trial)
+    remote_trial = ray.remote(call_trial_in_ray)
     pending = {
         remote_trial.options(**ray_resources(spec.config)).remote(trial_fn, spec): spec
         for spec in specs

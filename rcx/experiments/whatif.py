@@ -20,7 +20,23 @@ mask with a finite log-ratio, exactly as the correction counts them):
 ``oob_fraction``            IcePop band ``lo_hi`` instead of a cap: share of raw ratios outside
                             [lo, hi], whose weights are zeroed (``rollout_is_oob_ratio``)
 ``<criterion>/masked_fraction``, ``<criterion>/seq_masked_fraction``  the same, one criterion alone
+``opsm_seq_masked_fraction`` off-policy sequence masking (``off_policy_mask_threshold`` set): share
+                            of valid sequences OPSM masks (the trainer's
+                            ``rollout_corr/opsm_seq_masked_fraction``)
+``opsm_masked_fraction``    the share of valid tokens in those sequences
+                            (``rollout_corr/opsm_masked_fraction``)
 ==========================  ======================================================================
+
+OPSM needs each sequence's advantage sign. A dump holds no advantages, but it holds the outcome
+``scores``, the ``prompt_index`` and (since rcx records it) the run's ``adv_estimator``: for the
+outcome-only estimators (grpo, rloo, reinforce_plus_plus) the replay recomputes the advantages per
+step exactly as the trainer does (:func:`replay_advantages`), in decoupled mode leaving fully
+rejected sequences out of the group baselines when ``baseline_includes_rejected`` is false. gae's
+advantages need the critic's values, which a dump does not hold: OPSM replay of a gae run is an
+error (:class:`WhatifError`), as is a dump without a recorded estimator unless ``--adv-estimator``
+names it. The OPSM mask is the trainer's own :func:`~rcx.algos.correction.off_policy_sequence_mask`
+against the dumped training log-probs (pi_old in decoupled mode: the trainer's value exactly; in
+bypass mode the trainer logs the mean over micro-batches, the replay pools the step).
 
 Each per-step value equals the metric ``compute_rollout_correction`` reports when called on that
 step alone (tests check it). *Overall* pools every token (and sequence) of every step for the
@@ -40,20 +56,32 @@ from typing import Any
 
 import torch
 
-from rcx.algos.correction import LogRatios, compute_rollout_correction
+from rcx.algos.advantages import compute_advantages, token_rewards_from_scores
+from rcx.algos.correction import (
+    LogRatios,
+    compute_rollout_correction,
+    off_policy_sequence_mask,
+)
 from rcx.algos.criteria import check_is_threshold, parse_rs_thresholds, split_threshold_entries
 from rcx.config.findings import Finding
 from rcx.config.loading import validate_raw
+from rcx.errors import RcxError
 from rcx.store.dumps import DumpStack
 
-#: The correction settings a what-if can vary (leaf names of algorithm.rollout_correction).
-CORRECTION_KEYS = (
+#: The IS/RS settings, as :func:`compute_rollout_correction` takes them.
+IS_RS_KEYS = (
     "rollout_is",
     "rollout_is_threshold",
     "rollout_is_batch_normalize",
     "rollout_rs",
     "rollout_rs_threshold",
 )
+#: The off-policy sequence masking settings (OPSM's delta; who counts in group baselines).
+OPSM_KEYS = ("off_policy_mask_threshold", "baseline_includes_rejected")
+#: The correction settings a what-if can vary (leaf names of algorithm.rollout_correction).
+CORRECTION_KEYS = IS_RS_KEYS + OPSM_KEYS
+#: The advantage estimators a dump's scores and prompt_index determine (no critic values).
+OUTCOME_ESTIMATORS = ("grpo", "rloo", "reinforce_plus_plus")
 RC_PREFIX = "algorithm.rollout_correction."
 STAT_KEYS = (
     "masked_fraction",
@@ -63,7 +91,13 @@ STAT_KEYS = (
     "weight_max",
     "truncated_fraction",
     "oob_fraction",
+    "opsm_seq_masked_fraction",
+    "opsm_masked_fraction",
 )
+
+
+class WhatifError(RcxError, ValueError):
+    """A what-if cannot be replayed as asked; the message says what is missing and the way out."""
 
 
 # --------------------------------------------------------------------------------- settings ---
@@ -71,15 +105,22 @@ STAT_KEYS = (
 
 @dataclass(frozen=True)
 class CorrectionSettings:
-    """The five correction keys of one what-if config, as ``compute_rollout_correction`` takes them."""
+    """The correction keys of one what-if config (:data:`CORRECTION_KEYS`)."""
 
     rollout_is: str | None = None
     rollout_is_threshold: float | str = 2.0  # a cap C, or an IcePop band "lo_hi"
     rollout_is_batch_normalize: bool = False
     rollout_rs: str | None = None
     rollout_rs_threshold: str | float | None = None
+    off_policy_mask_threshold: float | None = None  # OPSM delta; None: off
+    baseline_includes_rejected: bool = True
 
     def kwargs(self) -> dict[str, Any]:
+        """The IS/RS keys, as ``compute_rollout_correction`` takes them."""
+        return {k: getattr(self, k) for k in IS_RS_KEYS}
+
+    def config(self) -> dict[str, Any]:
+        """Every key of the config (``--format json``'s ``config``)."""
         return {k: getattr(self, k) for k in CORRECTION_KEYS}
 
     @property
@@ -93,12 +134,17 @@ class CorrectionSettings:
             parts.append(f"is={self.rollout_is}{norm} {bound}")
         if self.rollout_rs:
             parts.append(f"rs={self.rollout_rs}@{self.rollout_rs_threshold}")
+        if self.off_policy_mask_threshold is not None:
+            parts.append(f"opsm={self.off_policy_mask_threshold:g}")
+            if not self.baseline_includes_rejected:
+                parts.append("baseline-excludes-rejected")
         return " ".join(parts) or "no correction"
 
-    def overrides(self) -> list[str]:
-        """The KEY=VALUE overrides that select this config in ``rcx train``."""
+    def overrides(self, keys: Sequence[str] = CORRECTION_KEYS) -> list[str]:
+        """The KEY=VALUE overrides that select this config in ``rcx train`` (``keys`` only: a
+        proposal about IS/RS alone passes :data:`IS_RS_KEYS`, leaving a run's OPSM as it is)."""
         out = []
-        for key in CORRECTION_KEYS:
+        for key in keys:
             value = getattr(self, key)
             text = (
                 "null"
@@ -129,16 +175,20 @@ def settings_from_config(rc: Any) -> CorrectionSettings:
     """Settings from a rollout_correction config object or dict."""
 
     def get(k: str) -> Any:
-        return rc.get(k) if isinstance(rc, Mapping) else getattr(rc, k)
+        default = getattr(CorrectionSettings, k)
+        return rc.get(k, default) if isinstance(rc, Mapping) else getattr(rc, k, default)
 
     rs = get("rollout_rs")
     threshold = get("rollout_is_threshold")
+    delta = get("off_policy_mask_threshold")
     return CorrectionSettings(
         rollout_is=get("rollout_is"),
         rollout_is_threshold=threshold if isinstance(threshold, str) else float(threshold),
         rollout_is_batch_normalize=bool(get("rollout_is_batch_normalize")),
         rollout_rs=",".join(rs) if isinstance(rs, list) else rs,
         rollout_rs_threshold=get("rollout_rs_threshold"),
+        off_policy_mask_threshold=None if delta is None else float(delta),
+        baseline_includes_rejected=bool(get("baseline_includes_rejected")),
     )
 
 
@@ -237,18 +287,145 @@ def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.where(den > 0, num / den.clamp_min(1e-300), torch.full_like(num, math.nan))
 
 
+# ------------------------------------------------------------------------------------- OPSM ---
+
+
+@dataclass(frozen=True)
+class AdvantageSource:
+    """How OPSM replay recomputes the advantages: the run's estimator and its settings."""
+
+    estimator: str  # one of OUTCOME_ESTIMATORS
+    norm_by_std: bool = True
+    gamma: float = 1.0
+
+
+def advantage_source(stack: DumpStack, estimator: str | None = None) -> AdvantageSource:
+    """The advantage settings OPSM replay uses: the dumps' record, or ``estimator`` where the dumps
+    record none (older dumps). Raises :class:`WhatifError` when the dumps lack scores or
+    prompt_index, when no estimator is known, when ``estimator`` contradicts the record, or when
+    the estimator is not outcome-only (gae needs the critic's values)."""
+    if stack.scores is None or stack.prompt_index is None:
+        raise WhatifError(
+            "off_policy_mask_threshold: OPSM replay needs each sequence's advantage, recomputed "
+            "from the dumps' scores and prompt_index, and these dumps lack them (or their length "
+            "does not match the batch); replay them without OPSM, or dump a new run with "
+            "trainer.dump_log_probs=true"
+        )
+    recorded = stack.advantage.get("adv_estimator")
+    if recorded is not None and estimator is not None and estimator != recorded:
+        raise WhatifError(
+            f"--adv-estimator {estimator}: the dumps record adv_estimator={recorded}; "
+            f"--adv-estimator is only for dumps that record none (leave it out)"
+        )
+    chosen = recorded or estimator
+    if chosen is None:
+        raise WhatifError(
+            "off_policy_mask_threshold: OPSM replay needs the run's advantages, and these dumps "
+            "do not record its adv_estimator (written before rcx recorded it); pass "
+            f"--adv-estimator with the run's algorithm.adv_estimator "
+            f"({' | '.join(OUTCOME_ESTIMATORS)}), or replay without OPSM"
+        )
+    if chosen not in OUTCOME_ESTIMATORS:
+        why = (
+            "whose advantages need the critic's values, which a dump does not hold"
+            if chosen == "gae"
+            else "which rcx does not know"
+        )
+        raise WhatifError(
+            f"off_policy_mask_threshold: OPSM replay recomputes the advantages from the dumped "
+            f"scores, which works for adv_estimator {', '.join(OUTCOME_ESTIMATORS)}; this run's "
+            f"adv_estimator is {chosen!r}, {why}; replay without OPSM"
+        )
+    return AdvantageSource(
+        estimator=chosen,
+        norm_by_std=bool(stack.advantage.get("norm_adv_by_std_in_grpo", True)),
+        gamma=float(stack.advantage.get("gamma", 1.0)),
+    )
+
+
+def replay_advantages(
+    stack: DumpStack, source: AdvantageSource, in_baseline: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The ``(N, T)`` advantages the trainer computed, step by step, from the dumped scores.
+
+    Each step is one training batch: grpo/rloo groups are that step's prompt_index, and
+    reinforce_plus_plus whitens over that step's tokens. ``in_baseline`` ``(N,)`` bool names the
+    sequences that count in group baselines (None: all), as in the trainer's stage 8.
+    """
+    assert stack.scores is not None and stack.prompt_index is not None
+    parts = []
+    for k in range(stack.num_steps):
+        sl = stack.step_slice(k)
+        scores, mask = stack.scores[sl], stack.response_mask[sl]
+        advantages, _ = compute_advantages(
+            source.estimator,
+            scores,
+            token_rewards_from_scores(scores, mask),
+            mask,
+            stack.prompt_index[sl],
+            gamma=source.gamma,
+            norm_by_std=source.norm_by_std,
+            in_baseline=None if in_baseline is None else in_baseline[sl],
+        )
+        parts.append(advantages)
+    return torch.cat(parts)
+
+
+def is_bypass(stack: DumpStack) -> bool:
+    """Whether the dumped run corrected in bypass mode (the dump's mode, else its config)."""
+    if stack.mode is not None:
+        return stack.mode == "bypass"
+    return bool(stack.rollout_correction.get("bypass_mode", False))
+
+
 class Replayer:
     """Replays configs over one :class:`DumpStack`, caching what configs share.
 
     Single-criterion rejection masks are cached by (criterion, threshold entry), so a grid that
-    varies one criterion's bound pays for the others once.
+    varies one criterion's bound pays for the others once. ``adv_estimator`` names the run's
+    estimator for OPSM replay of dumps that record none (:func:`advantage_source`).
     """
 
-    def __init__(self, stack: DumpStack) -> None:
+    def __init__(self, stack: DumpStack, adv_estimator: str | None = None) -> None:
         self.stack = stack
         self.shared = shared_quantities(stack)
         self._correct = compute_rollout_correction
         self._criterion_cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._adv_estimator = adv_estimator
+        self._advantages: dict[bytes | None, torch.Tensor] = {}
+
+    def advantages(self, in_baseline: torch.Tensor | None) -> torch.Tensor:
+        """:func:`replay_advantages` for these baseline members, cached by them."""
+        key = None if in_baseline is None else in_baseline.numpy().tobytes()
+        if key not in self._advantages:
+            source = advantage_source(self.stack, self._adv_estimator)
+            self._advantages[key] = replay_advantages(self.stack, source, in_baseline)
+        return self._advantages[key]
+
+    def opsm_totals(
+        self, settings: CorrectionSettings, rs_mask: torch.Tensor
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """(numerator, denominator) per step of the two OPSM fractions for one config.
+
+        ``rs_mask`` is the config's correction mask: in decoupled mode, with
+        ``baseline_includes_rejected: false``, the sequences it empties leave the baselines.
+        """
+        stack, sh = self.stack, self.shared
+        in_baseline = None
+        if not settings.baseline_includes_rejected and not is_bypass(stack):
+            in_baseline = rs_mask.sum(-1) > 0  # (N,)
+        keep, _ = off_policy_sequence_mask(
+            stack.train_log_probs,
+            stack.rollout_log_probs,
+            stack.response_mask,
+            self.advantages(in_baseline),
+            float(settings.off_policy_mask_threshold),  # type: ignore[arg-type]
+        )
+        masked = ~keep & sh.seq_valid  # (N,)
+        return {
+            "opsm_seq_masked_fraction": (_per_step(stack, masked), sh.seqs_per_step),
+            "opsm_masked_fraction": (_per_step(stack, sh.counts * masked), sh.tokens_per_step),
+        }
 
     def _run(self, **kwargs: Any) -> Any:
         s = self.stack
@@ -319,6 +496,9 @@ class Replayer:
                 out = ((s_i > log_c) | (s_i < log_lo)) & sh.seq_valid
                 totals[stat] = (_per_step(stack, out), sh.seqs_per_step)
 
+        if settings.off_policy_mask_threshold is not None:
+            totals.update(self.opsm_totals(settings, result.mask))
+
         for name, (num, den) in totals.items():
             per_step[name] = _safe_div(num, den)
         overall = {
@@ -339,9 +519,14 @@ class Replayer:
         )
 
 
-def replay(stack: DumpStack, configs: Sequence[CorrectionSettings]) -> list[WhatifResult]:
-    """:class:`Replayer` over every config, in order."""
-    replayer = Replayer(stack)
+def replay(
+    stack: DumpStack, configs: Sequence[CorrectionSettings], adv_estimator: str | None = None
+) -> list[WhatifResult]:
+    """:class:`Replayer` over every config, in order. Raises :class:`WhatifError` before
+    replaying anything when a config asks for OPSM and the dumps cannot give its advantages."""
+    if any(s.off_policy_mask_threshold is not None for s in configs):
+        advantage_source(stack, adv_estimator)
+    replayer = Replayer(stack, adv_estimator)
     return [replayer.replay(s) for s in configs]
 
 
@@ -367,7 +552,7 @@ def results_json(results: Sequence[WhatifResult]) -> list[dict[str, Any]]:
     """Plain data for ``--format json``: one object per config."""
     return [
         {
-            "config": r.settings.kwargs(),
+            "config": r.settings.config(),
             "label": r.settings.label,
             "overrides": r.settings.overrides(),
             "overall": r.overall,

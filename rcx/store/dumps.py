@@ -14,6 +14,9 @@ With ``trainer.dump_log_probs: true`` the trainer writes ``<run dir>/log_probs/s
     prompt_index       (B,)   int32     which prompt of the step each response answers
     scores             (B,)   float32   the outcome reward
     rollout_correction dict             the algorithm.rollout_correction config in force
+    advantage          dict             (optional) how the run computed advantages: adv_estimator,
+                                        norm_adv_by_std_in_grpo, gamma (what-if's OPSM replay
+                                        recomputes outcome-only advantages from scores with it)
 
 Log-probs are kept in float32: a log-ratio of 1e-3 would not survive float16 rounding.
 """
@@ -44,8 +47,11 @@ def write_dump(
     prompt_index: torch.Tensor,
     scores: torch.Tensor,
     rollout_correction: Mapping[str, Any],
+    advantage: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write one step's dump as ``folder/step_<step:06d>.pt`` (atomically); returns its path."""
+    """Write one step's dump as ``folder/step_<step:06d>.pt`` (atomically); returns its path.
+
+    ``advantage`` (the run's advantage settings) is stored only when given."""
     path = Path(folder) / f"step_{step:06d}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -59,6 +65,8 @@ def write_dump(
         "scores": scores.detach().float().cpu(),
         "rollout_correction": dict(rollout_correction),
     }
+    if advantage is not None:
+        payload["advantage"] = dict(advantage)
     tmp = path.with_suffix(".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)
@@ -74,6 +82,8 @@ class DumpStack:
     """Every dumped step stacked: row i of the ``(N, T)`` tensors belongs to ``steps[row_step[i]]``.
 
     Rows of shorter steps are padded with mask 0. ``sources`` lists the files read, in step order.
+    ``scores`` and ``prompt_index`` are None unless every dump holds them; ``mode`` and
+    ``advantage`` are the first dump's (None and empty when it does not record them).
     """
 
     train_log_probs: torch.Tensor  # (N, T) float32
@@ -83,6 +93,10 @@ class DumpStack:
     steps: list[int]
     sources: list[Path] = field(default_factory=list)
     rollout_correction: dict[str, Any] = field(default_factory=dict)  # the first dump's config
+    scores: torch.Tensor | None = None  # (N,) float32 outcome reward per row
+    prompt_index: torch.Tensor | None = None  # (N,) int64 prompt of the row within its step
+    mode: str | None = None  # "decoupled" | "bypass"
+    advantage: dict[str, Any] = field(default_factory=dict)  # the first dump's advantage settings
 
     @property
     def num_steps(self) -> int:
@@ -167,6 +181,7 @@ def load_dumps(paths: Iterable[str | Path]) -> DumpStack:
         rollout.append(torch.nn.functional.pad(d["rollout_log_probs"].float(), (0, pad)))
         mask.append(torch.nn.functional.pad(d["response_mask"].bool(), (0, pad)))
         row_step.append(torch.full((d["response_mask"].shape[0],), k, dtype=torch.int64))
+    first = dumps[0][0]
     return DumpStack(
         torch.cat(train),
         torch.cat(rollout),
@@ -174,8 +189,24 @@ def load_dumps(paths: Iterable[str | Path]) -> DumpStack:
         torch.cat(row_step),
         steps,
         [f for _, f in dumps],
-        dict(dumps[0][0].get("rollout_correction") or {}),
+        dict(first.get("rollout_correction") or {}),
+        scores=_stacked_rows([d for d, _ in dumps], "scores", torch.float32),
+        prompt_index=_stacked_rows([d for d, _ in dumps], "prompt_index", torch.int64),
+        mode=first.get("mode"),
+        advantage=dict(first.get("advantage") or {}),
     )
+
+
+def _stacked_rows(dumps: list[dict[str, Any]], key: str, dtype: torch.dtype) -> torch.Tensor | None:
+    """``key``'s ``(B,)`` vectors of every dump concatenated, or None when any dump lacks one of
+    the right length (older or hand-made dumps: only what-if's OPSM replay needs them)."""
+    rows = []
+    for d in dumps:
+        value = d.get(key)
+        if not isinstance(value, torch.Tensor) or value.shape != d["response_mask"].shape[:1]:
+            return None
+        rows.append(value.to(dtype))
+    return torch.cat(rows)
 
 
 def write_synthetic_dumps(

@@ -291,6 +291,7 @@ def dump_log_probs(
         prompt_index=prompt_index,
         scores=scores,
         rollout_correction=rc.model_dump(mode="json"),
+        advantage=advantage_settings(trainer.cfg.algorithm),
     )
     trainer.tracker.log_artifact(path, "log_probs")
     return path
@@ -311,3 +312,12 @@ def to_global_width(rollout: Any, world: World, pad_token_id: int) -> Any:
         if rollout.sampling_mask is None
         else pad_width(rollout.sampling_mask, width, True),
     )
+
+
+def advantage_settings(alg: Any) -> dict[str, Any]:
+    """The advantage settings a dump records (what-if's OPSM replay recomputes with them)."""
+    return {
+        "adv_estimator": alg.adv_estimator,
+        "norm_adv_by_std_in_grpo": alg.norm_adv_by_std_in_grpo,
+        "gamma": alg.gamma,
+    }

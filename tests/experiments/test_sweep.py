@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import types
 from pathlib import Path
 from typing import Any
@@ -448,6 +449,9 @@ class FakeRay(types.ModuleType):
     def cancel(self, ref: Any, force: bool = False) -> None:
         pass
 
+    def get_runtime_context(self) -> Any:
+        return types.SimpleNamespace(get_task_id=lambda: "fake-task")
+
 
 def crash_in_ray(spec: TrialSpec) -> TrialResult:
     if spec.name == "t01":
@@ -476,22 +480,34 @@ def test_ray_executor_submits_each_trial_with_its_resources(
     ]
     assert [(r.name, r.status) for r in recorded] == [("t00", "FINISHED"), ("t01", "FAILED")]
     assert "Ray task failed" in recorded[1].error
+    assert recorded[0].worker.startswith("ray task fake-task on ")
 
 
-def test_ray_missing_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ray_missing_is_a_clear_error_before_anything_is_created(
+    tmp_path: Path, mlflow_uri: str, run_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without Ray: one clear message naming the extra, and no sweep folder, state file or
+    MLflow parent run left behind."""
+    from mlflow.tracking import MlflowClient
+
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
-    with pytest.raises(SweepError, match="pip install 'ray\\[default\\]'"):
+    with pytest.raises(SweepError, match="pip install 'rcx\\[ray\\]'"):
         sweep_mod.import_ray()
     result = sweep_cli(
         tmp_path / "s",
-        'trainer.logger=["console"]',
+        f"trainer.tracking_uri={mlflow_uri}",
         "--grid",
         f"{IS_AXIS}=1.5,2.0",
         "--executor",
         "ray",
+        "--name",
+        run_name,
     )
     assert result.exit_code == 1
     assert "Ray, which is not installed" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "s").exists()
+    assert MlflowClient(tracking_uri=mlflow_uri).get_experiment_by_name(run_name) is None
 
 
 def test_ray_resources_follow_the_trial_config(tmp_path: Path) -> None:
@@ -502,18 +518,94 @@ def test_ray_resources_follow_the_trial_config(tmp_path: Path) -> None:
     assert ray_resources(load_config()) == {"num_cpus": 1.0, "num_gpus": 0.0}
 
 
-@pytest.mark.slow
-def test_real_ray_local_cluster(tmp_path: Path) -> None:
-    """Runs only where Ray is installed (it is not a dependency of rcx)."""
-    ray = pytest.importorskip("ray")
-    plan = plan_sweep(
-        base_raw(tmp_path, None), [parse_grid(f"{IS_AXIS}=1.5,2")], name="rr", out_dir=tmp_path
-    )
+#: The driver of the real-Ray test, run as ``python -c DRIVER rcx-args...``: it starts a local
+#: Ray instance (2 CPUs, no dashboard; RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 in its environment
+#: keeps every Ray process on 127.0.0.1), runs the rcx command line against it (the executor
+#: joins the running instance), stops Ray, and prints what the test checks.
+RAY_DRIVER = """
+import json, os, sys
+import ray
+ctx = ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+info = {"node_ip": ctx.address_info["node_ip_address"], "session": ctx.address_info["session_dir"]}
+info["pid"] = os.getpid()
+try:
+    from rcx.cli import app
     try:
-        outcome = run_sweep(plan, trial_fn=quick_ok, executor="ray", ray_address="local")
-    finally:
-        ray.shutdown()
-    assert [r.status for r in outcome.results.values()] == ["FINISHED", "FINISHED"]
+        app(args=sys.argv[1:], prog_name="rcx")
+    except SystemExit as exc:
+        info["exit"] = exc.code
+finally:
+    ray.shutdown()
+print("RAY-DRIVER " + json.dumps(info))
+"""
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Pids whose command line contains ``text`` (Linux /proc)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text in (entry / "cmdline").read_text(errors="replace"):
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.slow
+def test_real_ray_sweep_trains_two_trials_in_ray_workers(
+    tiny_config: Any, tmp_path: Path, mlflow_uri: str, run_name: str
+) -> None:
+    """``rcx sweep --executor ray`` against a real local Ray instance on 127.0.0.1: both trials
+    (2 training steps each) run as Ray tasks in worker processes, their MLflow runs are FINISHED
+    and nested under the sweep's parent run, and Ray's processes are gone afterwards."""
+    import subprocess
+
+    base = tiny_base_file(tiny_config, tmp_path)
+    repo = str(Path(__file__).resolve().parents[2])
+    env = {
+        **os.environ,
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # Linux too: bind to 127.0.0.1, not the LAN IP
+        "PYTHONPATH": os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p),
+    }
+    args = ["sweep", str(base), "--grid", f"{IS_AXIS}=1.5,3.0", "--executor", "ray"]
+    args += ["--name", run_name, "--out", str(tmp_path / "sweep")]
+    proc = subprocess.run(
+        [sys.executable, "-c", RAY_DRIVER, *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RAY-DRIVER ")]
+    assert lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    info = json.loads(lines[-1].removeprefix("RAY-DRIVER "))
+    assert info["exit"] == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert info["node_ip"] == "127.0.0.1"
+
+    state = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    trials = state["trials"]
+    assert [t["status"] for t in trials.values()] == ["FINISHED", "FINISHED"]
+    for t in trials.values():
+        worker = t["result"]["worker"]  # "ray task <id> on host:pid"
+        assert worker.startswith("ray task ") and " None " not in worker, worker
+        assert int(worker.rsplit(":", 1)[1]) != info["pid"]  # a Ray worker, not the driver
+    runs = runs_of(mlflow_uri, state["parent_run_id"])  # children: tags.mlflow.parentRunId
+    assert set(runs) == {"parent", f"{run_name}-t00", f"{run_name}-t01"}
+    assert {r.info.status for r in runs.values()} == {"FINISHED"}
+    for name in ("t00", "t01"):
+        child = runs[f"{run_name}-{name}"]
+        assert child.info.run_id == trials[name]["result"]["run_id"]
+        assert "val/reward_mean" in child.data.metrics
+
+    # ray.shutdown() stopped the instance the driver started: no process of its session is left.
+    session = Path(info["session"]).name
+    for _ in range(50):
+        if not processes_mentioning(session):
+            break
+        time.sleep(0.2)
+    assert processes_mentioning(session) == []
 
 
 def quick_ok(spec: TrialSpec) -> TrialResult:

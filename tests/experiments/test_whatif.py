@@ -334,3 +334,260 @@ def test_whatif_cli_sweeps_bands_given_as_typed(dumps: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "band=0.5_2" in result.output and "band=0.2_5" in result.output
     assert "C=2" in result.output
+
+
+# ------------------------------------------------------------------------ OPSM replay ---------
+
+
+def opsm_dump(
+    folder: Path,
+    train: list[list[float]],
+    mask: list[list[int]],
+    scores: list[float],
+    prompt_index: list[int],
+    *,
+    mode: str = "decoupled",
+    rollout_correction: dict | None = None,
+    advantage: dict | None = None,
+    step: int = 1,
+) -> Path:
+    """One step whose rollout log-probs are all -1: a token's log-ratio is train + 1."""
+    from rcx.store.dumps import write_dump
+
+    train_t = torch.tensor(train)
+    return write_dump(
+        folder,
+        step,
+        mode=mode,
+        rollout_log_probs=torch.full_like(train_t, -1.0),
+        train_log_probs=train_t,
+        response_mask=torch.tensor(mask, dtype=torch.bool),
+        prompt_index=torch.tensor(prompt_index),
+        scores=torch.tensor(scores),
+        rollout_correction=rollout_correction or {},
+        advantage=advantage,
+    )
+
+
+GRPO = {"adv_estimator": "grpo", "norm_adv_by_std_in_grpo": True, "gamma": 1.0}
+
+
+def test_opsm_replay_on_a_hand_computed_batch(tmp_path: Path) -> None:
+    """Prompts 0 and 1, two responses each; grpo signs (+, -, -, +). Mean lp_rollout - lp_train:
+    seq 0 (1 token) 0, seq 1 1.0, seq 2 0.2, seq 3 2.0. With delta 0.5 only seq 1 (A < 0 and
+    1.0 > 0.5) is masked: 1 of 4 sequences, its 2 of 7 valid tokens. Seq 3 drifted further but
+    has A > 0; seq 2 has A < 0 but drifted less than delta."""
+    opsm_dump(
+        tmp_path,
+        train=[[-1.0, -1.0], [-2.0, -2.0], [-1.2, -1.2], [-3.0, -3.0]],
+        mask=[[1, 0], [1, 1], [1, 1], [1, 1]],
+        scores=[1.0, 0.0, 0.0, 1.0],
+        prompt_index=[0, 0, 1, 1],
+        advantage=GRPO,
+    )
+    stack = load_dumps([tmp_path])
+    on, loose = (
+        CorrectionSettings(off_policy_mask_threshold=0.5),
+        CorrectionSettings(off_policy_mask_threshold=1.5),
+    )
+    (result, result_loose, off) = replay(stack, [on, loose, CorrectionSettings()])
+    assert result.per_step["opsm_seq_masked_fraction"] == [pytest.approx(1 / 4)]
+    assert result.per_step["opsm_masked_fraction"] == [pytest.approx(2 / 7)]
+    assert result.overall["opsm_masked_fraction"] == pytest.approx(2 / 7)
+    assert result_loose.overall["opsm_seq_masked_fraction"] == 0.0  # 1.0 < 1.5: nothing masked
+    assert "opsm_seq_masked_fraction" not in off.overall
+    assert on.label == "opsm=0.5"
+
+
+def test_opsm_baseline_without_rejected_sequences_flips_a_sign(tmp_path: Path) -> None:
+    """One group, scores (0, 0.5, 1). RS token_k1 0.1_10 rejects seq 0 whole (ratio e^-5).
+    Everyone in the baseline: mean 0.5, seq 1's advantage is 0, so only seq 0 (A < 0, mean
+    log-ratio gap 5) is masked. Baseline without seq 0 (decoupled, baseline_includes_rejected:
+    false): mean 0.75, seq 1's A < 0 and its gap 1.0 > 0.5, so it is masked too. Bypass mode
+    ignores the setting (the trainer's baselines always count every sequence there)."""
+    common = dict(
+        train=[[-6.0, -6.0], [-2.0, -2.0], [-1.0, -1.0]],
+        mask=[[1, 1], [1, 1], [1, 1]],
+        scores=[0.0, 0.5, 1.0],
+        prompt_index=[0, 0, 0],
+        advantage=GRPO,
+    )
+    rs = dict(rollout_rs="token_k1", rollout_rs_threshold="0.1_10", off_policy_mask_threshold=0.5)
+    grid = [
+        CorrectionSettings(**rs, baseline_includes_rejected=True),
+        CorrectionSettings(**rs, baseline_includes_rejected=False),
+    ]
+    opsm_dump(tmp_path / "decoupled", **common, mode="decoupled")
+    opsm_dump(tmp_path / "bypass", **common, mode="bypass")
+    with_all, without = replay(load_dumps([tmp_path / "decoupled"]), grid)
+    assert with_all.overall["seq_masked_fraction"] == pytest.approx(1 / 3)  # RS: seq 0
+    assert with_all.overall["opsm_seq_masked_fraction"] == pytest.approx(1 / 3)
+    assert without.overall["opsm_seq_masked_fraction"] == pytest.approx(2 / 3)
+    bypass = replay(load_dumps([tmp_path / "bypass"]), grid)
+    assert [r.overall["opsm_seq_masked_fraction"] for r in bypass] == [pytest.approx(1 / 3)] * 2
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce_plus_plus"])
+def test_opsm_replay_matches_the_trainers_functions_per_step(tmp_path: Path, estimator) -> None:
+    """3 steps of different widths, random scores: each step's OPSM fractions equal
+    off_policy_sequence_mask's metrics on that step alone, with that step's advantages."""
+    from rcx.algos.advantages import compute_advantages, token_rewards_from_scores
+    from rcx.algos.correction import off_policy_sequence_mask
+
+    gen = torch.Generator().manual_seed(7)
+    record = {"adv_estimator": estimator, "norm_adv_by_std_in_grpo": False, "gamma": 0.9}
+    for step, width in ((1, 5), (2, 3), (3, 6)):
+        batch = 12
+        train = -1.0 + torch.randn(batch, width, generator=gen) * 0.8
+        lengths = torch.randint(1, width + 1, (batch,), generator=gen)
+        mask = (torch.arange(width)[None, :] < lengths[:, None]).int()
+        scores = torch.randint(0, 3, (batch,), generator=gen).float()
+        opsm_dump(
+            tmp_path,
+            train.tolist(),
+            mask.tolist(),
+            scores.tolist(),
+            (torch.arange(batch) // 4).tolist(),
+            advantage=record,
+            step=step,
+        )
+    stack = load_dumps([tmp_path])
+    (result,) = replay(stack, [CorrectionSettings(off_policy_mask_threshold=0.1)])
+    masked_any = 0.0
+    for k in range(stack.num_steps):
+        sl = stack.step_slice(k)
+        scores, mask = stack.scores[sl], stack.response_mask[sl]
+        adv, _ = compute_advantages(
+            estimator,
+            scores,
+            token_rewards_from_scores(scores, mask),
+            mask,
+            stack.prompt_index[sl],
+            gamma=0.9,
+            norm_by_std=False,
+        )
+        _, m = off_policy_sequence_mask(
+            stack.train_log_probs[sl], stack.rollout_log_probs[sl], mask, adv, 0.1
+        )
+        for stat in ("opsm_seq_masked_fraction", "opsm_masked_fraction"):
+            assert result.per_step[stat][k] == pytest.approx(m[P + stat]), (stat, k)
+        masked_any += m[P + "opsm_seq_masked_fraction"]
+    assert masked_any > 0  # the check is not vacuous
+
+
+def test_opsm_replay_needs_outcome_advantages(tmp_path: Path) -> None:
+    """gae, no recorded estimator, a contradicting --adv-estimator, no scores: each is a clear
+    error that replays nothing; --adv-estimator fills in an older dump's missing record."""
+    batch = dict(train=[[-2.0], [-1.0]], mask=[[1], [1]], scores=[0.0, 1.0], prompt_index=[0, 0])
+    opsm_dump(tmp_path / "gae", **batch, advantage={"adv_estimator": "gae"})
+    opsm_dump(tmp_path / "old", **batch)
+    opsm = CorrectionSettings(off_policy_mask_threshold=0.5)
+    with pytest.raises(ValueError, match="adv_estimator is 'gae'.*critic's values"):
+        replay(load_dumps([tmp_path / "gae"]), [opsm])
+    with pytest.raises(ValueError, match="do not record its adv_estimator.*--adv-estimator"):
+        replay(load_dumps([tmp_path / "old"]), [opsm])
+    (result,) = replay(load_dumps([tmp_path / "old"]), [opsm], adv_estimator="rloo")
+    assert result.overall["opsm_seq_masked_fraction"] == pytest.approx(1 / 2)
+    assert replay(load_dumps([tmp_path / "old"]), [CorrectionSettings()])  # no OPSM: no need
+    runner = CliRunner()
+    clash = runner.invoke(
+        app,
+        [
+            "whatif",
+            str(tmp_path / "gae"),
+            "-g",
+            "off_policy_mask_threshold=0.5",
+            "--adv-estimator",
+            "grpo",
+        ],
+    )
+    assert clash.exit_code == 1 and "record adv_estimator=gae" in clash.output
+    with pytest.raises(ValueError, match="adv_estimator is 'grpo_typo'.*does not know"):
+        replay(load_dumps([tmp_path / "old"]), [opsm], adv_estimator="grpo_typo")
+    assert "Traceback" not in clash.output
+
+    no_scores = tmp_path / "no_scores"
+    no_scores.mkdir()
+    data = torch.load(tmp_path / "old" / "step_000001.pt", weights_only=True)
+    del data["scores"]
+    torch.save(data, no_scores / "step_000001.pt")
+    response = runner.invoke(
+        app,
+        [
+            "whatif",
+            str(no_scores),
+            "-g",
+            "off_policy_mask_threshold=0.5",
+            "--adv-estimator",
+            "grpo",
+        ],
+    )
+    assert response.exit_code == 1, response.output
+    assert "lack them" in response.output and "Traceback" not in response.output
+
+
+def test_cli_whatif_sweeps_opsm_delta(tmp_path: Path) -> None:
+    opsm_dump(
+        tmp_path,
+        train=[[-1.0, -1.0], [-2.0, -2.0], [-1.2, -1.2], [-3.0, -3.0]],
+        mask=[[1, 0], [1, 1], [1, 1], [1, 1]],
+        scores=[1.0, 0.0, 0.0, 1.0],
+        prompt_index=[0, 0, 1, 1],
+        advantage=GRPO,
+    )
+    text = CliRunner().invoke(
+        app, ["whatif", str(tmp_path), "-g", "off_policy_mask_threshold=0.5,1.5", "--per-step"]
+    )
+    assert text.exit_code == 0, text.output
+    assert "#0: opsm=0.5" in text.output and "OPSM seq masked" in text.output
+    doc = json.loads(
+        CliRunner()
+        .invoke(
+            app,
+            [
+                "whatif",
+                str(tmp_path),
+                "-g",
+                "off_policy_mask_threshold=0.5,1.5",
+                "--format",
+                "json",
+            ],
+        )
+        .output
+    )
+    overall = [c["overall"]["opsm_seq_masked_fraction"] for c in doc["configs"]]
+    assert overall == [pytest.approx(0.25), 0.0]
+    assert doc["configs"][0]["config"]["off_policy_mask_threshold"] == 0.5
+    assert (
+        "algorithm.rollout_correction.off_policy_mask_threshold=0.5"
+        in doc["configs"][0]["overrides"]
+    )
+
+
+def test_whatif_replays_opsm_from_the_trainers_own_dumps(tiny_config) -> None:
+    """A real 2-step decoupled run with OPSM at delta 0: replaying its own config gives, per
+    step, exactly the OPSM fractions the trainer logged (the dump records scores, groups and
+    the estimator; decoupled OPSM runs once per batch against the dumped pi_old)."""
+    from rcx.train.trainer import train
+
+    cfg = tiny_config(
+        "grpo-multi-rs",
+        "trainer.dump_log_probs=true",
+        'trainer.logger=["console"]',
+        "algorithm.rollout_correction.bypass_mode=false",
+        "algorithm.rollout_correction.off_policy_mask_threshold=0.0",
+        "algorithm.rollout_correction.baseline_includes_rejected=false",
+        "actor_rollout_ref.rollout.dtype=bfloat16",
+    )
+    result = train(cfg)
+    assert result.status == "FINISHED"
+    stack = load_dumps([cfg.checkpoint_dir()])
+    assert stack.advantage["adv_estimator"] == "grpo" and stack.mode == "decoupled"
+    response = CliRunner().invoke(app, ["whatif", cfg.checkpoint_dir(), "--format", "json"])
+    assert response.exit_code == 0, response.output
+    own = json.loads(response.output)["configs"][0]
+    assert own["config"]["off_policy_mask_threshold"] == 0.0
+    for stat in ("opsm_seq_masked_fraction", "opsm_masked_fraction"):
+        logged = [v for _, v in sorted(result.history[P + stat])]
+        assert own["per_step"][stat] == pytest.approx(logged, rel=1e-6), stat
+    assert max(own["per_step"]["opsm_seq_masked_fraction"]) > 0  # OPSM had work to do
