@@ -69,14 +69,11 @@ from rcx.rollout.hf import eos_token_ids
 from rcx.store.checkpoint import (
     capture_rng_state,
     latest_checkpoint,
-    load_checkpoint,
-    read_meta,
     restore_rng_state,
     save_checkpoint,
 )
-from rcx.store.loggers import open_trackers
 from rcx.store.provenance import environment_params, environment_record
-from rcx.store.tracking import RunStatus, flatten_config, plot_history
+from rcx.store.tracking import RunStatus, abandon, flatten_config, plot_history
 from rcx.train.actor import Actor
 from rcx.train.critic import Critic, ValueModel
 from rcx.train.evaluate import score_rollout, validate
@@ -89,9 +86,16 @@ from rcx.train.metrics import (
     summary_table,
 )
 from rcx.train.pretrain import warm_start_metadata, warm_start_params, warm_start_shortfall
+from rcx.train.resume import (
+    apply_optim_changes,
+    last_logged_step,
+    load_with_fallback,
+    open_run_trackers,
+    plan_resume,
+    refuse_new_work_when_complete,
+)
 from rcx.train.setup import (
     configure_threads,
-    find_resume_checkpoint,
     load_data,
     load_policy,
     make_optimizer,
@@ -185,31 +189,22 @@ class Trainer:
         self.weights_dirty = False
         self._stop_requested = False
 
-        # Resume target first (cheap: only its meta.json), so that the MLflow run can be reopened
-        # and an unreachable server reported before anything heavy loads.
-        self.resume_path = find_resume_checkpoint(cfg, self.ckpt_dir)
-        resume_run_id = (
-            None if self.resume_path is None else read_meta(self.resume_path).get("mlflow_run_id")
-        )
-        t = cfg.trainer
-        self.tracker = open_trackers(
-            t.logger,
-            project_name=t.project_name,
-            experiment_name=t.experiment_name,
-            tracking_uri=t.tracking_uri,
-            run_dir=self.ckpt_dir,
-            resume_run_id=resume_run_id,
-            parent_run_id=parent_run_id,
-            tags=tags,
-        )
+        # Lock the folder and pick the resume target first (cheap: meta.json, config.yaml), so
+        # that a refused resume or an unreachable server is reported before anything heavy loads.
+        self.plan = plan_resume(cfg, self.ckpt_dir, warn=self._warn)
+        try:
+            self.tracker = open_run_trackers(cfg, self.plan, self.ckpt_dir, parent_run_id, tags)
+        except BaseException:
+            self.plan.lock.release()
+            raise
+        self.resume_path = self.plan.checkpoint
+        self.logged_through = last_logged_step(self.tracker)  # replayed steps are not re-logged
         self.console.print(self.tracker.describe(), markup=False, highlight=False)
         try:
             self._build()
-        except KeyboardInterrupt:
-            self.tracker.finish("KILLED")
-            raise
-        except BaseException:
-            self.tracker.finish("FAILED")
+        except BaseException as exc:  # a reopened run keeps the status it had
+            abandon(self.tracker, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            self.plan.lock.release()
             raise
 
     # ------------------------------------------------------------------ setup
@@ -260,6 +255,7 @@ class Trainer:
         self.eos_ids = torch.tensor(eos_token_ids(model, self.tokenizer))
         if self.resume_path is not None:
             self._restore(self.resume_path)
+            refuse_new_work_when_complete(self.step, self.total_steps, self.plan.changes)
 
     # ------------------------------------------------------------------ the loop
 
@@ -294,6 +290,7 @@ class Trainer:
         finally:
             restore_sigint(previous_handler)
             self.tracker.finish(status)
+            self.plan.lock.release()
         result = TrainResult(
             status=status,
             step=self.step,
@@ -397,9 +394,10 @@ class Trainer:
         )
 
     def _restore(self, path: Path) -> None:
-        ckpt = load_checkpoint(path, map_location=self.device)
-        state = ckpt.state
-        load_parts_state(state, path, self.actor, self.critic, self.engine)
+        ckpt = load_with_fallback(path, self.device, warn=self._warn)
+        state, self.resume_path = ckpt.state, ckpt.path
+        load_parts_state(state, ckpt.path, self.actor, self.critic, self.engine)
+        apply_optim_changes(self.plan.changes, self.actor, self.critic)
         restore_rng_state(state["rng"])
         extra = state.get("extra", {})
         for key, points in extra.get("history", {}).items():
@@ -431,7 +429,7 @@ class Trainer:
         )
         if self.resumed_from:
             self.console.print(f"resumed from step {self.resumed_from} ({esc(self.resume_path)})")
-        for note in notes:
+        for note in [*self.plan.notes(), *notes]:
             self.console.print(f"[yellow]{esc(note)}[/]")
 
     def _print_summary(self, result: TrainResult) -> None:
@@ -458,7 +456,11 @@ class Trainer:
         for key, value in clean.items():
             self.history[key].append((step, value))
         self.last_metrics = clean
-        self.tracker.log_metrics(clean, step=step)
+        if step > self.logged_through:  # a step replayed after a kill was logged already
+            self.tracker.log_metrics(clean, step=step)
+
+    def _warn(self, message: str) -> None:
+        self.console.print(f"[yellow]warning: {esc(message)}[/]", soft_wrap=True)
 
     def _plot_in_background(self) -> Future[Path | None]:
         """Start drawing ``metrics.png`` from the finished history in a thread, so that the
