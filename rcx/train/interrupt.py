@@ -26,3 +26,21 @@ def restore_sigint(previous: Any) -> None:
     if previous is not None:
         with suppress(ValueError):
             signal.signal(signal.SIGINT, previous)
+
+
+def hard_stop_message(step: int, saved: Any, latest: Any) -> str:
+    """The line after a second Ctrl-C: what was kept and where a resume starts.
+
+    ``step`` is the last completed step, ``saved`` the checkpoint just written (None when the
+    interrupted step had already changed the weights), ``latest`` the newest checkpoint."""
+    if saved is not None:
+        return f"stopped during step {step + 1}: checkpoint of step {step} saved in {saved}"
+    if latest is None:
+        return (
+            f"stopped during step {step + 1}, whose update was incomplete: nothing saved; "
+            f"a resume starts from step 1 (steps 1-{step} are run again)"
+        )
+    return (
+        f"stopped during step {step + 1}, whose update was incomplete: not saved; a resume "
+        f"starts from {latest} (the steps after it are run again, and not logged twice)"
+    )

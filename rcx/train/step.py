@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,6 +18,7 @@ from rcx.store.tracking import Tracker
 from rcx.train.actor import Actor
 from rcx.train.batch import StepBatch
 from rcx.train.critic import Critic
+from rcx.train.faults import check_update
 from rcx.train.metrics import (
     StageTimer,
     advantage_metrics,
@@ -44,6 +44,7 @@ class StepHost(Protocol):
     ckpt_dir: Path
     tracker: Tracker
     weights_dirty: bool
+    nonfinite_streak: int  # consecutive steps skipped for non-finite gradients
 
     def score(
         self, batch: Any, examples: Sequence[Any]
@@ -162,11 +163,9 @@ def train_step(trainer: StepHost, step: int) -> dict[str, float]:
     with timer("update_actor"):
         actor_metrics, epoch1_log_probs = trainer.actor.update(batch, step)
     metrics.update(actor_metrics)
-    if metrics.get("rollout_corr/skipped_update", 0.0) >= 1.0:
-        warnings.warn(
-            f"step {step}: rejection sampling masked every token; update skipped",
-            stacklevel=2,
-        )
+    trainer.nonfinite_streak = check_update(
+        step, metrics, trainer.nonfinite_streak, cfg.trainer.max_nonfinite_steps
+    )
 
     # 10. Critic update (gae).
     if trainer.critic is not None:

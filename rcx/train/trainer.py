@@ -38,7 +38,8 @@ Choices and simplifications, each deliberate:
 Ctrl-C: the first press finishes the current step, saves a checkpoint, marks the MLflow run
 KILLED and returns a :class:`TrainResult` with ``exit_code == 130``; a second press stops at once,
 and saves a checkpoint only if the interrupted step had not yet touched the weights (from its
-first update until it is logged, the weights belong to no completed step).
+first update until it is logged, the weights belong to no completed step), and says where a
+resume starts; a press while a checkpoint is written waits for it. Resume: :mod:`rcx.train.resume`.
 
 With ``trainer.dump_log_probs: true`` each step's log-probs are dumped (format in
 :mod:`rcx.store.dumps`).
@@ -77,7 +78,7 @@ from rcx.store.tracking import RunStatus, abandon, flatten_config, plot_history
 from rcx.train.actor import Actor
 from rcx.train.critic import Critic, ValueModel
 from rcx.train.evaluate import score_rollout, validate
-from rcx.train.interrupt import StopRequested, install_sigint, restore_sigint
+from rcx.train.interrupt import StopRequested, hard_stop_message, install_sigint, restore_sigint
 from rcx.train.metrics import (
     PlainProgress,
     progress_bar,
@@ -187,7 +188,8 @@ class Trainer:
         # True from a step's first weight update until its metrics are logged: the weights then
         # belong to no completed step, so a hard interrupt must not checkpoint them.
         self.weights_dirty = False
-        self._stop_requested = False
+        self._stop_requested = self._saving = False
+        self.nonfinite_streak = 0  # consecutive steps skipped for non-finite gradients
 
         # Lock the folder and pick the resume target first (cheap: meta.json, config.yaml), so
         # that a refused resume or an unreachable server is reported before anything heavy loads.
@@ -284,9 +286,9 @@ class Trainer:
             )
         except KeyboardInterrupt:
             status = "KILLED"
-            if not self.weights_dirty:
-                self._save()
-            self.console.print(f"[yellow]interrupted at step {self.step + 1}[/]")
+            saved = None if self.weights_dirty else self._save()
+            latest = latest_checkpoint(self.ckpt_dir)
+            self.console.print(f"[yellow]{esc(hard_stop_message(self.step, saved, latest))}[/]")
         finally:
             restore_sigint(previous_handler)
             self.tracker.finish(status)
@@ -376,6 +378,13 @@ class Trainer:
         """Checkpoint the completed step ``self.step`` (nothing before the first step)."""
         if self.step == 0:
             return None
+        self._saving = True  # a second Ctrl-C waits for the checkpoint (see _on_sigint)
+        try:
+            return self._write_checkpoint()
+        finally:
+            self._saving = False
+
+    def _write_checkpoint(self) -> Path:
         # With k = 1 every step refreshes the rollout copy first: its weights need no saving.
         keep_rollout = self.cfg.actor_rollout_ref.rollout.weight_sync_interval > 1
         state = parts_state(self.actor, self.critic, self.engine, keep_rollout)
@@ -477,8 +486,10 @@ class Trainer:
             self.tracker.log_artifact(png, "plots")
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
-        if self._stop_requested:
+        if self._stop_requested and not self._saving:
             raise KeyboardInterrupt
+        if self._stop_requested:
+            return  # saving the completed step: the save finishes first
         self._stop_requested = True
         self.console.print(
             "[yellow]Ctrl-C: finishing this step, then saving a checkpoint "

@@ -239,3 +239,27 @@ def test_disable_sets_the_earlier_run_aside_so_auto_resumes_the_new_one(tiny_con
     assert (aside / "global_step_1").is_dir() and (aside / RUN_FILE).is_file()
     resumed = train(tiny_config("grpo-rs-only"))
     assert resumed.run_id == fresh.run_id and resumed.resumed_from == 1
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_while_saving_waits_for_the_checkpoint(
+    tiny_config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import signal
+
+    original_step, original_save = trainer_mod.Trainer.train_step, trainer_mod.save_checkpoint
+
+    def first_press_in_step_2(self, step):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original_step(self, step)
+
+    def second_press_while_saving(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return original_save(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", first_press_in_step_2)
+    monkeypatch.setattr(trainer_mod, "save_checkpoint", second_press_while_saving)
+    killed = train(tiny_config("grpo-rs-only", "trainer.total_training_steps=3"))
+    assert killed.status == "KILLED" and killed.step == 2
+    assert killed.checkpoint is not None and killed.checkpoint.name == "global_step_2"
