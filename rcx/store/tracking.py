@@ -210,6 +210,7 @@ def check_reachable(uri: str, timeout_s: int = CHECK_TIMEOUT_S) -> None:
     """
     db = sqlite_path(uri)
     if db is not None:
+        check_sqlite_store(db)
         try:
             db.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -235,6 +236,37 @@ def check_reachable(uri: str, timeout_s: int = CHECK_TIMEOUT_S) -> None:
                 f"Start it (e.g. `mlflow server --host 127.0.0.1 --port 5000`), fix "
                 f"trainer.tracking_uri, or unset it to use the local store ./{DEFAULT_DB_NAME}."
             ) from exc
+
+
+#: The first bytes of every SQLite 3 database file.
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def sqlite_store_problem(db: Path) -> str | None:
+    """Why the existing path ``db`` cannot be an MLflow SQLite store (a folder, not an SQLite
+    file), or None when it can or does not exist yet. Reads 16 bytes: answers in milliseconds,
+    where MLflow retries for minutes or fails with a traceback."""
+    if db.is_dir():
+        return f"the MLflow store {db} is a folder, not an SQLite database file"
+    if not db.is_file():
+        return None  # absent (created later) or beyond a parent that is not a folder
+    try:
+        with open(db, "rb") as f:
+            header = f.read(len(SQLITE_HEADER))
+    except OSError as exc:
+        return f"the MLflow store {db} cannot be read: {exc}"
+    if header and header != SQLITE_HEADER:
+        return f"the MLflow store {db} is not an SQLite database (corrupt or another kind of file)"
+    return None
+
+
+def check_sqlite_store(db: Path) -> None:
+    """Raise :class:`TrackingError` with :func:`sqlite_store_problem` and what to do."""
+    if problem := sqlite_store_problem(db):
+        raise TrackingError(
+            f"{problem}; move it aside, or point trainer.tracking_uri (--tracking-uri) at "
+            f"another store"
+        )
 
 
 def seed_sqlite_store(db: Path) -> None:
