@@ -500,8 +500,10 @@ def calibrate_command(
     """
     from rcx.experiments.calibrate import CalibrationError, Targets, calibrate, plot_calibration
     from rcx.store.dumps import DumpError, load_dumps
+    from rcx.store.plots import FigurePathError, check_figure_path
 
     try:
+        check_figure_path(plot)
         stack = load_dumps(dumps)
         rc = stack.rollout_correction
         names = criteria if criteria is not None else (rc.get("rollout_rs") or "token_k1")
@@ -513,7 +515,7 @@ def calibrate_command(
             is_level=None if level == "none" else level,
             band=band,
         )
-    except (CalibrationError, DumpError, ValueError) as e:
+    except (CalibrationError, DumpError, FigurePathError, ValueError) as e:
         raise fail(str(e)) from None
     png = plot_calibration(cal, plot)
     met = cal.met

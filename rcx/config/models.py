@@ -571,6 +571,14 @@ class TrainerConfig(Section):
         False,
         description="Dump rollout and training log-probs per step (for rcx whatif/calibrate).",
     )
+    max_nonfinite_steps: int = Field(
+        5,
+        ge=1,
+        description=(
+            "Stop the run (FAILED) after this many consecutive steps in which non-finite "
+            "gradients prevented every optimiser step."
+        ),
+    )
 
     @field_validator("logger", mode="before")
     @classmethod
@@ -581,6 +589,15 @@ class TrainerConfig(Section):
 class CustomRewardConfig(Section):
     path: str | None = Field(None, description="Python file defining a custom reward function.")
     name: str = Field("compute_score", description="Name of the reward function in that file.")
+    timeout_s: float = Field(
+        600.0,
+        gt=0.0,
+        le=86400.0,
+        description=(
+            "Seconds the custom reward may take for one batch of responses; past it the run "
+            "stops FAILED."
+        ),
+    )
 
 
 # ------------------------------------------------------------------------------------- root ---

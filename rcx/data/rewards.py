@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import re
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -144,9 +145,15 @@ def load_custom_reward(path: str | Path, name: str = "compute_score") -> ScoreFn
 class RewardScorer:
     """Scores responses: the custom hook when configured, else the rule for the data_source."""
 
-    def __init__(self, custom_path: str | None = None, custom_name: str | None = None) -> None:
+    def __init__(
+        self,
+        custom_path: str | None = None,
+        custom_name: str | None = None,
+        timeout_s: float | None = None,
+    ) -> None:
         self.custom: ScoreFn | None = None
         self.custom_label = ""
+        self.timeout_s = timeout_s  # per batch, custom hook only (see score_responses)
         if custom_path:
             name = custom_name or "compute_score"
             self.custom = load_custom_reward(custom_path, name)
@@ -189,16 +196,50 @@ def score_responses(
     """
     if len(texts) != len(examples):
         raise ValueError(f"{len(texts)} responses but {len(examples)} examples")
-    scores, extras = [], []
-    for text, example in zip(texts, examples, strict=True):
-        score, extra = scorer.score(
-            example.data_source, text, example.ground_truth, example.extra_info
-        )
-        scores.append(score)
-        extras.append(extra)
+
+    def score_all() -> list[tuple[float, dict[str, float]]]:
+        return [
+            scorer.score(example.data_source, text, example.ground_truth, example.extra_info)
+            for text, example in zip(texts, examples, strict=True)
+        ]
+
+    timeout = getattr(scorer, "timeout_s", None) if getattr(scorer, "custom", None) else None
+    results = score_all() if timeout is None else call_with_timeout(score_all, timeout, scorer)
+    scores = [score for score, _ in results]
+    extras = [extra for _, extra in results]
     keys = sorted({k for extra in extras for k in extra})
     columns = {k: torch.tensor([e.get(k, 0.0) for e in extras]) for k in keys}
     return torch.tensor(scores, dtype=torch.float32), columns
+
+
+class RewardTimeoutError(RewardError):
+    """The custom reward did not return within ``custom_reward_function.timeout_s``."""
+
+
+def call_with_timeout(fn: Callable[[], Any], timeout_s: float, scorer: Any) -> Any:
+    """``fn()`` in a daemon worker thread; :class:`RewardTimeoutError` if it has not returned
+    after ``timeout_s`` seconds. A thread cannot be killed: a hung hook keeps its thread until
+    the process exits (the caller ends the run), but it never blocks the exit."""
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            outcome["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=work, name="rcx-reward", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        raise RewardTimeoutError(
+            f"custom reward {scorer.custom_label} did not return within "
+            f"custom_reward_function.timeout_s={timeout_s:g} s for a batch of responses; "
+            f"fix the hook (a loop, a network call) or raise the timeout"
+        )
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def parse_score(result: Any, label: str) -> tuple[float, dict[str, float]]:

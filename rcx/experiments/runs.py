@@ -58,10 +58,12 @@ def open_client(tracking_uri: str | None) -> Any:
     """An MLflow client for the store; a missing local SQLite database is an error, not created."""
     from mlflow.tracking import MlflowClient
 
-    from rcx.store.tracking import resolve_tracking_uri, sqlite_path
+    from rcx.store.tracking import resolve_tracking_uri, sqlite_path, sqlite_store_problem
 
     uri = resolve_tracking_uri(tracking_uri)
     db = sqlite_path(uri)
+    if db is not None and (problem := sqlite_store_problem(db)):
+        raise RunsError(f"{problem}; move it aside or pass another --tracking-uri")
     if db is not None and not db.is_file():
         raise RunsError(
             f"no MLflow store at {db}; run from the folder holding mlflow.db or pass "

@@ -397,6 +397,12 @@ def read_sweep_file(path: Path) -> SweepFile:
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
         raise SweepError(f"--sweep {path}: 'overrides' must be a list of KEY=VALUE strings")
     config = data.get("config")
+    for key in ("name", "preset", "config", "metric"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise SweepError(
+                f"--sweep {path}: {key!r} must be a string, got {type(data[key]).__name__} "
+                f"{data[key]!r}"
+            )
     mode = data.get("mode")
     if mode is not None and mode not in ("max", "min"):
         raise SweepError(f"--sweep {path}: mode must be max or min, got {mode!r}")
@@ -609,13 +615,13 @@ def run_sweep(
     and re-raises ``KeyboardInterrupt`` after recording the interruption.
     """
     trial_fn = trial_fn or run_trainer_trial
-    if executor == "ray":
-        import_ray()  # a missing Ray is an error before any state or run is created
     bad = invalid_trials(plan)
     if bad:
         raise SweepError(f"{len(bad)} invalid trial(s): {', '.join(t.name for t in bad)}")
     if parallel < 1:
         raise SweepError(f"--parallel must be >= 1, got {parallel}")
+    if executor == "ray":
+        require_ray()  # before the state file and the parent run exist
     clash = name_clash(plan, resume)
     if clash:
         raise SweepError(clash)
@@ -812,16 +818,28 @@ def _process_main(trial_fn: TrialFn, spec: TrialSpec, path: Path) -> None:
 # ------------------------------------------------------------------------------------- ray ---
 
 
+RAY_MISSING = (
+    "--executor ray needs Ray, which is not installed (it is an optional extra): "
+    "pip install 'rcx[ray]' (or pip install ray); without --ray-address a local Ray "
+    "instance is started, or pass a cluster's address (ray://head:10001, auto)"
+)
+
+
+def require_ray() -> None:
+    """Raise :class:`SweepError` saying how to get Ray when it is not installed (checked with
+    ``find_spec``, without importing it)."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise SweepError(RAY_MISSING)
+
+
 def import_ray() -> Any:
     """``import ray``, or a :class:`SweepError` that says how to get it."""
     try:
         import ray
     except ImportError:
-        raise SweepError(
-            "--executor ray needs Ray, which is not installed (it is an optional extra): "
-            "pip install 'rcx[ray]' (or pip install ray); without --ray-address a local Ray "
-            "instance is started, or pass a cluster's address (ray://head:10001, auto)"
-        ) from None
+        raise SweepError(RAY_MISSING) from None
     return ray
 
 

@@ -142,19 +142,83 @@ def read_dump(path: Path) -> dict[str, Any]:
         raise DumpError(f"dump {path}: not a readable torch dump ({exc})") from None
     if not isinstance(data, Mapping):
         raise DumpError(f"dump {path}: expected a dict, got {type(data).__name__}")
-    missing = [
-        k for k in ("train_log_probs", "rollout_log_probs", "response_mask") if k not in data
-    ]
+    missing = [k for k in TENSOR_FIELDS if k not in data]
     if missing:
         raise DumpError(
             f"dump {path}: missing {', '.join(missing)} (has {', '.join(map(str, data))}); "
             f"expected a trainer.dump_log_probs file"
         )
-    shapes = {k: tuple(data[k].shape) for k in ("train_log_probs", "rollout_log_probs")}
-    shapes["response_mask"] = tuple(data["response_mask"].shape)
+    check_dump_schema(data, path)
+    return dict(data)
+
+
+#: The ``(B, T)`` tensors every dump holds.
+TENSOR_FIELDS = ("train_log_probs", "rollout_log_probs", "response_mask")
+
+
+def check_dump_schema(data: Mapping[str, Any], path: Path) -> None:
+    """Raise :class:`DumpError` naming ``path`` and the field when ``data`` is not a usable dump:
+    the three fields tensors of one non-empty ``(B, T)`` shape, log-probs floating point and not
+    all NaN/inf on the response tokens, a mask that selects at least one token, ``step`` a
+    non-negative int, ``rollout_correction`` a mapping of valid correction settings."""
+    for name in TENSOR_FIELDS:
+        value = data[name]
+        if not isinstance(value, torch.Tensor):
+            raise DumpError(
+                f"dump {path}: field {name} is {type(value).__name__}, expected a (B, T) tensor"
+            )
+    shapes = {k: tuple(data[k].shape) for k in TENSOR_FIELDS}
     if len(set(shapes.values())) != 1 or len(shapes["response_mask"]) != 2:
         raise DumpError(f"dump {path}: tensors must share one (B, T) shape, got {shapes}")
-    return dict(data)
+    if 0 in shapes["response_mask"]:
+        raise DumpError(
+            f"dump {path}: fields {', '.join(TENSOR_FIELDS)} have shape "
+            f"{shapes['response_mask']}: no responses or no tokens"
+        )
+    mask = data["response_mask"]
+    if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+        raise DumpError(f"dump {path}: field response_mask must hold 0/1 (or bool) values")
+    if not bool(mask.bool().any()):
+        raise DumpError(f"dump {path}: field response_mask selects no token (all zero)")
+    for name in ("train_log_probs", "rollout_log_probs"):
+        values = data[name]
+        if not values.is_floating_point():
+            raise DumpError(
+                f"dump {path}: field {name} is {values.dtype}, expected float log-probs"
+            )
+        if not bool(torch.isfinite(values[mask.bool()]).any()):
+            raise DumpError(f"dump {path}: field {name} is NaN or inf on every response token")
+    step = data.get("step", 0)
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise DumpError(
+            f"dump {path}: field step is {step!r} ({type(step).__name__}), expected an int >= 0"
+        )
+    _check_rollout_correction(data.get("rollout_correction", {}), path)
+
+
+def _check_rollout_correction(rc: Any, path: Path) -> None:
+    """``rollout_correction`` must be a mapping that validates as algorithm.rollout_correction."""
+    if rc is None:
+        return
+    if not isinstance(rc, Mapping):
+        raise DumpError(
+            f"dump {path}: field rollout_correction is {type(rc).__name__}, expected a mapping "
+            f"of algorithm.rollout_correction keys"
+        )
+    from pydantic import ValidationError
+
+    from rcx.config.models import RolloutCorrectionConfig
+
+    try:
+        RolloutCorrectionConfig.model_validate(dict(rc))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field_name = (
+            f"rollout_correction.{first['loc'][0]}" if first["loc"] else "rollout_correction"
+        )
+        raise DumpError(
+            f"dump {path}: field {field_name} = {first.get('input')!r}: {first['msg']}"
+        ) from None
 
 
 def load_dumps(paths: Iterable[str | Path]) -> DumpStack:
@@ -163,8 +227,6 @@ def load_dumps(paths: Iterable[str | Path]) -> DumpStack:
     dumps = [(read_dump(f), f) for f in files]
     for i, (d, f) in enumerate(dumps):
         d.setdefault("step", i + 1)
-        if not isinstance(d["step"], int):
-            d["step"] = int(d["step"])
         d["_file"] = f
     dumps.sort(key=lambda df: df[0]["step"])
     steps = [d["step"] for d, _ in dumps]

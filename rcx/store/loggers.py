@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rcx.store.tracking import RunStatus, Tracker, TrackingError, open_tracker
+from rcx.store.tracking import RunStatus, Tracker, TrackingError, abandon, open_tracker
 
 #: Logger name -> (the module it needs, the rcx extra that installs it).
 OPTIONAL_LOGGERS: dict[str, tuple[str, str]] = {
@@ -287,6 +287,17 @@ class MultiTracker:
         for tracker in (*self.extras, self.primary):
             tracker.finish(status)
 
+    def abandon(self, status: RunStatus = "FAILED") -> None:
+        """Finish the extras with ``status``; the primary keeps a reopened run's status."""
+        for tracker in self.extras:
+            tracker.finish(status)
+        abandon(self.primary, status)
+
+    def last_logged_step(self, keys: Sequence[str]) -> int:
+        """The primary's highest logged step (-1 without one that can tell)."""
+        query = getattr(self.primary, "last_logged_step", None)
+        return -1 if query is None else query(keys)
+
 
 def open_trackers(
     logger: Sequence[str],
@@ -317,5 +328,5 @@ def open_trackers(
             primary, logger, run_dir=run_dir, project=project_name, run_name=experiment_name
         )
     except BaseException:
-        primary.finish("FAILED")
+        abandon(primary)  # a reopened run keeps its status: this invocation never trained
         raise

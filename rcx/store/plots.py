@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rcx.errors import RcxError
+
 
 def panel_grid(
     count: int, max_cols: int = 2, panel_size: tuple[float, float] = (5.0, 3.0)
@@ -43,3 +45,25 @@ def save_figure(fig: Any, path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+#: Image formats ``--plot`` may name (matplotlib writes each from the file's suffix).
+FIGURE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+
+
+class FigurePathError(RcxError, ValueError):
+    """A figure path whose format matplotlib cannot write."""
+
+
+def check_figure_path(path: Path, option: str = "--plot") -> None:
+    """Raise :class:`FigurePathError` unless ``path`` ends in one of :data:`FIGURE_SUFFIXES`
+    and is not a folder (checked before any work, so that a long run does not end in it)."""
+    if Path(path).suffix.lower() not in FIGURE_SUFFIXES:
+        raise FigurePathError(
+            f"{option} {path}: cannot write a figure as {Path(path).suffix or 'a file without a suffix'}; "
+            f"accepted: a path ending in {', '.join(FIGURE_SUFFIXES)}"
+        )
+    if Path(path).is_dir():
+        raise FigurePathError(
+            f"{option} {path} is a folder; give a file name such as {path}/plot.png"
+        )

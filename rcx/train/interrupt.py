@@ -48,3 +48,21 @@ def ignore_sigterm() -> None:
     """Ignore SIGTERM until :func:`restore_sigint` (while the run's final status is written)."""
     with suppress(ValueError):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def hard_stop_message(step: int, saved: Any, latest: Any) -> str:
+    """The line after a second Ctrl-C: what was kept and where a resume starts.
+
+    ``step`` is the last completed step, ``saved`` the checkpoint just written (None when the
+    interrupted step had already changed the weights), ``latest`` the newest checkpoint."""
+    if saved is not None:
+        return f"stopped during step {step + 1}: checkpoint of step {step} saved in {saved}"
+    if latest is None:
+        return (
+            f"stopped during step {step + 1}, whose update was incomplete: nothing saved; "
+            f"a resume starts from step 1 (steps 1-{step} are run again)"
+        )
+    return (
+        f"stopped during step {step + 1}, whose update was incomplete: not saved; a resume "
+        f"starts from {latest} (the steps after it are run again, and not logged twice)"
+    )

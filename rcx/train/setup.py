@@ -157,7 +157,8 @@ def load_data(cfg: RcxConfig, tokenizer: Any) -> tuple[Any, Any, Any]:
     from rcx.data.rewards import RewardScorer
     from rcx.data.tasks import load_prompts
 
-    scorer = RewardScorer(cfg.custom_reward_function.path, cfg.custom_reward_function.name)
+    reward = cfg.custom_reward_function
+    scorer = RewardScorer(reward.path, reward.name, timeout_s=reward.timeout_s)
     common = dict(
         max_prompt_length=cfg.data.max_prompt_length,
         prompt_key=cfg.data.prompt_key,

@@ -11,6 +11,7 @@ processes, one included. A one-process checkpoint resumes only in one process.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,7 +23,6 @@ from rcx.store.checkpoint import (
     STEP_DIR_PREFIX,
     CheckpointError,
     capture_rng_state,
-    load_checkpoint,
     restore_rng_state,
     save_checkpoint,
 )
@@ -86,10 +86,13 @@ def save_run_state(host: StateHost) -> Path | None:
     return path
 
 
-def restore_run_state(host: StateHost, path: Path) -> int:
-    """Put back the checkpoint at ``path`` (every rank reads it); return its step."""
-    ckpt = load_checkpoint(path, map_location=host.device)
-    state = ckpt.state
+def restore_run_state(host: StateHost, path: Path, warn: Callable[[str], None]) -> tuple[int, Path]:
+    """Put back the checkpoint at ``path``, or the newest intact one before it when it is
+    unreadable (``warn`` says so); every rank reads it. Returns (its step, its path)."""
+    from rcx.train.resume import load_with_fallback
+
+    ckpt = load_with_fallback(path, host.device, warn=warn)
+    state, path = ckpt.state, ckpt.path
     if state.get("sharded") is None and host.world.distributed:
         raise CheckpointError(
             f"{path} was written by one process; resume it with trainer.n_gpus_per_node=1 "
@@ -101,7 +104,7 @@ def restore_run_state(host: StateHost, path: Path) -> int:
     for key, points in extra.get("history", {}).items():
         host.history[key] = [(int(s), float(v)) for s, v in points]
     host.val_start.update(extra.get("val_start", {}))
-    return ckpt.step
+    return ckpt.step, path
 
 
 def _sharded_state(actor: Actor, critic: Critic | None) -> dict[str, Any]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,6 +30,7 @@ from rcx.train.distributed import (
     local_share,
     pad_width,
 )
+from rcx.train.faults import check_update
 from rcx.train.metrics import (
     StageTimer,
     advantage_metrics,
@@ -57,6 +57,7 @@ class StepHost(Protocol):
     tracker: Tracker
     weights_dirty: bool
     world: World  # several processes: this rank's place (batch quantities are global)
+    nonfinite_streak: int  # consecutive steps skipped for non-finite gradients
 
     def score(
         self, batch: Any, examples: Sequence[Any]
@@ -196,11 +197,9 @@ def train_step(trainer: StepHost, step: int) -> dict[str, float]:
     with timer("update_actor"):
         actor_metrics, epoch1_log_probs = trainer.actor.update(batch, step)
     metrics.update(actor_metrics)
-    if metrics.get("rollout_corr/skipped_update", 0.0) >= 1.0:
-        warnings.warn(
-            f"step {step}: rejection sampling masked every token; update skipped",
-            stacklevel=2,
-        )
+    trainer.nonfinite_streak = check_update(
+        step, metrics, trainer.nonfinite_streak, cfg.trainer.max_nonfinite_steps
+    )
 
     # 10. Critic update (gae).
     if trainer.critic is not None:

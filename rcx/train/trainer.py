@@ -38,7 +38,8 @@ Choices and simplifications, each deliberate:
 Ctrl-C: the first press finishes the current step, saves a checkpoint, marks the MLflow run
 KILLED and returns a :class:`TrainResult` with ``exit_code == 130``; a second press stops at once,
 and saves a checkpoint only if the interrupted step had not yet touched the weights (from its
-first update until it is logged, the weights belong to no completed step).
+first update until it is logged, the weights belong to no completed step), and says where a
+resume starts; a press while a checkpoint is written waits for it. Resume: :mod:`rcx.train.resume`.
 
 With ``trainer.dump_log_probs: true`` each step's log-probs are dumped (format in
 :mod:`rcx.store.dumps`).
@@ -68,11 +69,9 @@ from rcx.markup import esc
 from rcx.rollout.hf import eos_token_ids
 from rcx.store.checkpoint import (
     latest_checkpoint,
-    read_meta,
 )
-from rcx.store.loggers import open_trackers
 from rcx.store.provenance import environment_params, environment_record
-from rcx.store.tracking import NullTracker, RunStatus, flatten_config, plot_history
+from rcx.store.tracking import NullTracker, RunStatus, abandon, flatten_config, plot_history
 from rcx.train.actor import Actor
 from rcx.train.critic import Critic, ValueModel
 from rcx.train.distributed import (
@@ -86,7 +85,13 @@ from rcx.train.distributed import (
     shard_model,
 )
 from rcx.train.evaluate import score_rollout, validate
-from rcx.train.interrupt import StopRequested, ignore_sigterm, install_sigint, restore_sigint
+from rcx.train.interrupt import (
+    StopRequested,
+    hard_stop_message,
+    ignore_sigterm,
+    install_sigint,
+    restore_sigint,
+)
 from rcx.train.metrics import (
     PlainProgress,
     progress_bar,
@@ -95,9 +100,15 @@ from rcx.train.metrics import (
     summary_table,
 )
 from rcx.train.pretrain import warm_start_metadata, warm_start_params, warm_start_shortfall
+from rcx.train.resume import (
+    apply_optim_changes,
+    last_logged_step,
+    open_run_trackers,
+    plan_resume,
+    refuse_new_work_when_complete,
+)
 from rcx.train.setup import (
     configure_threads,
-    find_resume_checkpoint,
     load_data,
     load_policy,
     make_optimizer,
@@ -197,37 +208,34 @@ class Trainer:
         # True from a step's first weight update until its metrics are logged: the weights then
         # belong to no completed step, so a hard interrupt must not checkpoint them.
         self.weights_dirty = False
-        self._stop_requested, self._stop_requested_at = False, 0.0
+        self._stop_requested, self._stop_requested_at, self._saving = False, 0.0, False
+        self.nonfinite_streak = 0  # consecutive steps skipped for non-finite gradients
 
-        # Resume target first (cheap: only its meta.json), so that the MLflow run can be reopened
-        # and an unreachable server reported before anything heavy loads.
-        self.resume_path = find_resume_checkpoint(cfg, self.ckpt_dir)
-        resume_run_id = (
-            None if self.resume_path is None else read_meta(self.resume_path).get("mlflow_run_id")
-        )
-        t = cfg.trainer
-        self.tracker = (
-            NullTracker()
-            if not self.world.is_main
-            else open_trackers(
-                t.logger,
-                project_name=t.project_name,
-                experiment_name=t.experiment_name,
-                tracking_uri=t.tracking_uri,
-                run_dir=self.ckpt_dir,
-                resume_run_id=resume_run_id,
-                parent_run_id=parent_run_id,
-                tags=tags,
+        # Lock the folder and pick the resume target first (cheap: meta.json, config.yaml), so
+        # that a refused resume or an unreachable server is reported before anything heavy loads.
+        # Several processes: rank 0 locks (and sets an earlier run aside), then the others plan.
+        if not self.world.is_main:
+            barrier(self.world)
+        self.plan = plan_resume(cfg, self.ckpt_dir, warn=self._warn, own=self.world.is_main)
+        if self.world.is_main:
+            barrier(self.world)
+        try:
+            self.tracker = (
+                open_run_trackers(cfg, self.plan, self.ckpt_dir, parent_run_id, tags)
+                if self.world.is_main
+                else NullTracker()
             )
-        )
+        except BaseException:
+            self.plan.lock.release()
+            raise
+        self.resume_path = self.plan.checkpoint
+        self.logged_through = last_logged_step(self.tracker)  # replayed steps are not re-logged
         self.console.print(self.tracker.describe(), markup=False, highlight=False)
         try:
             self._build()
-        except KeyboardInterrupt:
-            self.tracker.finish("KILLED")
-            raise
-        except BaseException:
-            self.tracker.finish("FAILED")
+        except BaseException as exc:  # a reopened run keeps the status it had
+            abandon(self.tracker, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            self.plan.lock.release()
             raise
 
     # ------------------------------------------------------------------ setup
@@ -291,6 +299,7 @@ class Trainer:
             )
         if self.resume_path is not None:
             self._restore(self.resume_path)
+            refuse_new_work_when_complete(self.step, self.total_steps, self.plan.changes)
 
     # ------------------------------------------------------------------ the loop
 
@@ -319,14 +328,16 @@ class Trainer:
             )
         except KeyboardInterrupt:
             status = "KILLED"
-            if not self.weights_dirty and not self.world.distributed:  # ranks may be anywhere
-                self._save()
-            self.console.print(f"[yellow]interrupted at step {self.step + 1}[/]")
+            # Several processes: the ranks may be anywhere in the step; no collective save.
+            saved = None if self.weights_dirty or self.world.distributed else self._save()
+            latest = latest_checkpoint(self.ckpt_dir)
+            self.console.print(f"[yellow]{esc(hard_stop_message(self.step, saved, latest))}[/]")
         finally:
             # SIGTERM now (a launcher stopping the ranks) must not cut the status update short.
             ignore_sigterm()
             self.tracker.finish(status)
             restore_sigint(previous_handler)
+            self.plan.lock.release()
         result = TrainResult(
             status=status,
             step=self.step,
@@ -411,10 +422,18 @@ class Trainer:
 
     def _save(self) -> Path | None:
         """Checkpoint the completed step ``self.step`` (nothing before the first step)."""
-        return save_run_state(self) if self.step > 0 else None
+        if self.step == 0:
+            return None
+        self._saving = True  # a second Ctrl-C waits for the checkpoint (see _on_sigint)
+        try:
+            return save_run_state(self)
+        finally:
+            self._saving = False
 
     def _restore(self, path: Path) -> None:
-        self.step = self.resumed_from = restore_run_state(self, path)
+        self.step, self.resume_path = restore_run_state(self, path, warn=self._warn)
+        self.resumed_from = self.step
+        apply_optim_changes(self.plan.changes, self.actor, self.critic)
 
     # ------------------------------------------------------------------ console & tracking
 
@@ -440,7 +459,7 @@ class Trainer:
         )
         if self.resumed_from:
             self.console.print(f"resumed from step {self.resumed_from} ({esc(self.resume_path)})")
-        for note in notes:
+        for note in [*self.plan.notes(), *notes]:
             self.console.print(f"[yellow]{esc(note)}[/]")
 
     def _print_summary(self, result: TrainResult) -> None:
@@ -467,7 +486,11 @@ class Trainer:
         for key, value in clean.items():
             self.history[key].append((step, value))
         self.last_metrics = clean
-        self.tracker.log_metrics(clean, step=step)
+        if step > self.logged_through:  # a step replayed after a kill was logged already
+            self.tracker.log_metrics(clean, step=step)
+
+    def _warn(self, message: str) -> None:
+        self.console.print(f"[yellow]warning: {esc(message)}[/]", soft_wrap=True)
 
     def _plot_in_background(self) -> Future[Path | None]:
         """Start drawing ``metrics.png`` from the finished history in a thread, so that the
@@ -486,11 +509,12 @@ class Trainer:
     def _on_sigint(self, signum: int, frame: Any) -> None:
         now = time.monotonic()
         if self._stop_requested:
-            # Under torchrun one Ctrl-C arrives twice (from the terminal, then forwarded by
-            # the launcher): a second SIGINT counts only a second after the first.
-            if now - self._stop_requested_at >= SECOND_PRESS_S:
-                raise KeyboardInterrupt
-            return
+            # A second press stops at once, unless a checkpoint is being written (it finishes
+            # first) or it comes within a second of the first (under a launcher one Ctrl-C can
+            # arrive twice: from the terminal and forwarded).
+            if self._saving or now - self._stop_requested_at < SECOND_PRESS_S:
+                return
+            raise KeyboardInterrupt
         self._stop_requested, self._stop_requested_at = True, now
         self.console.print(
             "[yellow]Ctrl-C: finishing this step, then saving a checkpoint "

@@ -144,3 +144,50 @@ def test_score_responses_batches_scores_and_extras(tmp_path):
     assert scores.tolist() == [1.0, 0.0] and extras["len"].tolist() == [3.0, 0.0]
     with pytest.raises(ValueError, match="2 examples"):
         score_responses(RewardScorer(), ["x"], examples)
+
+
+HANGING_HOOK = "import time\ndef f(d, s, g, e=None):\n    time.sleep(3600)\n    return 1.0\n"
+
+
+def test_a_custom_reward_that_never_returns_times_out_with_a_clear_error(tmp_path):
+    import time
+
+    from rcx.data.rewards import RewardTimeoutError, score_responses
+    from rcx.data.tasks import Example
+
+    scorer = RewardScorer(write_hook(tmp_path, HANGING_HOOK), "f", timeout_s=0.3)
+    start = time.monotonic()
+    with pytest.raises(RewardTimeoutError, match=r"did not return within .*timeout_s=0.3 s"):
+        score_responses(scorer, ["x"], [Example("q", "1", "builtin:arith")])
+    assert time.monotonic() - start < 3
+
+
+def test_errors_of_a_timed_hook_reach_the_caller(tmp_path):
+    from rcx.data.rewards import score_responses
+    from rcx.data.tasks import Example
+
+    hook = write_hook(tmp_path, "def f(d, s, g, e=None):\n    raise KeyError('boom')\n")
+    with pytest.raises(RewardError, match="raised KeyError"):
+        score_responses(RewardScorer(hook, "f", timeout_s=5), ["x"], [Example("q", "1", "a")])
+
+
+@pytest.mark.slow
+def test_a_process_with_a_hung_reward_still_exits_promptly(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    hook = write_hook(tmp_path, HANGING_HOOK)
+    script = (
+        "from rcx.data.rewards import RewardScorer, RewardTimeoutError, score_responses\n"
+        "from rcx.data.tasks import Example\n"
+        f"scorer = RewardScorer({str(hook)!r}, 'f', timeout_s=0.2)\n"
+        "try:\n"
+        "    score_responses(scorer, ['x'], [Example('q', '1', 'a')])\n"
+        "except RewardTimeoutError:\n"
+        "    raise SystemExit(3)\n"
+    )
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], timeout=60, capture_output=True)
+    assert done.returncode == 3, done.stderr.decode()[-2000:]
+    assert time.monotonic() - start < 30

@@ -231,3 +231,20 @@ def test_band_calibration_proposes_the_widest_band_meeting_ess(stack: DumpStack)
     lo, hi = str(cal.proposal.rollout_is_threshold).split("_")
     assert float(lo) == pytest.approx(1 / float(hi), rel=1e-3)
     assert validate_sources(overrides=cal.overrides()).valid
+
+
+def test_calibrate_plot_with_an_unwritable_format_is_a_clear_error(tmp_path: Path) -> None:
+    from rcx.store.dumps import write_synthetic_dumps
+
+    write_synthetic_dumps(tmp_path / "d", steps=2, batch=8, length=4)
+    result = CliRunner().invoke(
+        app, ["calibrate", str(tmp_path / "d"), "--plot", str(tmp_path / "x.txt")]
+    )
+    assert (
+        result.exit_code == 1
+        and result.exception is None
+        or isinstance(result.exception, SystemExit)
+    )
+    text = " ".join(result.output.split())
+    assert "--plot" in text and "x.txt" in text and ".png" in text, result.output
+    assert not (tmp_path / "x.txt").exists()

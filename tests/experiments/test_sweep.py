@@ -803,3 +803,42 @@ def test_cli_sweep_file_dry_run(tmp_path: Path) -> None:
     assert "sweep from-file: 6 trials" in result.output
     assert "0.5_2,3.0" in result.output and "0.7_1.4,5" in result.output
     assert "dry run: 6 valid trials" in result.output
+
+
+def test_a_sweep_file_name_that_is_not_a_string_is_a_clear_error(tmp_path: Path) -> None:
+    sweep_file = tmp_path / "s.yaml"
+    sweep_file.write_text("name: [1]\npreset: grpo-rs-only\ngrid:\n  trainer.seed: [1, 2]\n")
+    with pytest.raises(SweepError, match=r"'name' must be a string, got list \[1\]"):
+        sweep_mod.read_sweep_file(sweep_file)
+
+
+def test_ray_executor_without_ray_fails_before_anything_is_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "ray" else real_find_spec(name, *a),
+    )
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(
+        app,
+        [
+            "sweep",
+            "--preset",
+            "grpo-rs-only",
+            "--grid",
+            "trainer.seed=1,2",
+            "--executor",
+            "ray",
+            "--name",
+            "noray",
+            "trainer.tracking_uri=sqlite:///" + str(tmp_path / "mlflow.db"),
+        ],
+    )
+    assert result.exit_code == 1, result.output
+    assert "pip install 'rcx[ray]'" in " ".join(result.output.split())
+    assert not (tmp_path / "sweeps").exists() and not (tmp_path / "mlflow.db").exists()

@@ -591,3 +591,61 @@ def test_whatif_replays_opsm_from_the_trainers_own_dumps(tiny_config) -> None:
         logged = [v for _, v in sorted(result.history[P + stat])]
         assert own["per_step"][stat] == pytest.approx(logged, rel=1e-6), stat
     assert max(own["per_step"]["opsm_seq_masked_fraction"]) > 0  # OPSM had work to do
+
+
+#: Crafted dumps (issue 15): each edit of a valid dump, and the field the error must name.
+CRAFTED = {
+    "all_nan": (
+        lambda d: d.update(train_log_probs=torch.full_like(d["train_log_probs"], math.nan)),
+        "field train_log_probs is NaN or inf on every response token",
+    ),
+    "zero_mask": (
+        lambda d: d.update(response_mask=torch.zeros_like(d["response_mask"])),
+        "field response_mask selects no token",
+    ),
+    "zero_size": (
+        lambda d: d.update(
+            {k: d[k][:0] for k in ("train_log_probs", "rollout_log_probs", "response_mask")}
+        ),
+        "no responses or no tokens",
+    ),
+    "non_tensor": (
+        lambda d: d.update(rollout_log_probs=[[0.0, 0.0, 0.0]] * 4),
+        "field rollout_log_probs is list, expected a (B, T) tensor",
+    ),
+    "step_none": (
+        lambda d: d.update(step=None),
+        "field step is None (NoneType), expected an int >= 0",
+    ),
+    "rc_list": (
+        lambda d: d.update(rollout_correction=["token_k1"]),
+        "field rollout_correction is list, expected a mapping",
+    ),
+    "rs_five": (
+        lambda d: d.update(rollout_correction={"rollout_rs": 5}),
+        "field rollout_correction.rollout_rs = 5",
+    ),
+}
+
+
+@pytest.mark.parametrize("command", ["whatif", "calibrate"])
+@pytest.mark.parametrize("case", sorted(CRAFTED))
+def test_crafted_dumps_are_one_line_errors_naming_file_and_field(
+    tmp_path: Path, case: str, command: str
+) -> None:
+    write_synthetic_dumps(tmp_path, steps=2, batch=4, length=3)
+    path = tmp_path / "step_000002.pt"
+    data = torch.load(path, weights_only=True)
+    edit, message = CRAFTED[case]
+    edit(data)
+    torch.save(data, path)
+    result = CliRunner().invoke(
+        app,
+        [command, str(tmp_path), "--plot", str(tmp_path / "c.png")]
+        if command == "calibrate"
+        else [command, str(tmp_path)],
+    )
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    text = " ".join(result.output.split())
+    assert str(path) in text and message in text, result.output

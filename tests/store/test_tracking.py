@@ -256,3 +256,23 @@ def test_metrics_are_queued_and_a_failed_batch_warns_when_the_run_finishes(
     assert calls == [False]
     with pytest.warns(UserWarning, match="failed at step 3: disk full"):
         tracker.finish("FINISHED")
+
+
+@pytest.mark.parametrize("kind", ["corrupt", "folder"])
+def test_a_corrupt_or_folder_sqlite_store_is_one_clear_line_at_once(
+    tmp_path: Path, kind: str
+) -> None:
+    from rcx.experiments.runs import RunsError, open_client
+
+    db = tmp_path / "mlflow.db"
+    if kind == "folder":
+        db.mkdir()
+    else:
+        db.write_bytes(b"\x00garbage that is not sqlite" * 10)
+    start = time.monotonic()
+    with pytest.raises(TrackingError, match="not an SQLite database|is a folder") as info:
+        tracking.check_reachable(f"sqlite:///{db}")
+    assert "\n" not in str(info.value) and str(db) in str(info.value)
+    with pytest.raises(RunsError, match="not an SQLite database|is a folder"):
+        open_client(f"sqlite:///{db}")
+    assert time.monotonic() - start < 5
