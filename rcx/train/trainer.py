@@ -1,4 +1,6 @@
-"""The single-node trainer behind ``rcx train``: setup and resume, the loop, one step.
+"""The trainer behind ``rcx train``: setup and resume, the loop, one step. One process, or one
+of several (``trainer.n_gpus_per_node``; FSDP2, the data-parallel contract in
+:mod:`rcx.train.distributed`): then rank 0 alone prints, tracks and writes checkpoint metadata.
 
 One step, as :meth:`Trainer.train_step` reads top to bottom::
 
@@ -27,8 +29,10 @@ Choices and simplifications, each deliberate:
 * The learning rate is constant after a linear warm-up over ``lr_warmup_steps`` training steps.
 * The rollout copy is refreshed every ``weight_sync_interval`` steps (the trainer decides when:
   :func:`rcx.train.step.sync_rollout_weights`); in between it samples from stale weights.
-* Sampling is seeded per step (``engine.generate(seed=...)``) and the prompt order is a pure
-  function of ``(seed, step)``, so a resumed run replays exactly what an uninterrupted one does.
+* Sampling is seeded per prompt (``engine.generate(seed=[...])``, from the run seed, the step
+  and the prompt's place in the step's batch) and the prompt order is a pure function of
+  ``(seed, step)``: a resumed run replays exactly what an uninterrupted one does, and a prompt's
+  responses do not depend on the rank or batch that generates them.
 * Validation generates from a float32 copy of the *training* weights (not the possibly stale,
   low-precision rollout copy): ``val/reward_mean`` and ``val/accuracy`` follow
   ``rollout.val_kwargs`` (greedy by default); when that is greedy, ``val/sampled_accuracy`` and
@@ -47,7 +51,6 @@ With ``trainer.dump_log_probs: true`` each step's log-probs are dumped (format i
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from collections import defaultdict
@@ -60,7 +63,6 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from rcx.algos.modes import update_plan
 from rcx.config.limits import checkpoint_dir_problem
 from rcx.config.models import RcxConfig
 from rcx.config.yamlio import dump_yaml
@@ -72,17 +74,13 @@ from rcx.store.checkpoint import (
 )
 from rcx.store.provenance import environment_params, environment_record
 from rcx.store.tracking import NullTracker, RunStatus, abandon, flatten_config, plot_history
-from rcx.train.actor import Actor
-from rcx.train.critic import Critic, ValueModel
 from rcx.train.distributed import (
     any_rank,
     barrier,
     close_world,
-    enable_activation_checkpointing,
     init_world,
     launched_world,
     local_device,
-    shard_model,
 )
 from rcx.train.evaluate import score_rollout, validate
 from rcx.train.interrupt import (
@@ -99,6 +97,7 @@ from rcx.train.metrics import (
     run_summary,
     summary_table,
 )
+from rcx.train.parts import build_parts
 from rcx.train.pretrain import warm_start_metadata, warm_start_params, warm_start_shortfall
 from rcx.train.resume import (
     apply_optim_changes,
@@ -111,7 +110,6 @@ from rcx.train.setup import (
     configure_threads,
     load_data,
     load_policy,
-    make_optimizer,
     resolve_device,
     rollout_engines,
     sampling_params,
@@ -242,9 +240,7 @@ class Trainer:
 
     def _build(self) -> None:
         """Load model, data, engines, optimisers; restore the checkpoint when resuming."""
-        cfg, arr = self.cfg, self.cfg.actor_rollout_ref
-        rc = cfg.algorithm.rollout_correction
-        world = self.world
+        cfg, world = self.cfg, self.world
         self.device = local_device(resolve_device(cfg.trainer.device), world)
         self.threads = configure_threads(cfg.trainer.num_threads)
         seed_everything(cfg.trainer.seed)
@@ -261,42 +257,10 @@ class Trainer:
             cfg, model, self.tokenizer, self.model_path, self.device
         )
         self.eos_ids = torch.tensor(eos_token_ids(model, self.tokenizer))
-        offload = arr.actor.fsdp_config.param_offload or arr.actor.fsdp_config.optimizer_offload
-        self.ref_model = None
-        if arr.actor.use_kl_loss:
-            self.ref_model = shard_model(copy.deepcopy(model).requires_grad_(False), world, offload)
-        value_model = ValueModel(model) if cfg.critic.enable else None
-        model.requires_grad_(True)
-        if arr.model.enable_gradient_checkpointing:
-            enable_activation_checkpointing(model)
-        model = shard_model(model, world, offload)
         self.sampling, self.val_sampling, scoring = sampling_params(cfg)
-        self.actor = Actor(
-            model,
-            *make_optimizer(model.parameters(), arr.actor.optim),
-            cfg=arr.actor,
-            plan=update_plan(rc.rollout_is, rc.bypass_mode, rc.loss_type, rc.loss_denominator),
-            spec=rc.spec,
-            scoring=scoring,
-            n=arr.rollout.n,
-            seed=cfg.trainer.seed,
-            device=self.device,
-            world=world,
+        self.actor, self.critic, self.ref_model = build_parts(
+            cfg, model, scoring, self.device, world
         )
-        self.critic = None
-        if value_model is not None:
-            value_model = shard_model(value_model, world, offload)
-            self.critic = Critic(
-                value_model,
-                *make_optimizer(value_model.parameters(), cfg.critic.optim),
-                cfg=cfg.critic,
-                ppo_epochs=arr.actor.ppo_epochs,
-                mini_batch_prompts=arr.actor.ppo_mini_batch_size,
-                n=arr.rollout.n,
-                loss_agg_mode=arr.actor.loss_agg_mode,
-                device=self.device,
-                world=world,
-            )
         if self.resume_path is not None:
             self._restore(self.resume_path)
             refuse_new_work_when_complete(self.step, self.total_steps, self.plan.changes)
