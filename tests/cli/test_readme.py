@@ -96,6 +96,7 @@ FAST: dict[str, Expect] = {
 SLOW: dict[str, Expect] = {
     "train --preset grpo-multi-rs\n": Expect(("FINISHED after 2 steps",)),
     "train --preset gae-seq-is-rs": Expect(("FINISHED after 2 steps",)),
+    "trainer.n_gpus_per_node=2": Expect(("starting 2 processes", "FINISHED after 2 steps")),
     "train examples/config.yaml\n": Expect(("FINISHED after 2 steps", "decoupled mode")),
     "trainer.dump_log_probs=true": Expect(("FINISHED after 2 steps",)),
     'trainer.logger=["console","mlflow","wandb","tensorboard"]': Expect(
