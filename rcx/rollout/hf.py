@@ -130,7 +130,7 @@ class HFRolloutEngine:
     def sync_weights(self, model: PreTrainedModel, version: int) -> None:
         """Copy `model`'s weights into the rollout copy (cast and quantised); `weight_version`
         becomes `version`. `model` may be FSDP-sharded: every rank must then call this."""
-        from rcx.train.distributed import full_state_items
+        from rcx.models.weights import full_state_items
 
         own = self.model.state_dict()
         with torch.no_grad():

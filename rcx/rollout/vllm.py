@@ -224,7 +224,7 @@ class VLLMRolloutEngine:
 
     def push_weights(self, model: PreTrainedModel) -> None:
         """Load `model`'s current weights into the vLLM model."""
-        from rcx.train.distributed import full_state_items
+        from rcx.models.weights import full_state_items
 
         kept: dict[str, torch.Tensor] = {}
 

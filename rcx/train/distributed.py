@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -246,15 +246,6 @@ def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     for module in model.modules():
         names.update(getattr(module, "_no_split_modules", None) or ())
     return [m for m in model.modules() if type(m).__name__ in names]
-
-
-def full_state_items(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """``model``'s state dict one full tensor at a time: a sharded tensor is gathered when its
-    turn comes (every rank must iterate in step), so no rank ever holds the whole model twice."""
-    from torch.distributed.tensor import DTensor
-
-    for name, value in model.state_dict().items():
-        yield name, value.full_tensor() if isinstance(value, DTensor) else value
 
 
 def as_local_scalar(value: torch.Tensor) -> torch.Tensor:
