@@ -73,6 +73,10 @@ MUTABLE_KEYS: frozenset[str] = frozenset(
         "trainer.resume_from_path",
         "trainer.device",
         "trainer.num_threads",
+        "trainer.n_gpus_per_node",  # a sharded checkpoint reshards (rcx.train.state)
+        "trainer.nnodes",
+        "actor_rollout_ref.model.enable_gradient_checkpointing",
+        "actor_rollout_ref.rollout.tensor_model_parallel_size",
         "trainer.dump_log_probs",
         "trainer.max_nonfinite_steps",
         "custom_reward_function.timeout_s",
@@ -85,6 +89,7 @@ MUTABLE_KEYS: frozenset[str] = frozenset(
 #: Whole sections that may change on resume (the optimiser schedules, validation sampling).
 MUTABLE_PREFIXES: tuple[str, ...] = (
     "actor_rollout_ref.actor.optim.",
+    "actor_rollout_ref.actor.fsdp_config.",
     "critic.optim.",
     "actor_rollout_ref.rollout.val_kwargs.",
 )
@@ -103,6 +108,8 @@ NO_WORK_KEYS: frozenset[str] = frozenset(
         "trainer.resume_from_path",
         "trainer.device",
         "trainer.num_threads",
+        "trainer.n_gpus_per_node",
+        "trainer.nnodes",
         "actor_rollout_ref.rollout.gpu_memory_utilization",
     }
 )

@@ -458,7 +458,11 @@ class Trainer:
 
     def _plot_in_background(self) -> Future[Path | None]:
         """Start drawing ``metrics.png`` from the finished history in a thread, so that the
-        checkpoint is written meanwhile; :meth:`_finish_artifacts` waits for it."""
+        checkpoint is written meanwhile; :meth:`_finish_artifacts` waits for it. Rank 0 only."""
+        if not self.world.is_main:
+            nothing: Future[Path | None] = Future()
+            nothing.set_result(None)
+            return nothing
         history = {k: list(v) for k, v in self.history.items()}
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rcx-plot")
         future = pool.submit(plot_history, history, self.ckpt_dir / "metrics.png")

@@ -130,15 +130,11 @@ def test_global_loss_times_world_averaged_is_the_one_process_gradient(tmp_path):
 # ------------------------------------------------------------------------------ end to end
 
 
-def train_cli(tmp_path: Path, name: str, preset: str, *extra: str) -> subprocess.CompletedProcess:
-    """``python -m rcx train`` on the tiny overrides (whole mini-batches per micro-batch, so that
-    the global micro-batch of 2 ranks is the one process's), the rollout copy refreshed every 2
-    steps: a real mismatch (one update stale), so the correction metrics are not noise. The
-    copy stays float32: bfloat16 rounding would turn the runs' last-bit weight differences into
-    whole-ulp flips of some weights, noise that has nothing to do with the ranks."""
+def tiny_args(tmp_path: Path, name: str) -> list[str]:
+    """The overrides :func:`train_cli` runs with, for the run ``name`` in ``tmp_path``."""
     reward = tmp_path / "length_reward.py"
     reward.write_text(LENGTH_REWARD)
-    args = [
+    return [
         *(o for o in TINY_OVERRIDES if "micro_batch" not in o),
         "trainer.total_training_steps=3",
         "trainer.save_freq=1",
@@ -147,8 +143,16 @@ def train_cli(tmp_path: Path, name: str, preset: str, *extra: str) -> subprocess
         f"trainer.experiment_name={name}",
         f"custom_reward_function.path={reward}",
         "actor_rollout_ref.rollout.weight_sync_interval=2",
-        *extra,
     ]
+
+
+def train_cli(tmp_path: Path, name: str, preset: str, *extra: str) -> subprocess.CompletedProcess:
+    """``python -m rcx train`` on the tiny overrides (whole mini-batches per micro-batch, so that
+    the global micro-batch of 2 ranks is the one process's), the rollout copy refreshed every 2
+    steps: a real mismatch (one update stale), so the correction metrics are not noise. The
+    copy stays float32: bfloat16 rounding would turn the runs' last-bit weight differences into
+    whole-ulp flips of some weights, noise that has nothing to do with the ranks."""
+    args = [*tiny_args(tmp_path, name), *extra]
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(ROOT)}
     return subprocess.run(
         [sys.executable, "-m", "rcx", "train", "--preset", preset, *args],
@@ -239,6 +243,87 @@ def test_two_process_resume_gives_the_uninterrupted_run(tmp_path):
         assert history_split[key][-1] == history_whole[key][-1], key
     for name, value in weights_whole.items():
         assert torch.equal(value, weights_split[name]), name
+
+
+def test_resume_with_another_number_of_processes(tmp_path):
+    """A sharded (2-process) checkpoint resumes in one process (DCP reshards) and continues as
+    the 2-process run would; a 1-process checkpoint is refused under 2 with a clear error."""
+    whole = train_cli(tmp_path, "whole", "grpo-multi-rs", "trainer.n_gpus_per_node=2")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    first = train_cli(
+        tmp_path,
+        "down",
+        "grpo-multi-rs",
+        "trainer.n_gpus_per_node=2",
+        "trainer.total_training_steps=2",
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = train_cli(tmp_path, "down", "grpo-multi-rs")  # 1 process
+    assert second.returncode == 0 and "resumed from step 2" in second.stdout, second.stderr[-3000:]
+    (history_whole, weights_whole), (history_down, weights_down) = (
+        final_state(tmp_path / "whole"),
+        final_state(tmp_path / "down"),
+    )
+    last = [k for k in history_whole if not k.startswith(("timing/", "perf/"))]
+    for key in last:  # step 3, run by one process after two steps by two
+        assert history_down[key][-1][0] == 3, key
+        assert history_down[key][-1][1] == pytest.approx(
+            history_whole[key][-1][1], rel=1e-5, abs=1e-6
+        ), key
+    for name, value in weights_whole.items():
+        bound = 1e-5 * value.abs().max().item() + 1e-6
+        assert (value - weights_down[name]).abs().max().item() < bound, name
+
+    single = train_cli(tmp_path, "up", "grpo-multi-rs", "trainer.total_training_steps=2")
+    assert single.returncode == 0, single.stderr[-3000:]
+    refused = train_cli(tmp_path, "up", "grpo-multi-rs", "trainer.n_gpus_per_node=2")
+    assert refused.returncode == 1
+    assert "was written by one process" in refused.stdout + refused.stderr
+
+
+def test_two_nodes_of_one_process_each(tmp_path):
+    """2 "nodes" x 1 process on this machine, each started on its own as a node's launcher
+    would (node rank in GROUP_RANK, LOCAL_RANK 0 on both), meeting through a shared file store:
+    the run equals one process on the same global batch. (torchrun's own multi-node rendezvous
+    is not used here: its store listens on every network interface.)"""
+    one = train_cli(tmp_path, "one", "grpo-multi-rs")
+    assert one.returncode == 0, one.stderr[-3000:]
+    store = tmp_path / "store"
+    procs = []
+    for node in range(2):
+        env = {
+            **os.environ,
+            "OMP_WAIT_POLICY": "PASSIVE",
+            "PYTHONPATH": str(ROOT),
+            **rank_environment(0, 1, str(store)),
+            "RANK": str(node),
+            "GROUP_RANK": str(node),
+            "WORLD_SIZE": "2",
+        }
+        env.pop("RCX_LAUNCHED")  # node 0 prints its findings, as under torchrun
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "rcx",
+                    "train",
+                    "--preset",
+                    "grpo-multi-rs",
+                    *tiny_args(tmp_path, "nodes"),
+                    "trainer.nnodes=2",
+                ],
+                cwd=tmp_path,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    assert "rcx train: 3 steps" in outputs[0][0] and "rcx train" not in outputs[1][0]
+    assert_same_run(final_state(tmp_path / "one"), final_state(tmp_path / "nodes"))
 
 
 FAILING_REWARD = """
