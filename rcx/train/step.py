@@ -302,6 +302,7 @@ def dump_log_probs(
         scores=scores,
         rollout_correction=rc.model_dump(mode="json"),
         advantage=advantage_settings(trainer.cfg.algorithm),
+        staleness=torch.full_like(prompt_index, step - 1 - rollout.weight_version),
     )
     trainer.tracker.log_artifact(path, "log_probs")
     return path

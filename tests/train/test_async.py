@@ -18,6 +18,7 @@ from rcx.rollout import SamplingParams
 from rcx.rollout.base import token_log_probs
 from rcx.rollout.hf import HFRolloutEngine
 from rcx.store.checkpoint import latest_checkpoint
+from rcx.store.dumps import load_dumps, read_dump
 from rcx.train import trainer as trainer_mod
 from rcx.train.async_rollout import (
     FAIL_AT_ENV,
@@ -107,16 +108,25 @@ def test_the_worker_ignores_ctrl_c_and_a_dead_worker_is_reported(driver) -> None
 def test_a_three_step_one_step_off_run_has_staleness_exactly_one_after_step_1(
     tiny_config,
 ) -> None:
-    result = train(
-        tiny_config(
-            "grpo-multi-rs", "trainer.async_mode=one_step_off", "trainer.total_training_steps=3"
-        )
+    cfg = tiny_config(
+        "grpo-multi-rs",
+        "trainer.async_mode=one_step_off",
+        "trainer.total_training_steps=3",
+        "trainer.dump_log_probs=true",
     )
+    result = train(cfg)
     assert result.status == "FINISHED"
     assert result.history[STALENESS_MAX] == [(1, 0.0), (2, 1.0), (3, 1.0)]
     assert result.history[STALENESS_MIN] == [(1, 0.0), (2, 1.0), (3, 1.0)]
     assert result.history["rollout/staleness"] == [(1, 0.0), (2, 1.0), (3, 1.0)]
     assert _no_worker_left()
+    # The whatif/calibrate dumps carry each sample's staleness, and still load.
+    folder = Path(cfg.trainer.default_local_dir) / "log_probs"
+    stack = load_dumps([folder])
+    assert stack.num_steps == 3
+    for step in (1, 2, 3):
+        staleness = read_dump(folder / f"step_{step:06d}.pt")["staleness"]
+        assert staleness.tolist() == [min(step - 1, 1)] * 16  # 4 prompts x n = 4
 
 
 def test_a_worker_that_fails_fails_the_run_with_its_error(
