@@ -131,9 +131,9 @@ def worker_main(engine: Any, board: WeightBoard, requests: Any, replies: Any) ->
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
     fail_at = int(os.environ.get(FAIL_AT_ENV, "0") or 0)
-    step = 0
+    parent, step = os.getppid(), 0
     try:
-        while (request := requests.get()) is not None:
+        while (request := next_request(requests, parent)) is not None:
             step, prompts, seeds, sampling, sampling_mask = request
             engine.weight_version = board.load_into(engine.model, engine.weight_version)
             replies.put(("started", step, engine.weight_version))
@@ -144,6 +144,17 @@ def worker_main(engine: Any, board: WeightBoard, requests: Any, replies: Any) ->
             replies.put(("done", step, rollout))
     except BaseException:  # noqa: BLE001 - reported to the trainer, which fails the run
         replies.put(("error", step, traceback.format_exc()))
+
+
+def next_request(requests: Any, parent: int) -> Any:
+    """The next request, or None when the trainer process ``parent`` is gone (killed without
+    stopping the worker: the worker must not outlive it)."""
+    while True:
+        try:
+            return requests.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent:
+                return None
 
 
 @contextmanager

@@ -24,6 +24,7 @@ from rcx.train.async_rollout import (
     FAIL_AT_ENV,
     OneStepOffRollout,
     RolloutWorkerError,
+    next_request,
     staleness_metrics,
 )
 from rcx.train.trainer import train
@@ -192,3 +193,10 @@ def test_resume_replays_what_an_uninterrupted_one_step_off_run_does(tiny_config)
     assert resumed.resumed_from == 2
     for key in ("reward/mean", "actor/pg_loss", "rollout_corr/kl", STALENESS_MAX):
         assert resumed.history[key] == whole.history[key], key
+
+
+def test_a_worker_whose_trainer_is_gone_stops_waiting_for_requests() -> None:
+    requests = mp.get_context("spawn").Queue()
+    requests.put("work")
+    assert next_request(requests, parent=os.getppid()) == "work"
+    assert next_request(requests, parent=-1) is None  # no request, and the parent is not ours
