@@ -52,6 +52,7 @@ CODES: dict[str, str] = {
     "RCX-E014": "a logger in trainer.logger whose package is not installed here (names the extra)",
     "RCX-E015": "sampling_mask_replay with the vllm engine (it does not report the kept token sets)",
     "RCX-E016": "a batch that the training processes cannot share evenly (n_gpus_per_node x nnodes)",
+    "RCX-E017": "trainer.async_mode one_step_off with what it does not support: several training processes, the vllm engine, weight_sync_interval > 1",
 }
 
 RC = "algorithm.rollout_correction"
@@ -339,7 +340,7 @@ def check_config(cfg: RcxConfig) -> list[Finding]:
                 "uses PPO-clip, so this setting is ignored",
             )
         )
-    out += _frontier_findings(cfg) + _distributed_findings(cfg)
+    out += _frontier_findings(cfg) + _distributed_findings(cfg) + _async_findings(cfg)
     return out + _file_findings(cfg) + _machine_findings(cfg) + _logger_findings(cfg)
 
 
@@ -370,6 +371,40 @@ def _distributed_findings(cfg: RcxConfig) -> list[Finding]:
                 )
             )
     return out
+
+
+def _async_findings(cfg: RcxConfig) -> list[Finding]:
+    """What the one-step-off rollout worker cannot run with (E017): it is one process beside
+    one training process, it builds an hf engine, and it gets new weights after every update."""
+    mode = cfg.trainer.async_mode
+    if mode == "sync":
+        return []
+    rollout = cfg.actor_rollout_ref.rollout
+    refused = [
+        (
+            cfg.world_size > 1,
+            "trainer.n_gpus_per_node",
+            f"{cfg.world_size} training processes (n_gpus_per_node x nnodes); one_step_off runs "
+            "with one: set trainer.n_gpus_per_node=1 trainer.nnodes=1 or async_mode=sync",
+        ),
+        (
+            rollout.name != "hf",
+            "actor_rollout_ref.rollout.name",
+            f"the {rollout.name} engine; the rollout worker runs the hf engine: set "
+            "actor_rollout_ref.rollout.name=hf or async_mode=sync",
+        ),
+        (
+            rollout.weight_sync_interval > 1,
+            "actor_rollout_ref.rollout.weight_sync_interval",
+            f"weight_sync_interval={rollout.weight_sync_interval}; the worker gets new weights "
+            "after every update (staleness 1 by construction): set it to 1",
+        ),
+    ]
+    return [
+        error("RCX-E017", path, f"trainer.async_mode={mode} does not support {what}")
+        for hit, path, what in refused
+        if hit
+    ]
 
 
 def _frontier_findings(cfg: RcxConfig) -> list[Finding]:

@@ -571,6 +571,14 @@ class TrainerConfig(Section):
         False,
         description="Dump rollout and training log-probs per step (for rcx whatif/calibrate).",
     )
+    async_mode: Literal["sync", "one_step_off"] = Field(
+        "sync",
+        description=(
+            "sync: generate, then train; one_step_off (verl's name): a rollout process generates "
+            "batch k+1 while the trainer updates on batch k (staleness 1; one training process, "
+            "hf engine, weight_sync_interval 1)."
+        ),
+    )
     max_nonfinite_steps: int = Field(
         5,
         ge=1,

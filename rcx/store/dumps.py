@@ -17,6 +17,9 @@ With ``trainer.dump_log_probs: true`` the trainer writes ``<run dir>/log_probs/s
     advantage          dict             (optional) how the run computed advantages: adv_estimator,
                                         norm_adv_by_std_in_grpo, gamma (what-if's OPSM replay
                                         recomputes outcome-only advantages from scores with it)
+    staleness          (B,)   int32     (optional) updates between the weights that generated each
+                                        response and the step that trained on it (1 in
+                                        one_step_off after step 1; 0 in sync mode with k = 1)
 
 Log-probs are kept in float32: a log-ratio of 1e-3 would not survive float16 rounding.
 """
@@ -48,10 +51,12 @@ def write_dump(
     scores: torch.Tensor,
     rollout_correction: Mapping[str, Any],
     advantage: Mapping[str, Any] | None = None,
+    staleness: torch.Tensor | None = None,
 ) -> Path:
     """Write one step's dump as ``folder/step_<step:06d>.pt`` (atomically); returns its path.
 
-    ``advantage`` (the run's advantage settings) is stored only when given."""
+    ``advantage`` (the run's advantage settings) and ``staleness`` (B,) are stored only when
+    given."""
     path = Path(folder) / f"step_{step:06d}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -67,6 +72,8 @@ def write_dump(
     }
     if advantage is not None:
         payload["advantage"] = dict(advantage)
+    if staleness is not None:
+        payload["staleness"] = staleness.detach().to(torch.int32).cpu()
     tmp = path.with_suffix(".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)

@@ -55,8 +55,12 @@ def save_run_state(host: StateHost) -> Path | None:
     """Checkpoint the completed step ``host.step``; every rank calls it, rank 0 returns the
     path (the others None)."""
     world = host.world
-    # With k = 1 every step refreshes the rollout copy first: its weights need no saving.
-    keep_rollout = host.cfg.actor_rollout_ref.rollout.weight_sync_interval > 1
+    # With k = 1 every step refreshes the rollout copy first: its weights need no saving. In
+    # one_step_off the copy holds the weights of the batch in flight (one update old): kept.
+    keep_rollout = (
+        host.cfg.actor_rollout_ref.rollout.weight_sync_interval > 1
+        or host.cfg.trainer.async_mode != "sync"
+    )
     state = parts_state(host.actor, host.critic, host.engine, keep_rollout, world.distributed)
     state["rng"] = capture_rng_state()
     state["extra"] = {

@@ -18,6 +18,7 @@ from rcx.rollout import SamplingParams
 from rcx.store.dumps import write_dump
 from rcx.store.tracking import Tracker
 from rcx.train.actor import Actor
+from rcx.train.async_rollout import OneStepOffRollout, check_prompts_match, staleness_metrics
 from rcx.train.batch import StepBatch
 from rcx.train.critic import Critic
 from rcx.train.distributed import (
@@ -58,6 +59,7 @@ class StepHost(Protocol):
     weights_dirty: bool
     world: World  # several processes: this rank's place (batch quantities are global)
     nonfinite_streak: int  # consecutive steps skipped for non-finite gradients
+    async_rollout: OneStepOffRollout | None  # the one-step-off rollout worker; None: sync
 
     def score(
         self, batch: Any, examples: Sequence[Any]
@@ -82,20 +84,29 @@ def train_step(trainer: StepHost, step: int) -> dict[str, float]:
     # 2. Generate n responses per prompt from the rollout copy (step - 1 updates so far). One
     #    seed per prompt (from its place in the global batch): its responses do not depend on
     #    the batch or rank that generates them.
+    #    One-step-off (trainer.async_mode): the rollout worker generated this batch from the
+    #    weights of one update earlier, during the previous step (rcx.train.async_rollout).
     with timer("gen"):
-        sync_rollout_weights(trainer, step - 1)
-        seeds = [
-            derive_seed(cfg.trainer.seed, f"gen/{i}", step)
-            for i in global_positions(len(prompts), world)
-        ]
-        # Sampling-mask replay: the engine also reports each position's kept token set.
-        replay = {"sampling_mask": True} if cfg.actor_rollout_ref.actor.sampling_mask_replay else {}
-        rollout = trainer.engine.generate(prompts, trainer.sampling, seed=seeds, **replay)
+        if trainer.async_rollout is not None:
+            rollout = trainer.async_rollout.rollout(step)
+            check_prompts_match(prompts, rollout)
+        else:
+            sync_rollout_weights(trainer, step - 1)
+            seeds = [
+                derive_seed(cfg.trainer.seed, f"gen/{i}", step)
+                for i in global_positions(len(prompts), world)
+            ]
+            # Sampling-mask replay: the engine also reports each position's kept token set.
+            replay = (
+                {"sampling_mask": True} if cfg.actor_rollout_ref.actor.sampling_mask_replay else {}
+            )
+            rollout = trainer.engine.generate(prompts, trainer.sampling, seed=seeds, **replay)
         rollout = to_global_width(rollout.to(trainer.device), world, trainer.engine.pad_token_id)
     batch = StepBatch.from_rollout(rollout)
     # Prompt ids unique across ranks (rank r's local prompt k is prompt r + W k of the step).
     global_prompt = gather_rows(batch.prompt_index * world.size + world.rank, world)  # (B_all,)
-    metrics["rollout/staleness"] = float(step - 1 - rollout.weight_version)
+    # Staleness = updates so far - the version that generated each sample (verl's names too).
+    metrics.update(staleness_metrics(batch.weight_version, step - 1))
 
     # 3. Rewards: the outcome score sits on each response's last valid token.
     with timer("reward"):
@@ -291,6 +302,7 @@ def dump_log_probs(
         scores=scores,
         rollout_correction=rc.model_dump(mode="json"),
         advantage=advantage_settings(trainer.cfg.algorithm),
+        staleness=torch.full_like(prompt_index, step - 1 - rollout.weight_version),
     )
     trainer.tracker.log_artifact(path, "log_probs")
     return path

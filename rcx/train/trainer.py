@@ -74,6 +74,7 @@ from rcx.store.checkpoint import (
 )
 from rcx.store.provenance import environment_params, environment_record
 from rcx.store.tracking import NullTracker, RunStatus, abandon, flatten_config, plot_history
+from rcx.train.async_rollout import OneStepOffRollout, make_async_rollout
 from rcx.train.distributed import (
     any_rank,
     barrier,
@@ -208,6 +209,7 @@ class Trainer:
         self.weights_dirty = False
         self._stop_requested, self._stop_requested_at, self._saving = False, 0.0, False
         self.nonfinite_streak = 0  # consecutive steps skipped for non-finite gradients
+        self.async_rollout: OneStepOffRollout | None = None  # one_step_off: the rollout worker
 
         # Lock the folder and pick the resume target first (cheap: meta.json, config.yaml), so
         # that a refused resume or an unreachable server is reported before anything heavy loads.
@@ -264,6 +266,7 @@ class Trainer:
         if self.resume_path is not None:
             self._restore(self.resume_path)
             refuse_new_work_when_complete(self.step, self.total_steps, self.plan.changes)
+        self.async_rollout = make_async_rollout(cfg, self)  # its process starts with step 1
 
     # ------------------------------------------------------------------ the loop
 
@@ -299,6 +302,8 @@ class Trainer:
         finally:
             # SIGTERM now (a launcher stopping the ranks) must not cut the status update short.
             ignore_sigterm()
+            if self.async_rollout is not None:  # stopped (or reaped) before the status is final
+                self.async_rollout.close()
             self.tracker.finish(status)
             restore_sigint(previous_handler)
             self.plan.lock.release()

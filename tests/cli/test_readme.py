@@ -99,6 +99,7 @@ SLOW: dict[str, Expect] = {
     "trainer.n_gpus_per_node=2": Expect(("starting 2 processes", "FINISHED after 2 steps")),
     "train examples/config.yaml\n": Expect(("FINISHED after 2 steps", "decoupled mode")),
     "trainer.dump_log_probs=true": Expect(("FINISHED after 2 steps",)),
+    "trainer.async_mode=one_step_off": Expect(("FINISHED after 2 steps",)),
     'trainer.logger=["console","mlflow","wandb","tensorboard"]': Expect(
         ("FINISHED after 2 steps", "tensorboard --logdir")
     ),

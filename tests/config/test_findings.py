@@ -154,6 +154,11 @@ CASES = {
         ["trainer.n_gpus_per_node=2", "data.train_batch_size=32"],
         "data.train_batch_size",
     ),
+    "RCX-E017": (
+        ["trainer.async_mode=one_step_off", "trainer.n_gpus_per_node=2"],
+        ["trainer.async_mode=one_step_off"],
+        "trainer.n_gpus_per_node",
+    ),
 }
 
 
@@ -242,3 +247,19 @@ def test_removed_key_says_what_replaced_it():
     assert f.code == "RCX-E010" and "rollout_is_batch_normalize" in f.message
     (f,) = validate_sources(overrides=[f"{RC}.rollout_rs_threshold_lower=0.5"]).findings
     assert f.code == "RCX-E010" and "L_U" in f.message
+
+
+@pytest.mark.parametrize(
+    ("override", "path"),
+    [
+        ("actor_rollout_ref.rollout.name=vllm", "actor_rollout_ref.rollout.name"),
+        (
+            "actor_rollout_ref.rollout.weight_sync_interval=2",
+            "actor_rollout_ref.rollout.weight_sync_interval",
+        ),
+    ],
+)
+def test_one_step_off_refuses_the_vllm_engine_and_a_sync_interval(override, path):
+    report = validate_sources(overrides=["trainer.async_mode=one_step_off", override])
+    assert [f.path for f in report.findings if f.code == "RCX-E017"] == [path]
+    assert "RCX-E017" not in codes([override])

@@ -1,0 +1,202 @@
+"""One-step-off rollout (trainer.async_mode=one_step_off): the schedule and its staleness, the
+log-probs a sample carries, a worker that fails or dies, Ctrl-C, resume."""
+
+from __future__ import annotations
+
+import copy
+import multiprocessing as mp
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from rcx.models.loading import build_tiny_model
+from rcx.rollout import SamplingParams
+from rcx.rollout.base import token_log_probs
+from rcx.rollout.hf import HFRolloutEngine
+from rcx.store.checkpoint import latest_checkpoint
+from rcx.store.dumps import load_dumps, read_dump
+from rcx.train import trainer as trainer_mod
+from rcx.train.async_rollout import (
+    FAIL_AT_ENV,
+    OneStepOffRollout,
+    RolloutWorkerError,
+    next_request,
+    staleness_metrics,
+)
+from rcx.train.trainer import train
+
+STALENESS_MAX = "training/off_policy/trajectory_staleness/max"
+STALENESS_MIN = "training/off_policy/trajectory_staleness/min"
+SAMPLING = SamplingParams(n=2, temperature=1.0, max_new_tokens=6)
+PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+
+
+def _no_worker_left() -> bool:
+    return not [p for p in mp.active_children() if p.name == "rcx-rollout"]
+
+
+def _perturb_(model: torch.nn.Module, seed: int) -> None:
+    """A stand-in for an update: every weight moves by a seeded 5 % of noise."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+
+
+def _rescored(model: torch.nn.Module, rollout) -> torch.Tensor:
+    """The rollout's tokens re-scored teacher-forced on ``model``, 0 off the response mask."""
+    lp = token_log_probs(
+        model, rollout.input_ids, rollout.attention_mask, rollout.response_length, SAMPLING
+    )
+    return lp.masked_fill(rollout.response_mask == 0, 0.0)
+
+
+@pytest.fixture
+def driver():
+    model, tokenizer = build_tiny_model(seed=3)
+    engine = HFRolloutEngine(model, tokenizer)
+    seeds = [11, 12, 13]
+    rollout = OneStepOffRollout(engine, SAMPLING, lambda step: (PROMPTS, seeds), total_steps=3)
+    rollout.bind(model)
+    yield rollout, model
+    rollout.close()
+    assert _no_worker_left()
+
+
+def test_staleness_metrics_use_verl_names() -> None:
+    metrics = staleness_metrics(torch.tensor([3, 3, 2, 4, 4]), trainer_version=4)  # 1 1 2 0 0
+    assert metrics == {
+        "rollout/staleness": 0.8,
+        "training/off_policy/trajectory_staleness/mean": 0.8,
+        "training/off_policy/trajectory_staleness/max": 2.0,
+        "training/off_policy/trajectory_staleness/min": 0.0,
+    }
+
+
+def test_each_batch_carries_the_log_probs_of_the_weights_that_generated_it(driver) -> None:
+    """Batch s comes from version max(0, s - 2) (staleness 1 after step 1), and its rollout
+    log-probs are what those weights give re-scored, not what the trainer's weights give."""
+    rollout, model = driver
+    versions = [copy.deepcopy(model)]  # versions[v]: the weights after v updates
+    for step in (1, 2, 3):
+        batch = rollout.rollout(step)
+        assert batch.weight_version == max(0, step - 2)
+        assert (step - 1) - batch.weight_version == (0 if step == 1 else 1)
+        generating = _rescored(versions[batch.weight_version], batch)
+        torch.testing.assert_close(batch.rollout_log_probs, generating, atol=1e-4, rtol=0)
+        if step > 1:  # the trainer's weights (one update newer) give other log-probs
+            current = _rescored(model, batch)
+            assert (current - batch.rollout_log_probs).abs().max() > 1e-2
+        _perturb_(model, seed=step)  # the update on batch `step`, while batch step+1 generates
+        versions.append(copy.deepcopy(model))
+
+
+def test_the_worker_ignores_ctrl_c_and_a_dead_worker_is_reported(driver) -> None:
+    rollout, _ = driver
+    rollout.rollout(1)
+    os.kill(rollout.process.pid, signal.SIGINT)  # ignored: the trainer stops the worker
+    assert rollout.rollout(2).weight_version == 0
+    os.kill(rollout.process.pid, signal.SIGKILL)
+    rollout.process.join(10)
+    with pytest.raises(RolloutWorkerError, match="died with exit code -9"):
+        rollout.rollout(3)
+
+
+def test_a_three_step_one_step_off_run_has_staleness_exactly_one_after_step_1(
+    tiny_config,
+) -> None:
+    cfg = tiny_config(
+        "grpo-multi-rs",
+        "trainer.async_mode=one_step_off",
+        "trainer.total_training_steps=3",
+        "trainer.dump_log_probs=true",
+    )
+    result = train(cfg)
+    assert result.status == "FINISHED"
+    assert result.history[STALENESS_MAX] == [(1, 0.0), (2, 1.0), (3, 1.0)]
+    assert result.history[STALENESS_MIN] == [(1, 0.0), (2, 1.0), (3, 1.0)]
+    assert result.history["rollout/staleness"] == [(1, 0.0), (2, 1.0), (3, 1.0)]
+    assert _no_worker_left()
+    # The whatif/calibrate dumps carry each sample's staleness, and still load.
+    folder = Path(cfg.trainer.default_local_dir) / "log_probs"
+    stack = load_dumps([folder])
+    assert stack.num_steps == 3
+    for step in (1, 2, 3):
+        staleness = read_dump(folder / f"step_{step:06d}.pt")["staleness"]
+        assert staleness.tolist() == [min(step - 1, 1)] * 16  # 4 prompts x n = 4
+
+
+def test_a_worker_that_fails_fails_the_run_with_its_error(
+    tiny_config, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(FAIL_AT_ENV, "2")  # the spawned worker inherits it
+    cfg = tiny_config(
+        "grpo-rs-only",
+        "trainer.async_mode=one_step_off",
+        "trainer.total_training_steps=3",
+        "trainer.save_freq=1",
+    )
+    with pytest.raises(RolloutWorkerError, match="injected rollout worker failure at step 2"):
+        train(cfg)
+    assert _no_worker_left()
+    folder = Path(cfg.trainer.default_local_dir)
+    assert latest_checkpoint(folder).name.endswith("_1")  # the last checkpoint is intact
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    experiment = client.get_experiment_by_name("rcx-tests")
+    (run,) = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"attributes.run_name = '{cfg.trainer.experiment_name}'",
+    )
+    assert run.info.status == "FAILED"
+
+
+def test_ctrl_c_stops_the_worker_and_the_trainer(
+    tiny_config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = trainer_mod.Trainer.train_step
+
+    def hard_stop_in_step_2(self, step):
+        if step == 2:
+            assert not _no_worker_left()  # the worker is generating batch 2 meanwhile
+            raise KeyboardInterrupt
+        return original(self, step)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", hard_stop_in_step_2)
+    result = train(
+        tiny_config(
+            "grpo-rs-only", "trainer.async_mode=one_step_off", "trainer.total_training_steps=3"
+        )
+    )
+    assert result.status == "KILLED" and result.step == 1
+    assert _no_worker_left()
+
+
+@pytest.mark.slow
+def test_resume_replays_what_an_uninterrupted_one_step_off_run_does(tiny_config) -> None:
+    """One-step-off resume is exact: the checkpoint keeps the weights of the batch in flight and
+    sampling is seeded per prompt, so a batch depends only on (seed, step, its weights)."""
+    common = ("trainer.async_mode=one_step_off", "trainer.save_freq=1")
+    whole = train(
+        tiny_config(
+            "grpo-multi-rs",
+            *common,
+            "trainer.total_training_steps=4",
+            "trainer.default_local_dir=whole",
+        )
+    )
+    train(tiny_config("grpo-multi-rs", *common, "trainer.total_training_steps=2"))
+    resumed = train(tiny_config("grpo-multi-rs", *common, "trainer.total_training_steps=4"))
+    assert resumed.resumed_from == 2
+    for key in ("reward/mean", "actor/pg_loss", "rollout_corr/kl", STALENESS_MAX):
+        assert resumed.history[key] == whole.history[key], key
+
+
+def test_a_worker_whose_trainer_is_gone_stops_waiting_for_requests() -> None:
+    requests = mp.get_context("spawn").Queue()
+    requests.put("work")
+    assert next_request(requests, parent=os.getppid()) == "work"
+    assert next_request(requests, parent=-1) is None  # no request, and the parent is not ours
