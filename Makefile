@@ -61,6 +61,7 @@ bench: setup
 	$(BIN)/python bench/whatif.py
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/async.py
+	$(BIN)/python bench/scaling.py
 
 # The mismatch study (issue 7): ~22 min on 2 cores; results in bench/results/. QUICK: make study ARGS=--quick
 study: setup
