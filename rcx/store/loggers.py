@@ -322,6 +322,7 @@ def open_trackers(
         resume_run_id=resume_run_id,
         parent_run_id=parent_run_id,
         tags=tags,
+        local_copy=run_dir,
     )
     try:
         return with_loggers(

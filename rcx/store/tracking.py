@@ -33,13 +33,19 @@ Decisions:
   Params are immutable in MLflow: when a run is resumed, new keys are added, and keys whose value
   changed (``trainer.total_training_steps`` typically) are recorded in the tag
   ``rcx.resume.changed_params`` instead of failing.
-* **Metrics** go out as one ``log_batch`` per step (chunked at MLflow's 1000-entity limit),
-  asynchronously (``synchronous=False``: MLflow's own queue and thread write them, so a step
-  waits for no database); ``finish`` waits for the queue to drain. A logging failure warns once
-  (at the latest when the run finishes) and training continues: the run's own history (kept by
-  the trainer) is not lost, and losing a 3-hour run to a dashboard hiccup is worse.
-* **Status** is ``FINISHED``, ``FAILED`` or ``KILLED`` as it happened; a resumed run goes back to
-  ``RUNNING`` under the same run id (stored in the checkpoint).
+* **Metrics** go out as one ``log_batch`` per step (chunked at MLflow's 1000-entity limit);
+  they, the artifacts and texts, and the final status are written in order by a background
+  thread (:mod:`rcx.store.outbox`), so a step waits for no database or server. A store that
+  stops answering (server killed, network lost) is retried in the background, its writes held
+  in bounded memory, and training goes on at full speed (one warning says so). A write the
+  store refuses warns once and training continues: the run's own history (kept by the trainer,
+  saved in each checkpoint's ``state.pt``) is not lost, and losing a 3-hour run to a dashboard
+  hiccup is worse.
+* **Status** is ``FINISHED``, ``FAILED`` or ``KILLED`` as it happened, written after the run's
+  last metrics; ``finish`` waits at most :data:`FINISH_WAIT_S` for the store. If it is still
+  gone, a warning says which steps and which status were not written (MLflow keeps showing the
+  run RUNNING: its status is unknown there) and where the local copy is, and the process exits.
+  A resumed run goes back to ``RUNNING`` under the same run id (stored in the checkpoint).
 """
 
 from __future__ import annotations
@@ -55,10 +61,12 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from rcx.errors import RcxError
+from rcx.store.outbox import Operation, Outbox
 
 RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
 
@@ -74,6 +82,10 @@ TRUNCATION_MARKER = "...[truncated]"
 CHECK_TIMEOUT_S = 5
 RUN_HTTP_RETRIES = 2
 RUN_HTTP_TIMEOUT_S = 30
+#: The longest ``finish`` waits for a store that does not answer to take the run's last writes.
+FINISH_WAIT_S = 30.0
+#: A write that has had no answer for this long is reported as an outage (a hung server).
+STALL_WARN_S = 10.0
 # Panels of the end-of-run PNG, in this order: each a tuple of curves drawn together.
 PLOT_PANELS: tuple[tuple[str, ...], ...] = (
     ("reward/mean",),
@@ -360,9 +372,12 @@ class MlflowTracker:
     experiment_id: str
     resumed: bool = False
     _client: Any = field(default=None, repr=False)
+    #: The folder that keeps the run's history when the store does not (the checkpoint folder).
+    local_copy: Path | None = None
     _finished: bool = False
     _warned: bool = False
-    _pending: list[tuple[int, Any]] = field(default_factory=list, repr=False)
+    _warned_outage: bool = False
+    _outbox: Outbox = field(default_factory=Outbox, repr=False)
     #: A reopened run's status and end time before this invocation (see :meth:`abandon`).
     previous_status: str | None = None
     previous_end_time: int | None = None
@@ -377,8 +392,10 @@ class MlflowTracker:
         resume_run_id: str | None = None,
         parent_run_id: str | None = None,
         tags: Mapping[str, str] | None = None,
+        local_copy: Path | None = None,
     ) -> MlflowTracker:
         """Open a run: reopen ``resume_run_id`` if it exists in this store, else create one.
+        ``local_copy`` is where the run's history is kept locally, named when the store is lost.
 
         Raises :class:`TrackingError` if the store cannot be reached or the run cannot be made.
         """
@@ -398,7 +415,7 @@ class MlflowTracker:
             client = MlflowClient(tracking_uri=uri)
             if resume_run_id and (run := _get_run_or_none(client, resume_run_id)) is not None:
                 client.update_run(resume_run_id, status="RUNNING")
-                tracker = cls(uri, resume_run_id, run.info.experiment_id, True, client)
+                tracker = cls(uri, resume_run_id, run.info.experiment_id, True, client, local_copy)
                 tracker.previous_status = run.info.status
                 tracker.previous_end_time = run.info.end_time
                 return tracker
@@ -409,7 +426,7 @@ class MlflowTracker:
             run = client.create_run(experiment_id, run_name=run_name, tags=run_tags)
         except MlflowException as exc:
             raise TrackingError(f"MLflow store {uri}: {exc.message}") from exc
-        return cls(uri, run.info.run_id, experiment_id, False, client)
+        return cls(uri, run.info.run_id, experiment_id, False, client, local_copy)
 
     def describe(self) -> str:
         db = sqlite_path(self.uri)
@@ -448,54 +465,111 @@ class MlflowTracker:
         return [f"param changed on resume (kept the first value in MLflow): {c}" for c in changed]
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """Queue the step's metrics for MLflow's logging thread; returns without waiting."""
+        """Queue the step's metrics for the background writer; returns without waiting."""
         from mlflow.entities import Metric
 
         now_ms = int(time.time() * 1000)
         entries = [Metric(k, float(v), now_ms, step) for k, v in metrics.items() if _is_number(v)]
-        try:
-            for chunk in _chunks(entries, MAX_METRICS_PER_BATCH):
-                operation = self._client.log_batch(
-                    self.run_id, metrics=list(chunk), synchronous=False
-                )
-                self._pending.append((step, operation))
-        except Exception as exc:  # noqa: BLE001 - see module docstring: warn, keep training
-            self._warn_once(f"MLflow metric logging failed at step {step}: {exc}")
-
-    def _check_pending(self) -> None:
-        """Warn (once) about the first queued metric batch that failed; forget the rest."""
-        pending, self._pending = self._pending, []
-        for step, operation in pending:
-            try:
-                operation.wait()
-            except Exception as exc:  # noqa: BLE001
-                self._warn_once(f"MLflow metric logging failed at step {step}: {exc}")
-                return
+        for chunk in _chunks(entries, MAX_METRICS_PER_BATCH):
+            send = partial(self._client.log_batch, self.run_id, metrics=list(chunk))
+            self._outbox.put(Operation(f"metrics of step {step}", send, step, len(chunk)))
+        self._report_writer_state()
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        try:
-            if Path(path).is_dir():
-                self._client.log_artifacts(self.run_id, str(path), artifact_path)
-            else:
-                self._client.log_artifact(self.run_id, str(path), artifact_path)
-        except Exception as exc:  # noqa: BLE001
-            self._warn_once(f"MLflow artifact upload of {path} failed: {exc}")
+        """Queue the upload of the file (or folder) ``path``; it must stay in place until the run
+        ends."""
+        upload = self._client.log_artifacts if Path(path).is_dir() else self._client.log_artifact
+        send = partial(upload, self.run_id, str(path), artifact_path)
+        self._outbox.put(Operation(f"artifact upload of {path}", send))
+        self._report_writer_state()
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        try:
-            self._client.log_text(self.run_id, text, artifact_file)
-        except Exception as exc:  # noqa: BLE001
-            self._warn_once(f"MLflow artifact {artifact_file} failed: {exc}")
+        """Queue ``text`` as the artifact ``artifact_file``."""
+        send = partial(self._client.log_text, self.run_id, text, artifact_file)
+        self._outbox.put(Operation(f"artifact {artifact_file}", send))
+        self._report_writer_state()
 
     def finish(self, status: RunStatus) -> None:
+        """Write ``status`` after every queued write, waiting at most :data:`FINISH_WAIT_S` for
+        the store; if it does not answer by then, warn what was not written and return.
+        Idempotent."""
         if self._finished:
             return
         self._finished = True
+        self._end_run(status, end_time=None)
+
+    def _end_run(self, status: str, end_time: int | None) -> None:
+        """Queue the final status and wait for the outbox; warn about what it could not write."""
+        send = partial(self._client.set_terminated, self.run_id, status=status, end_time=end_time)
+        terminate = Operation(f"status {status}", send)
+        self._outbox.put(terminate, essential=True)
         try:
-            self._client.set_terminated(self.run_id, status=status)  # drains the metric queue
-            self._check_pending()
-        except Exception as exc:  # noqa: BLE001
-            warnings.warn(f"could not mark MLflow run {self.run_id} {status}: {exc}", stacklevel=2)
+            drained = self._outbox.flush(FINISH_WAIT_S)
+        except KeyboardInterrupt:  # Ctrl-C while waiting: stop waiting, say what is missing
+            drained = False
+        unwritten = self._outbox.close()
+        self._warned_outage = True  # the message below says it, if the store is still away
+        self._report_rejections(terminate)
+        if not drained:
+            warnings.warn(self._unwritten_message(status, unwritten), stacklevel=3)
+
+    def _report_writer_state(self) -> None:
+        """Warn once when the store stops answering, and once about refused writes and steps
+        dropped because the buffer was full."""
+        outbox = self._outbox
+        if not self._warned_outage and (
+            outbox.failure is not None or outbox.stalled_s() > STALL_WARN_S
+        ):
+            self._warned_outage = True
+            why = (
+                _first_line(outbox.failure)
+                if outbox.failure is not None
+                else f"no answer for {STALL_WARN_S:g} s"
+            )
+            warnings.warn(
+                f"MLflow store {self.uri} is not answering ({why}); training continues: its "
+                f"writes are kept in memory and retried in the background",
+                stacklevel=3,
+            )
+        if outbox.dropped:
+            self._warn_once(
+                f"MLflow store {self.uri} has been away too long: the writer's buffer is full, "
+                f"the {outbox.first_dropped} and later writes that do not fit are dropped"
+            )
+        if outbox.rejected:
+            first = outbox.rejected[0]
+            self._warn_once(f"MLflow {first.operation.what} failed: {_first_line(first.error)}")
+
+    def _report_rejections(self, terminate: Operation) -> None:
+        """Warn about refused writes: the final status above all, else the first one."""
+        for rejection in self._outbox.rejected:
+            if rejection.operation is terminate:
+                warnings.warn(
+                    f"could not mark MLflow run {self.run_id} "
+                    f"{terminate.what.removeprefix('status ')}: {_first_line(rejection.error)}",
+                    stacklevel=4,
+                )
+                return
+        self._report_writer_state()
+
+    def _unwritten_message(self, status: str, unwritten: Sequence[Operation]) -> str:
+        """What the store did not receive, how MLflow shows the run, and where the copy is."""
+        last = self._outbox.last_written_step
+        steps = "its metrics" if last is None else f"its metrics after step {last}"
+        if dropped := self._outbox.dropped:
+            steps += f" ({dropped} writes dropped when the buffer was full)"
+        where = (
+            f"{self.local_copy} (state.pt of each checkpoint there holds the full history)"
+            if self.local_copy is not None
+            else "the checkpoint folder (state.pt of each checkpoint holds the full history)"
+        )
+        reason = _first_line(self._outbox.failure) if self._outbox.failure else "no answer"
+        return (
+            f"MLflow store {self.uri} did not answer within {FINISH_WAIT_S:g} s ({reason}): "
+            f"for run {self.run_id}, {steps} and its final status {status} could not be written "
+            f"({len(unwritten)} writes lost). MLflow will show the run as RUNNING: its status is "
+            f"unknown there. The local copy is in {where}."
+        )
 
     def abandon(self, status: RunStatus = "FAILED") -> None:
         """End an invocation that failed before training: a reopened run gets back the status
@@ -508,12 +582,7 @@ class MlflowTracker:
             return
         self._finished = True
         previous = "KILLED" if self.previous_status == "RUNNING" else self.previous_status
-        try:
-            self._client.set_terminated(
-                self.run_id, status=previous, end_time=self.previous_end_time
-            )
-        except Exception as exc:  # noqa: BLE001
-            warnings.warn(f"could not restore MLflow run {self.run_id}: {exc}", stacklevel=2)
+        self._end_run(previous, end_time=self.previous_end_time)
 
     def last_logged_step(self, keys: Sequence[str]) -> int:
         """The highest step at which this (reopened) run logged any of ``keys``; -1 if none."""
@@ -586,6 +655,12 @@ def abandon(tracker: Any, status: RunStatus = "FAILED") -> None:
         tracker.finish(status)
 
 
+def _first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (its type when empty), at most 300 characters."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+
+
 def _is_number(value: Any) -> bool:
     try:
         float(value)
@@ -627,8 +702,10 @@ def open_tracker(
     resume_run_id: str | None = None,
     parent_run_id: str | None = None,
     tags: Mapping[str, str] | None = None,
+    local_copy: Path | None = None,
 ) -> Tracker:
-    """An :class:`MlflowTracker` if ``"mlflow"`` is in ``logger``, else a :class:`NullTracker`."""
+    """An :class:`MlflowTracker` if ``"mlflow"`` is in ``logger``, else a :class:`NullTracker`.
+    ``local_copy``: the folder that keeps the run's history (named if the store is lost)."""
     if "mlflow" not in logger:
         return NullTracker()
     return MlflowTracker.start(
@@ -638,6 +715,7 @@ def open_tracker(
         resume_run_id=resume_run_id,
         parent_run_id=parent_run_id,
         tags=tags,
+        local_copy=local_copy,
     )
 
 
