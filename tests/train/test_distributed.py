@@ -224,7 +224,9 @@ def test_two_processes_equal_one_on_the_same_global_batch(tmp_path, preset):
     assert two.stdout.count("rcx train: 3 steps") == 1  # rank 1 prints nothing
 
 
-def test_two_process_resume_gives_the_uninterrupted_run(tmp_path):
+def test_resume_gives_the_uninterrupted_run_under_any_process_count(tmp_path):
+    """2 processes stopped after step 2 and resumed give the uninterrupted 2-process run
+    exactly; see :func:`resume_in_one_process` for the other process counts."""
     whole = train_cli(tmp_path, "whole", "grpo-multi-rs", "trainer.n_gpus_per_node=2")
     assert whole.returncode == 0, whole.stderr[-3000:]
     first = train_cli(
@@ -243,13 +245,13 @@ def test_two_process_resume_gives_the_uninterrupted_run(tmp_path):
         assert history_split[key][-1] == history_whole[key][-1], key
     for name, value in weights_whole.items():
         assert torch.equal(value, weights_split[name]), name
+    resume_in_one_process(tmp_path)
 
 
-def test_resume_with_another_number_of_processes(tmp_path):
+def resume_in_one_process(tmp_path: Path) -> None:
     """A sharded (2-process) checkpoint resumes in one process (DCP reshards) and continues as
-    the 2-process run would; a 1-process checkpoint is refused under 2 with a clear error."""
-    whole = train_cli(tmp_path, "whole", "grpo-multi-rs", "trainer.n_gpus_per_node=2")
-    assert whole.returncode == 0, whole.stderr[-3000:]
+    the 2-process run ``whole`` did; a 1-process checkpoint is refused under 2 with a clear
+    error."""
     first = train_cli(
         tmp_path,
         "down",
@@ -281,6 +283,7 @@ def test_resume_with_another_number_of_processes(tmp_path):
     assert "was written by one process" in refused.stdout + refused.stderr
 
 
+@pytest.mark.slow
 def test_two_nodes_of_one_process_each(tmp_path):
     """2 "nodes" x 1 process on this machine, each started on its own as a node's launcher
     would (node rank in GROUP_RANK, LOCAL_RANK 0 on both), meeting through a shared file store:
