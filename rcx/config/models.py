@@ -562,7 +562,7 @@ class TrainerConfig(Section):
         1,
         ge=1,
         description="Training processes per node (one per GPU; on CPU, processes): > 1 shards "
-        "the models with FSDP2 and rcx train starts them through torch.distributed.run.",
+        "the models with FSDP2 and rcx train starts them itself (torch's process launcher).",
     )
     nnodes: int = Field(
         1, ge=1, description="Nodes (> 1: launch each node with torchrun; see the README)."
