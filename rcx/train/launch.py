@@ -100,19 +100,28 @@ def _wait(context: object, console: Console) -> int:
     if not result.is_failed():
         return 130 if interrupted else 0
     context.close(death_sig=signal.SIGTERM, timeout=GRACE_S)  # type: ignore[attr-defined]
-    failures = result.failures
-    codes = {rank: failure.exitcode for rank, failure in failures.items()}
-    # The rank that failed first: the others fail after it (a collective with a dead peer) or
-    # are stopped by the launcher (SIGTERM, SIGKILL).
-    first = min(failures, key=lambda r: (failures[r].timestamp, r))
+    codes = {rank: failure.exitcode for rank, failure in result.failures.items()}
     detail = ", ".join(f"rank {r}: {c}" for r, c in sorted(codes.items()))
-    if codes.get(first) == 130 or interrupted:
+    if interrupted or 130 in codes.values():
         console.print(f"[yellow]rcx train: interrupted ({esc(detail)})[/]")
         return 130
+    failed = ", ".join(str(r) for r in failed_on_their_own(codes))
+    plural = "s" if "," in failed else ""
     console.print(
-        f"[red]rcx train: rank {first} failed (exit codes {esc(detail)}); every rank stopped[/]"
+        f"[red]rcx train: rank{plural} {failed} failed (exit codes {esc(detail)}); "
+        "every rank stopped[/]"
     )
     return 1
+
+
+def failed_on_their_own(codes: dict[int, int]) -> list[int]:
+    """The ranks that failed by themselves, not those the launcher stopped (killed by SIGTERM
+    or SIGKILL); all of them when none is left. One rank failing makes its peers' collectives
+    fail within moments, and the failures are noticed in the same poll, so which was first
+    cannot be told apart here: its error is printed above the summary."""
+    stopped = {-int(signal.SIGTERM), -int(signal.SIGKILL)}
+    own = sorted(rank for rank, code in codes.items() if code not in stopped)
+    return own or sorted(codes)
 
 
 def _signal(pid: int, sig: signal.Signals) -> None:

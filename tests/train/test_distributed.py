@@ -77,6 +77,14 @@ def test_one_process_views_are_the_tensors_themselves():
     assert padded.shape == (2, 5) and padded[:, 3:].eq(7).all() and padded[:, :3].eq(1).all()
 
 
+def test_the_ranks_the_launcher_stopped_are_not_blamed():
+    from rcx.train.launch import failed_on_their_own
+
+    assert failed_on_their_own({0: -15, 1: 1}) == [1]  # rank 0 was stopped by SIGTERM
+    assert failed_on_their_own({0: 1, 1: 1}) == [0, 1]  # a dead peer fails the other's collective
+    assert failed_on_their_own({0: -9, 1: -15}) == [0, 1]  # nobody failed on its own: all
+
+
 def test_rank_environment_is_torchruns_plus_the_file_store():
     env = rank_environment(1, 2, "/tmp/x/store")
     assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("1", "2", "1")
