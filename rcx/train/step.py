@@ -170,11 +170,12 @@ def train_step(trainer: StepHost, step: int) -> dict[str, float]:
         alg = cfg.algorithm
         members = baseline_members(rc.baseline_includes_rejected, plan.bypass, batch)
         values = None if batch.values is None else gather_rows(batch.values, world)
+        all_mask = gather_rows(batch.response_mask, world)  # (B_all, T), gathered once
         advantages, returns = compute_advantages(
             alg.adv_estimator,
             all_scores,
             gather_rows(token_rewards, world),
-            gather_rows(batch.response_mask, world),
+            all_mask,
             global_prompt,
             values,
             gamma=alg.gamma,
@@ -183,9 +184,7 @@ def train_step(trainer: StepHost, step: int) -> dict[str, float]:
             in_baseline=None if members is None else gather_rows(members, world),
         )  # (B_all, T) each
         batch.advantages, batch.returns = local_rows(advantages, world), local_rows(returns, world)
-    metrics.update(
-        advantage_metrics(advantages, returns, values, gather_rows(batch.response_mask, world))
-    )
+    metrics.update(advantage_metrics(advantages, returns, values, all_mask))
 
     # 8b. Off-policy sequence masking, decoupled mode (it needs the advantages): drop whole
     #     sequences with A < 0 whose mean lp_rollout - lp_old exceeds delta.
@@ -194,7 +193,7 @@ def train_step(trainer: StepHost, step: int) -> dict[str, float]:
         keep, opsm_metrics = off_policy_sequence_mask(
             gather_rows(batch.old_log_probs, world),
             gather_rows(batch.rollout_log_probs, world),
-            gather_rows(batch.response_mask, world),
+            all_mask,
             advantages,
             delta,
         )
