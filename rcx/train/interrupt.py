@@ -1,6 +1,7 @@
-"""Ctrl-C during training: the first press asks the loop to stop at the next step boundary
-(:class:`StopRequested`), a second press raises ``KeyboardInterrupt`` at once. The handler is
-installed for the run and the caller's restored after it.
+"""Ctrl-C during training (:class:`CtrlC`): the first press asks the loop to stop at the next step
+boundary (:class:`StopRequested`), or abandons the step at once while it waits on something that
+changes nothing (a custom reward function); a second press raises ``KeyboardInterrupt`` at once.
+The handler is installed for the run and the caller's restored after it.
 
 SIGTERM (what ``torchrun`` sends the other ranks when one fails, or a plain ``kill``) raises
 :class:`Terminated` where the process is: the run ends FAILED, its MLflow run marked so, the last
@@ -9,8 +10,13 @@ checkpoint left as it was."""
 from __future__ import annotations
 
 import signal
-from contextlib import suppress
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from typing import Any
+
+#: A second Ctrl-C stops at once only this long after the first (see :meth:`CtrlC.handler`).
+SECOND_PRESS_S = 1.0
 
 
 class StopRequested(Exception):
@@ -19,6 +25,63 @@ class StopRequested(Exception):
 
 class Terminated(Exception):
     """Raised by SIGTERM."""
+
+
+class CtrlC:
+    """A run's Ctrl-C state and its SIGINT handler.
+
+    * first press: ``requested`` is set and the loop stops at the next step boundary; inside
+      :meth:`abandonable` (a wait that changes no state, e.g. on a custom reward that hangs) it
+      raises :class:`StopRequested` at once instead, so the step is abandoned within seconds and
+      the checkpoint of the last completed step is what a resume starts from;
+    * second press: ``KeyboardInterrupt`` at once, unless a checkpoint is being written
+      (:meth:`saving`: it finishes first) or the press comes within :data:`SECOND_PRESS_S` of
+      the first (under a launcher one Ctrl-C can arrive twice: from the terminal and forwarded).
+    """
+
+    def __init__(self, say: Any) -> None:
+        self.say = say  # prints one console line (markup allowed)
+        self.requested = False
+        self.requested_at = 0.0
+        self._saving = False
+        self._abandonable = False
+
+    def handler(self, signum: int, frame: Any) -> None:
+        now = time.monotonic()
+        if self.requested:
+            if self._saving or now - self.requested_at < SECOND_PRESS_S:
+                return
+            raise KeyboardInterrupt
+        self.requested, self.requested_at = True, now
+        if self._abandonable:
+            self.say(
+                "[yellow]Ctrl-C: abandoning this step (it was waiting on the reward function)[/]"
+            )
+            raise StopRequested
+        self.say(
+            "[yellow]Ctrl-C: finishing this step, then saving a checkpoint "
+            "(press again to stop now)[/]"
+        )
+
+    @contextmanager
+    def saving(self) -> Iterator[None]:
+        """A checkpoint is being written meanwhile: a second press waits for it."""
+        self._saving = True
+        try:
+            yield
+        finally:
+            self._saving = False
+
+    @contextmanager
+    def abandonable(self, allowed: bool = True) -> Iterator[None]:
+        """Meanwhile (when ``allowed``: one process; several ranks must stop together at a step
+        boundary) a first press abandons the step at once. Only for work that changes nothing
+        the checkpoint keeps."""
+        self._abandonable = allowed
+        try:
+            yield
+        finally:
+            self._abandonable = False
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:

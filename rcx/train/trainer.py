@@ -85,6 +85,7 @@ from rcx.train.distributed import (
 )
 from rcx.train.evaluate import score_rollout, validate
 from rcx.train.interrupt import (
+    CtrlC,
     StopRequested,
     hard_stop_message,
     ignore_sigterm,
@@ -121,8 +122,6 @@ from rcx.train.state import restore_run_state, save_run_state
 from rcx.train.step import train_step
 
 EXIT_CODES = {"FINISHED": 0, "FAILED": 1, "KILLED": 130}
-#: A second Ctrl-C stops at once only this long after the first (see :meth:`Trainer._on_sigint`).
-SECOND_PRESS_S = 1.0
 
 
 @dataclass
@@ -207,7 +206,7 @@ class Trainer:
         # True from a step's first weight update until its metrics are logged: the weights then
         # belong to no completed step, so a hard interrupt must not checkpoint them.
         self.weights_dirty = False
-        self._stop_requested, self._stop_requested_at, self._saving = False, 0.0, False
+        self.ctrl_c = CtrlC(self.console.print)
         self.nonfinite_streak = 0  # consecutive steps skipped for non-finite gradients
         self.async_rollout: OneStepOffRollout | None = None  # one_step_off: the rollout worker
 
@@ -273,7 +272,7 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Validate, run the remaining steps, validate, save; end the MLflow run."""
         status: RunStatus = "FAILED"
-        previous_handler = install_sigint(self._on_sigint)
+        previous_handler = install_sigint(self.ctrl_c.handler)
         try:
             self._announce()
             if self.step >= self.total_steps:
@@ -354,7 +353,7 @@ class Trainer:
                 progress.update(bar, completed=step, info=progress_info(metrics))
                 if plain is not None:
                     plain.update(step, metrics)
-                if any_rank(self._stop_requested, self.world):  # every rank stops together
+                if any_rank(self.ctrl_c.requested, self.world):  # every rank stops together
                     raise StopRequested
 
     # ------------------------------------------------------------------ one step
@@ -368,8 +367,11 @@ class Trainer:
     def score(
         self, batch: Any, examples: Sequence[Any]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Outcome reward (B,) of each response, and the reward hook's extras."""
-        return score_rollout(self.scorer, self.tokenizer, batch, examples, self.device)
+        """Outcome reward (B,) of each response, and the reward hook's extras. Scoring changes
+        nothing the checkpoint keeps, so a Ctrl-C meanwhile abandons the step at once (one
+        process): a hung custom reward never holds a stop for its whole timeout."""
+        with self.ctrl_c.abandonable(allowed=not self.world.distributed):
+            return score_rollout(self.scorer, self.tokenizer, batch, examples, self.device)
 
     def validate(self, step: int) -> dict[str, float]:
         """Reward and accuracy on the validation prompts, from float32 training weights."""
@@ -393,11 +395,8 @@ class Trainer:
         """Checkpoint the completed step ``self.step`` (nothing before the first step)."""
         if self.step == 0:
             return None
-        self._saving = True  # a second Ctrl-C waits for the checkpoint (see _on_sigint)
-        try:
+        with self.ctrl_c.saving():  # a second Ctrl-C waits for the checkpoint
             return save_run_state(self)
-        finally:
-            self._saving = False
 
     def _restore(self, path: Path) -> None:
         self.step, self.resume_path = restore_run_state(self, path, warn=self._warn)
@@ -478,18 +477,3 @@ class Trainer:
         png = plot.result()
         if png is not None:
             self.tracker.log_artifact(png, "plots")
-
-    def _on_sigint(self, signum: int, frame: Any) -> None:
-        now = time.monotonic()
-        if self._stop_requested:
-            # A second press stops at once, unless a checkpoint is being written (it finishes
-            # first) or it comes within a second of the first (under a launcher one Ctrl-C can
-            # arrive twice: from the terminal and forwarded).
-            if self._saving or now - self._stop_requested_at < SECOND_PRESS_S:
-                return
-            raise KeyboardInterrupt
-        self._stop_requested, self._stop_requested_at = True, now
-        self.console.print(
-            "[yellow]Ctrl-C: finishing this step, then saving a checkpoint "
-            "(press again to stop now)[/]"
-        )

@@ -186,6 +186,48 @@ def test_rejecting_everything_skips_updates_and_completes(tiny_config, mlflow_ur
     assert all(torch.equal(v, final[k]) for k, v in initial.state_dict().items())
 
 
+def test_ctrl_c_while_a_custom_reward_hangs_abandons_the_step_at_once(
+    tiny_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    hang = tmp_path / "hang"  # the hook waits while this file exists
+    hook = tmp_path / "hook.py"
+    hook.write_text(
+        "import os, time\n"
+        "def f(data_source, solution_str, ground_truth, extra_info=None):\n"
+        f"    while os.path.exists({str(hang)!r}):\n"
+        "        time.sleep(0.05)\n"
+        "    return 0.0\n"
+    )
+    original = trainer_mod.Trainer.train_step
+    pressed: list[float] = []
+
+    def hang_in_step_2(self, step):
+        if step == 2:
+            hang.touch()
+            pressed.append(time.monotonic())
+            threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+        return original(self, step)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", hang_in_step_2)
+    cfg = tiny_config(
+        "grpo-rs-only",
+        "trainer.total_training_steps=3",
+        f"custom_reward_function.path={hook}",
+        "custom_reward_function.name=f",
+        "custom_reward_function.timeout_s=600",
+    )
+    try:
+        killed = train(cfg)
+        stopped_after = time.monotonic() - pressed[0]
+    finally:
+        hang.unlink(missing_ok=True)  # releases the hook's thread
+    assert killed.status == "KILLED" and killed.exit_code == 130
+    assert killed.step == 1 and killed.checkpoint.name == "global_step_1"  # step 2 abandoned
+    assert stopped_after < 60  # not the reward's 600 s timeout
+
+
 def test_ctrl_c_finishes_the_step_saves_and_marks_killed(
     tiny_config, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
