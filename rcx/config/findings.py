@@ -157,6 +157,23 @@ def _file_findings(cfg: RcxConfig) -> list[Finding]:
                     )
                 )
     model_path = cfg.actor_rollout_ref.model.path
+    train_files = cfg.data.train_files
+    train_files = [train_files] if isinstance(train_files, str) else train_files
+    warm_start = cfg.actor_rollout_ref.model.warm_start_steps
+    if (
+        model_path == "builtin:tiny"
+        and warm_start > 0
+        and not any(f.startswith("builtin:") for f in train_files)
+    ):
+        out.append(
+            error(
+                "RCX-E009",
+                "actor_rollout_ref.model.warm_start_steps",
+                f"builtin:tiny warm-starts ({warm_start} steps) on a built-in task, but "
+                f"data.train_files names none; set actor_rollout_ref.model.warm_start_steps=0 "
+                f"(an untrained model) or point actor_rollout_ref.model.path at your own model",
+            )
+        )
     if not _exists_locally(model_path):
         out.append(
             warning(

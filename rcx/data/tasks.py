@@ -206,6 +206,17 @@ def parse_ground_truth(value: Any) -> str | None:
     return str(value)
 
 
+def column_values(frame: Any, column: str, path: str) -> list[Any]:
+    """The cells of ``column`` as Python values; :class:`DataError` when its text is not UTF-8
+    (parquet strings are decoded only here, so a bad byte would otherwise surface mid-run)."""
+    try:
+        return list(frame[column])
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"data file {path!r}: column {column!r} holds text that is not valid UTF-8 ({err})"
+        ) from err
+
+
 def read_parquet(path: str, prompt_key: str) -> tuple[list[tuple[Any, ...]], Counter]:
     """Rows of a verl parquet file as `(prompt, ground_truth, data_source, extra_info)`.
 
@@ -230,9 +241,12 @@ def read_parquet(path: str, prompt_key: str) -> tuple[list[tuple[Any, ...]], Cou
             "set data.prompt_key if the prompt column has another name"
         )
     rows, skipped = [], Counter()
-    extras = frame["extra_info"] if "extra_info" in frame.columns else [None] * len(frame)
+    columns = [prompt_key, "data_source", "reward_model"]
+    columns += ["extra_info"] if "extra_info" in frame.columns else []
+    cells = {c: column_values(frame, c, path) for c in columns}
+    extras = cells.get("extra_info", [None] * len(frame))
     for prompt, source, reward, extra in zip(
-        frame[prompt_key], frame["data_source"], frame["reward_model"], extras, strict=True
+        cells[prompt_key], cells["data_source"], cells["reward_model"], extras, strict=True
     ):
         parsed, truth = parse_prompt(prompt), parse_ground_truth(reward)
         if parsed is None or truth is None or not isinstance(source, str):

@@ -55,12 +55,26 @@ class Comparison:
 
 
 def open_client(tracking_uri: str | None) -> Any:
-    """An MLflow client for the store; a missing local SQLite database is an error, not created."""
+    """An MLflow client for the store; a missing local SQLite database is an error, not created,
+    and an http server that does not answer within seconds is one too."""
     from mlflow.tracking import MlflowClient
 
-    from rcx.store.tracking import resolve_tracking_uri, sqlite_path, sqlite_store_problem
+    from rcx.store.tracking import (
+        TrackingError,
+        check_reachable,
+        is_http,
+        resolve_tracking_uri,
+        sqlite_path,
+        sqlite_store_problem,
+    )
 
     uri = resolve_tracking_uri(tracking_uri)
+    if is_http(uri):  # MLflow's own retries take minutes before they give up
+        try:
+            check_reachable(uri)
+        except TrackingError as exc:
+            reason = str(exc).splitlines()[0]
+            raise RunsError(f"{reason}; start it or pass another --tracking-uri") from exc
     db = sqlite_path(uri)
     if db is not None and (problem := sqlite_store_problem(db)):
         raise RunsError(f"{problem}; move it aside or pass another --tracking-uri")

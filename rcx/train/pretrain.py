@@ -58,6 +58,7 @@ from rcx.data.tasks import (
 from rcx.models.loading import (
     BUILTIN_TINY,
     TINY_CHARS,
+    ModelLoadError,
     build_char_tokenizer,
     build_tiny_model,
     save_model_dir,
@@ -263,7 +264,7 @@ def resolve_model_path(
         return model_path
     names = [f for f in as_file_list(train_files) if f in BUILTIN_TASKS]
     if not names:
-        raise ValueError(
+        raise ModelLoadError(
             "actor_rollout_ref.model.path=builtin:tiny warm-starts on a built-in task, but "
             f"data.train_files={train_files!r} names none: set "
             "actor_rollout_ref.model.warm_start_steps=0, or name your own model directory"

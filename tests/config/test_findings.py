@@ -54,7 +54,10 @@ CASES = {
     "RCX-W007": (rs("token_k1", "0.995_1.005"), rs("token_k1", "0.8_1.25"), THRESHOLD),
     "RCX-W008": (rs("seq_max_k2", "100"), rs("seq_max_k2", "2.5"), THRESHOLD),
     "RCX-W009": (
-        ["data.train_files=/nonexistent/train.parquet"],
+        [
+            "data.train_files=/nonexistent/train.parquet",
+            "actor_rollout_ref.model.warm_start_steps=0",
+        ],
         ["data.train_files=builtin:reverse"],
         "data.train_files",
     ),
@@ -209,6 +212,20 @@ def test_invalid_values_are_e009_with_path(override, path):
     e009 = [f for f in report.findings if f.code == "RCX-E009"]
     assert [f.path for f in e009] == [path]
     assert "got" in e009[0].message
+
+
+def test_a_builtin_warm_start_without_a_builtin_task_is_refused_at_validate():
+    report = validate_sources(overrides=["data.train_files=/data/mine.parquet"])
+    e009 = [f for f in report.findings if f.code == "RCX-E009"]
+    assert [f.path for f in e009] == ["actor_rollout_ref.model.warm_start_steps"]
+    assert "warm_start_steps=0" in e009[0].message
+    untrained = validate_sources(
+        overrides=[
+            "data.train_files=/data/mine.parquet",
+            "actor_rollout_ref.model.warm_start_steps=0",
+        ]
+    )
+    assert not [f for f in untrained.findings if f.code == "RCX-E009"]
 
 
 def test_all_errors_listed_at_once_even_with_a_bad_field():

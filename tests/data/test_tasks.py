@@ -160,6 +160,24 @@ def test_parquet_errors(tmp_path, tokenizer):
         load_prompts(long_only, "train", tokenizer, max_prompt_length=8)
 
 
+def test_parquet_text_that_is_not_utf8_is_a_clear_error(tmp_path, tokenizer):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    prompts = pa.array([b"\xff\xfe1+1=", b"2+2="], pa.binary()).view(pa.string())
+    table = pa.table(
+        {
+            "prompt": prompts,
+            "data_source": ["builtin:arith"] * 2,
+            "reward_model": [{"ground_truth": "2"}, {"ground_truth": "4"}],
+        }
+    )
+    path = tmp_path / "bad_text.parquet"
+    pq.write_table(table, path)
+    with pytest.raises(DataError, match=r"column 'prompt' holds text that is not valid UTF-8"):
+        load_prompts(str(path), "train", tokenizer, max_prompt_length=16)
+
+
 def test_unknown_data_source_without_custom_reward_is_an_error(tmp_path, tokenizer):
     path = write_parquet(tmp_path / "u.parquet", [verl_row("1+1=", "2", source="mystery")])
     with pytest.raises(DataError, match="mystery"):

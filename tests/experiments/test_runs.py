@@ -83,6 +83,15 @@ def test_unknown_run_and_missing_store(mlflow_uri: str, tmp_path: Path) -> None:
     assert not missing.exists()  # not created as a side effect
 
 
+def test_an_unreachable_server_is_a_clear_error_within_seconds() -> None:
+    import time
+
+    start = time.monotonic()
+    with pytest.raises(RunsError, match=r"http://127.0.0.1:9 is not reachable.*--tracking-uri"):
+        compare_runs(["abc"], tracking_uri="http://127.0.0.1:9")  # nothing listens on port 9
+    assert time.monotonic() - start < 30  # MLflow's own retries took minutes
+
+
 def test_cli_table_and_plot(mlflow_uri: str, sweep_runs: dict[str, str], tmp_path: Path) -> None:
     png = tmp_path / "runs.png"
     result = CliRunner().invoke(
