@@ -91,10 +91,46 @@ def save_checkpoint(
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(root, keep=shards)
+    check_free_space(root, step, state)
     final = step_dir(root, step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    try:
+        _write_into(tmp, step, state, config_yaml, mlflow_run_id, shards)
+    except BaseException as exc:
+        full = _is_disk_full(exc, root)
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed save must not keep the disk full
+        if full:
+            raise CheckpointError(
+                f"the disk filled up while saving step {step} in {root}; nothing was kept of "
+                f"it (the earlier checkpoints are intact). Free space or point "
+                f"trainer.default_local_dir elsewhere, then resume"
+            ) from exc
+        raise
+    if final.exists():
+        trash = root / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, trash)
+        os.replace(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
+    if keep_last is not None and keep_last > 0:
+        for old in list_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_into(
+    tmp: Path,
+    step: int,
+    state: Mapping[str, Any],
+    config_yaml: str | None,
+    mlflow_run_id: str | None,
+    shards: Path | None,
+) -> None:
+    """The checkpoint's files, written and flushed into the temporary folder ``tmp``."""
     if shards is not None:
         os.replace(shards, tmp / "sharded")
     with open(tmp / STATE_FILE, "wb") as f:
@@ -112,18 +148,49 @@ def save_checkpoint(
     }
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
     _fsync_dir(tmp)
-    if final.exists():
-        trash = root / f".old-{final.name}-{os.getpid()}"
-        os.replace(final, trash)
-        os.replace(tmp, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(root)
-    if keep_last is not None and keep_last > 0:
-        for old in list_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
+
+
+#: Room kept beyond a checkpoint's tensors (pickled structure, config, metadata), bytes.
+SAVE_MARGIN_BYTES = 16 * 2**20
+
+
+def state_nbytes(state: Any) -> int:
+    """Bytes of the tensors in ``state`` (nested dicts, lists and tuples), what ``torch.save``
+    writes give or take the pickled structure."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, Mapping):
+        return sum(state_nbytes(v) for v in state.values())
+    if isinstance(state, list | tuple):
+        return sum(state_nbytes(v) for v in state)
+    return 0
+
+
+def check_free_space(root: Path, step: int, state: Mapping[str, Any]) -> None:
+    """Raise :class:`CheckpointError` when ``root``'s filesystem has less free space than the
+    checkpoint of ``step`` needs (its tensors plus :data:`SAVE_MARGIN_BYTES`): refused before
+    a byte is written, so nothing is left behind."""
+    need = state_nbytes(state) + SAVE_MARGIN_BYTES
+    free = shutil.disk_usage(root).free
+    if free < need:
+        raise CheckpointError(
+            f"not enough free disk space to save step {step} in {root}: it needs about "
+            f"{need / 2**20:,.0f} MiB, {free / 2**20:,.0f} MiB are free (the earlier "
+            f"checkpoints are intact). Free space or point trainer.default_local_dir "
+            f"elsewhere, then resume"
+        )
+
+
+def _is_disk_full(exc: BaseException, root: Path) -> bool:
+    """Whether a failed write ran out of space: ``open``/``write`` say ENOSPC; torch's zip
+    writer only says a write failed (a RuntimeError), so then the filesystem of ``root`` must
+    also be (nearly) full."""
+    import errno
+
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    failed_write = isinstance(exc, RuntimeError) and "failed writing" in str(exc)
+    return failed_write and shutil.disk_usage(root).free < SAVE_MARGIN_BYTES
 
 
 def list_checkpoints(root: Path) -> list[Path]:

@@ -77,6 +77,43 @@ def test_crash_during_save_never_exposes_a_partial_checkpoint(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step_1", "global_step_3"]
 
 
+def test_too_little_free_space_is_refused_before_writing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+    from collections import namedtuple
+
+    save_checkpoint(tmp_path, 1, {"x": torch.zeros(10)})
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: usage(2**30, 2**30 - 2**20, 2**20))
+    with pytest.raises(CheckpointError, match=r"not enough free disk space to save step 2"):
+        save_checkpoint(tmp_path, 2, {"x": torch.zeros(10)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step_1"]
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", shutil.disk_usage)
+    assert ckpt.state_nbytes({"a": torch.zeros(3), "b": [torch.zeros(2, dtype=torch.int64)]}) == 28
+
+
+def test_a_disk_that_fills_up_during_the_save_leaves_no_temporary_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from collections import namedtuple
+
+    save_checkpoint(tmp_path, 1, {"x": torch.tensor(1)})
+    usage = namedtuple("usage", "total used free")
+    free = [2**40]  # plenty before the write, nothing after it failed
+
+    def fills_the_disk(obj, f, *a, **kw):
+        f.write(b"part of a pickle")
+        free[0] = 0
+        raise RuntimeError("[enforce fail] PytorchStreamWriter failed writing file data/0")
+
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: usage(2**40, 2**40 - free[0], free[0]))
+    monkeypatch.setattr(ckpt.torch, "save", fills_the_disk)
+    with pytest.raises(CheckpointError, match=r"disk filled up while saving step 2"):
+        save_checkpoint(tmp_path, 2, {"x": torch.tensor(2)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step_1"]  # no .tmp-* left
+
+
 def test_resaving_a_step_replaces_it(tmp_path: Path) -> None:
     save_checkpoint(tmp_path, 4, {"x": torch.tensor(1)}, mlflow_run_id="a")
     save_checkpoint(tmp_path, 4, {"x": torch.tensor(2)}, mlflow_run_id="b")
