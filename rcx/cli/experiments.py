@@ -486,6 +486,14 @@ def calibrate_command(
             help="Propose an IcePop band 1/C_C (weights outside zeroed) instead of a cap C.",
         ),
     ] = False,
+    by_staleness: Annotated[
+        bool,
+        typer.Option(
+            "--by-staleness",
+            help="Also calibrate each staleness level of the samples on its own, and show what "
+            "the overall proposal does at each level.",
+        ),
+    ] = False,
     plot: Annotated[Path, typer.Option(help="Where to save the trade-off PNG.")] = Path(
         "calibration.png"
     ),
@@ -498,7 +506,13 @@ def calibrate_command(
 
     Exit 0 when every target is met on the dump, 1 otherwise (the closest proposal is printed).
     """
-    from rcx.experiments.calibrate import CalibrationError, Targets, calibrate, plot_calibration
+    from rcx.experiments.calibrate import (
+        CalibrationError,
+        Targets,
+        calibrate,
+        calibrate_by_staleness,
+        plot_calibration,
+    )
     from rcx.store.dumps import DumpError, load_dumps
     from rcx.store.plots import FigurePathError, check_figure_path
 
@@ -508,19 +522,27 @@ def calibrate_command(
         rc = stack.rollout_correction
         names = criteria if criteria is not None else (rc.get("rollout_rs") or "token_k1")
         level = is_level.value if is_level is not None else (rc.get("rollout_is") or "token")
-        cal = calibrate(
-            stack,
-            criteria=[names] if isinstance(names, str) else list(names),
-            targets=Targets(max_masked, min_ess, worst_step),
-            is_level=None if level == "none" else level,
-            band=band,
-        )
+        options: dict[str, Any] = {
+            "criteria": [names] if isinstance(names, str) else list(names),
+            "targets": Targets(max_masked, min_ess, worst_step),
+            "is_level": None if level == "none" else level,
+            "band": band,
+        }
+        cal = calibrate(stack, **options)
+        levels = calibrate_by_staleness(stack, **options) if by_staleness else {}
     except (CalibrationError, DumpError, FigurePathError, ValueError) as e:
         raise fail(str(e)) from None
     png = plot_calibration(cal, plot)
     met = cal.met
+    pooled_at = {k: pooled_at_level(stack, cal, k) for k in levels}
     if output is OutputFormat.json:
-        print(json.dumps(calibration_json(cal, png), indent=1))
+        out = calibration_json(cal, png)
+        if levels:
+            out["by_staleness"] = {
+                str(k): {**calibration_json(c, None), "overall_proposal_measured": pooled_at[k]}
+                for k, c in levels.items()
+            }
+        print(json.dumps(out, indent=1))
         raise typer.Exit(0 if all(met.values()) else 1)
     for name in cal.criteria:
         console.print(rs_table(cal, name))
@@ -539,6 +561,8 @@ def calibrate_command(
         console.print(f"measured with the proposal ({scope}): " + ", ".join(parts), markup=False)
     for note in cal.notes:
         console.print(f"[yellow]note[/] {esc(note)}")
+    if levels:
+        console.print(staleness_table(stack, cal, levels, pooled_at))
     if png is not None:
         console.print(f"trade-off plot: {png}", markup=False)
     verdict = "meets every target" if all(met.values()) else "does NOT meet every target"
@@ -580,6 +604,51 @@ def is_table(cal: Any) -> Table:
         bound = str(p.threshold) if band else f"{p.cap:g}"
         table.add_row(
             bound, f"{p.ess:.4f}", f"{p.ess_min:.4f}", f"{p.truncated_fraction:.3%}", mark
+        )
+    return table
+
+
+def pooled_at_level(stack: Any, cal: Any, level: int) -> dict[str, float] | None:
+    """The overall proposal replayed on the samples of one staleness level alone."""
+    from rcx.experiments.whatif import Replayer
+
+    if cal.measured is None:
+        return None
+    assert stack.staleness is not None
+    return Replayer(stack.subset(stack.staleness == level)).replay(cal.proposal).overall
+
+
+def staleness_table(
+    stack: Any, cal: Any, levels: dict[int, Any], pooled_at: dict[int, Any]
+) -> Table:
+    """Per staleness level: its own proposal and what it measures, beside what the overall
+    proposal measures on that level's samples."""
+    masked, ess = cal.targets.masked_key, cal.targets.ess_key
+    table = Table(title="by staleness: each level's own proposal, and the overall one there")
+    for col in ("stale", "steps", "tokens", "IS", "RS", "masked", "ESS",
+                "all: masked", "all: ESS"):  # fmt: skip
+        table.add_column(col, justify="right")
+    table.caption = "IS, RS: the level's own proposal; all: the overall proposal on its samples"
+
+    def pct(o: dict[str, float] | None, key: str) -> str:
+        return f"{o[key]:.2%}" if o and key in o else "-"
+
+    def num(o: dict[str, float] | None, key: str) -> str:
+        return f"{o[key]:.4f}" if o and key in o else "-"
+
+    for k, c in levels.items():
+        own = c.measured.overall if c.measured else None
+        rows = stack.staleness == k
+        table.add_row(
+            str(k),
+            str(len(set(stack.row_step[rows].tolist()))),
+            str(int(stack.response_mask[rows].sum())),
+            esc(str(c.proposal.rollout_is_threshold) if c.is_level else "-"),
+            esc(c.proposal.rollout_rs_threshold or "-"),
+            pct(own, masked),
+            num(own, ess),
+            pct(pooled_at[k], masked),
+            num(pooled_at[k], ess),
         )
     return table
 

@@ -30,7 +30,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -376,6 +376,24 @@ def calibrate(
     return Calibration(
         targets, names, curves, chosen, is_level, cap_curve, cap, proposal, measured, notes
     )
+
+
+def calibrate_by_staleness(stack: DumpStack, **options: Any) -> dict[int, Calibration]:
+    """:func:`calibrate` once per staleness level of the dumped samples (their ``staleness``:
+    updates between the weights that generated a sample and the step that trained on it), on
+    that level's rows alone; ``options`` as for :func:`calibrate`. Stale samples carry more
+    mismatch, so one threshold for all is either too loose for the stale ones or too tight for
+    the fresh ones: this shows by how much. Raises :class:`CalibrationError` when the dumps do
+    not record staleness (dumps from before rcx recorded it)."""
+    if stack.staleness is None:
+        raise CalibrationError(
+            "these dumps do not record each sample's staleness (written by an older rcx); "
+            "calibrate them without --by-staleness, or dump a new run"
+        )
+    return {
+        level: calibrate(stack.subset(stack.staleness == level), **options)
+        for level in stack.staleness_levels()
+    }
 
 
 # --------------------------------------------------------------------------------- plot ---

@@ -104,10 +104,40 @@ class DumpStack:
     prompt_index: torch.Tensor | None = None  # (N,) int64 prompt of the row within its step
     mode: str | None = None  # "decoupled" | "bypass"
     advantage: dict[str, Any] = field(default_factory=dict)  # the first dump's advantage settings
+    staleness: torch.Tensor | None = None  # (N,) int64 updates between generation and training
 
     @property
     def num_steps(self) -> int:
         return len(self.steps)
+
+    def staleness_levels(self) -> list[int]:
+        """The staleness values present, ascending (empty when the dumps do not record it)."""
+        return [] if self.staleness is None else sorted(set(self.staleness.tolist()))
+
+    def subset(self, rows: torch.Tensor) -> DumpStack:
+        """The stack of the rows where ``rows`` (N,) bool is True, steps without such rows
+        dropped (row order kept, so each step's rows stay contiguous)."""
+        kept_steps = sorted(set(self.row_step[rows].tolist()))
+        renumber = torch.full((self.num_steps,), -1, dtype=torch.int64)
+        renumber[kept_steps] = torch.arange(len(kept_steps))
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[rows]
+
+        return DumpStack(
+            self.train_log_probs[rows],
+            self.rollout_log_probs[rows],
+            self.response_mask[rows],
+            renumber[self.row_step[rows]],
+            [self.steps[k] for k in kept_steps],
+            self.sources,
+            self.rollout_correction,
+            scores=pick(self.scores),
+            prompt_index=pick(self.prompt_index),
+            mode=self.mode,
+            advantage=self.advantage,
+            staleness=pick(self.staleness),
+        )
 
     def step_slice(self, k: int) -> slice:
         """Rows of the k-th step (steps are stacked contiguously)."""
@@ -263,6 +293,7 @@ def load_dumps(paths: Iterable[str | Path]) -> DumpStack:
         prompt_index=_stacked_rows([d for d, _ in dumps], "prompt_index", torch.int64),
         mode=first.get("mode"),
         advantage=dict(first.get("advantage") or {}),
+        staleness=_stacked_rows([d for d, _ in dumps], "staleness", torch.int64),
     )
 
 
@@ -288,6 +319,7 @@ def write_synthetic_dumps(
     outlier_share: float = 0.01,
     seed: int = 0,
     rollout_correction: Mapping[str, Any] | None = None,
+    sync_interval: int | None = None,
 ) -> list[Path]:
     """Write ``steps`` dumps in the trainer's format (``step_000001.pt``, ...) into ``folder``.
 
@@ -295,13 +327,16 @@ def write_synthetic_dumps(
     preset's batch (32 prompts x 8 responses, 8 response tokens). Each token's log-ratio is
     Gaussian with std ``log_ratio_std`` (bf16-like mismatch is ~0.006, staleness 0.04-0.14), plus
     a share ``outlier_share`` of tokens with a log-ratio of +-U(1, 3); response lengths are uniform
-    in [1, length] (mask 1 up to the length).
+    in [1, length] (mask 1 up to the length). With ``sync_interval`` the dumps also record the
+    staleness a run with that ``weight_sync_interval`` has, ``(step - 1) % sync_interval``, and
+    a sample s updates old gets ``(1 + s)`` times the log-ratio std.
     """
     gen = torch.Generator().manual_seed(seed)
     paths = []
     for step in range(1, steps + 1):
         rollout = -torch.rand(batch, length, generator=gen) * 3.0  # (B, T) log-probs in [-3, 0]
-        log_ratio = torch.randn(batch, length, generator=gen) * log_ratio_std
+        stale = 0 if sync_interval is None else (step - 1) % sync_interval
+        log_ratio = torch.randn(batch, length, generator=gen) * log_ratio_std * (1 + stale)
         outlier = torch.rand(batch, length, generator=gen) < outlier_share
         sign = torch.where(torch.rand(batch, length, generator=gen) < 0.5, -1.0, 1.0)
         jump = sign * (1.0 + 2.0 * torch.rand(batch, length, generator=gen))
@@ -318,6 +353,7 @@ def write_synthetic_dumps(
             prompt_index=torch.arange(batch) // 8,
             scores=torch.zeros(batch),
             rollout_correction=dict(rollout_correction or {}),
+            staleness=None if sync_interval is None else torch.full((batch,), stale),
         )
         paths.append(path)
     return paths

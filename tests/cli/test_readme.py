@@ -90,7 +90,8 @@ FAST: dict[str, Expect] = {
         (f"--grid {RC}.rollout_is_threshold cannot change training here", "RCX-W002", *SWEEP_NOTES)
     ),
     "whatif": Expect(("dump file(s)", "what-if, overall", "#5")),
-    "calibrate": Expect(("overrides:", f"{RC}.rollout_rs_threshold="), exit_codes=(0, 1)),
+    "--max-masked 0.05": Expect(("overrides:", f"{RC}.rollout_rs_threshold="), exit_codes=(0, 1)),
+    "--by-staleness": Expect(("by staleness", "overrides:"), exit_codes=(0, 1)),
 }
 #: Lines that train, keyed the same way; what they show once they ran.
 SLOW: dict[str, Expect] = {
@@ -175,7 +176,12 @@ def write_dumps(folder: Path) -> None:
 
     rc = load_config(preset="grpo-multi-rs").algorithm.rollout_correction
     write_synthetic_dumps(
-        folder, steps=3, batch=64, log_ratio_std=0.1, rollout_correction=rc.model_dump()
+        folder,
+        steps=3,
+        batch=64,
+        log_ratio_std=0.1,
+        rollout_correction=rc.model_dump(),
+        sync_interval=2,  # the dumping line's weight_sync_interval
     )
 
 

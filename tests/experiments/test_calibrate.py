@@ -6,6 +6,7 @@ same dump, independently of the what-if machinery the calibration used.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -248,3 +249,88 @@ def test_calibrate_plot_with_an_unwritable_format_is_a_clear_error(tmp_path: Pat
     text = " ".join(result.output.split())
     assert "--plot" in text and "x.txt" in text and ".png" in text, result.output
     assert not (tmp_path / "x.txt").exists()
+
+
+# ------------------------------------------------------------------------ by staleness ---
+
+
+@pytest.fixture(scope="module")
+def stale_dump_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 steps x 64 rows; in every step, half the rows are fresh (staleness 0, log-ratio std
+    0.01) and half three updates old (staleness 3, std 0.4), interleaved as an asynchronous
+    rollout delivers them."""
+    import torch
+
+    from rcx.store.dumps import write_dump
+
+    folder = tmp_path_factory.mktemp("stale") / "log_probs"
+    gen = torch.Generator().manual_seed(3)
+    staleness = torch.tensor([0, 3] * 32)
+    for step in range(1, 5):
+        rollout = -torch.rand(64, 8, generator=gen) * 3.0
+        std = torch.where(staleness == 0, 0.01, 0.4)[:, None]
+        write_dump(
+            folder,
+            step,
+            mode="bypass",
+            rollout_log_probs=rollout,
+            train_log_probs=rollout + torch.randn(64, 8, generator=gen) * std,
+            response_mask=torch.ones(64, 8, dtype=torch.bool),
+            prompt_index=torch.arange(64) // 8,
+            scores=torch.zeros(64),
+            rollout_correction={},
+            staleness=staleness,
+        )
+    return folder
+
+
+def test_dumps_carry_staleness_and_a_level_subset_keeps_only_its_rows(stale_dump_dir: Path) -> None:
+    stack = load_dumps([stale_dump_dir])
+    assert stack.staleness_levels() == [0, 3]
+    stale = stack.subset(stack.staleness == 3)
+    assert stale.steps == [1, 2, 3, 4] and stale.train_log_probs.shape == (4 * 32, 8)
+    assert set(stale.staleness.tolist()) == {3}
+    assert stale.step_slice(1) == slice(32, 64)  # each step's rows stay contiguous
+    log_ratio = (stale.train_log_probs - stale.rollout_log_probs).std()
+    assert 0.3 < float(log_ratio) < 0.5  # the std-0.4 rows, not the fresh ones
+
+
+def test_each_staleness_level_gets_its_own_proposal(stale_dump_dir: Path) -> None:
+    from rcx.experiments.calibrate import calibrate_by_staleness
+
+    stack = load_dumps([stale_dump_dir])
+    options = {"criteria": ["token_k1"], "targets": Targets(0.05, 0.9), "is_level": "token"}
+    levels = calibrate_by_staleness(stack, **options)
+    assert sorted(levels) == [0, 3]
+    assert levels[3].is_chosen.cap < levels[0].is_chosen.cap  # stale samples need a lower cap
+    fresh_k1, stale_k1 = (levels[k].rs_chosen["token_k1"].bound for k in (0, 3))
+    assert stale_k1 > fresh_k1  # and looser RS bounds (in |log r|) to stay in the budget
+    assert all(c.met == {"max_masked": True, "min_ess": True} for c in levels.values())
+
+
+def test_cli_by_staleness_prints_each_level_and_json(stale_dump_dir: Path, tmp_path: Path) -> None:
+    import json
+
+    argv = ["calibrate", str(stale_dump_dir), "--by-staleness", "--plot", str(tmp_path / "c.png")]
+    result = CliRunner().invoke(app, argv)
+    assert "by staleness" in result.output, result.output
+    rows = [ln for ln in result.output.splitlines() if re.match(r"│\s+[03] │\s+4 │", ln)]
+    assert len(rows) == 2, result.output
+    as_json = CliRunner().invoke(app, [*argv, "--format", "json"])
+    out = json.loads(as_json.output)
+    assert sorted(out["by_staleness"]) == ["0", "3"]
+    stale = out["by_staleness"]["3"]
+    assert (
+        stale["overall_proposal_measured"]["ess"]
+        < out["by_staleness"]["0"]["overall_proposal_measured"]["ess"]
+    )
+
+
+def test_cli_by_staleness_on_dumps_without_it_is_a_clear_error(
+    dump_dir: Path, tmp_path: Path
+) -> None:
+    result = CliRunner().invoke(
+        app, ["calibrate", str(dump_dir), "--by-staleness", "--plot", str(tmp_path / "c.png")]
+    )
+    assert result.exit_code == 1
+    assert "do not record each sample's staleness" in result.output
