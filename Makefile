@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 CONSTRAINTS := constraints.txt
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup lock test test-all run check-warm-start lint bench study gpu-wheels clean
+.PHONY: setup lock test test-all run check-warm-start lint bench study async-study gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -66,6 +66,11 @@ bench: setup
 # The mismatch study (issue 7): ~22 min on 2 cores; results in bench/results/. QUICK: make study ARGS=--quick
 study: setup
 	$(BIN)/python bench/mismatch_study.py $(ARGS)
+
+# The async study (issue 13): sync vs one_step_off vs fully_async, runs one at a time (wall-clock
+# comparisons); results in bench/results/async_study.*. QUICK: make async-study ARGS=--quick
+async-study: setup
+	$(BIN)/python bench/async_study.py $(ARGS)
 
 # The wheels the GPU check kit carries to a GPU machine without network or pydantic (Python 3.12,
 # x86-64), at the versions of constraints.txt, into .whl/ (git-ignored): see bench/gpu_check.py.
