@@ -30,6 +30,9 @@ draw from those weights.
 Resume: a checkpoint after step r keeps the trainer's rollout copy, which then holds version
 r-1 (the weights batch r+1 is being generated with); a resumed run publishes that copy first,
 so batch r+1, and every batch after it, is the one an uninterrupted run generates.
+
+The process lifecycle, the weight board and the failure reporting (:class:`RolloutProcesses`)
+are shared with the fully-async pool (:mod:`rcx.train.fully_async`).
 """
 
 from __future__ import annotations
