@@ -15,7 +15,7 @@ from typing import Literal
 from rcx.algos.criteria import RSCriterion, token_ratio_interval
 from rcx.algos.modes import RATIO_LOSSES
 from rcx.config import limits
-from rcx.config.models import RcxConfig, RolloutCorrectionConfig
+from rcx.config.models import RcxConfig, RolloutCorrectionConfig, TrainerConfig
 
 Level = Literal["error", "warning"]
 
@@ -52,10 +52,13 @@ CODES: dict[str, str] = {
     "RCX-E014": "a logger in trainer.logger whose package is not installed here (names the extra)",
     "RCX-E015": "sampling_mask_replay with the vllm engine (it does not report the kept token sets)",
     "RCX-E016": "a batch that the training processes cannot share evenly (n_gpus_per_node x nnodes)",
-    "RCX-E017": "trainer.async_mode one_step_off with what it does not support: several training processes, the vllm engine, weight_sync_interval > 1",
+    "RCX-W016": "a fully_async setting (max_off_policy_threshold, max_off_policy_strategy, rollout_workers) with another async_mode (ignored)",
+    "RCX-E017": "trainer.async_mode one_step_off or fully_async with what it does not support: several training processes, the vllm engine, weight_sync_interval > 1",
 }
 
 RC = "algorithm.rollout_correction"
+#: The trainer keys only ``async_mode: fully_async`` reads (W016 when set in another mode).
+FULLY_ASYNC_KEYS = ("max_off_policy_threshold", "max_off_policy_strategy", "rollout_workers")
 
 #: Per-token |log r| below which an RS bound rejects almost everything (bf16 rollouts see a mean
 #: |log r| of ~0.006 and a max of 0.2-0.4), and above which it rejects nothing at typical mismatch.
@@ -391,17 +394,32 @@ def _distributed_findings(cfg: RcxConfig) -> list[Finding]:
 
 
 def _async_findings(cfg: RcxConfig) -> list[Finding]:
-    """What the one-step-off rollout worker cannot run with (E017): it is one process beside
-    one training process, it builds an hf engine, and it gets new weights after every update."""
+    """What the rollout workers cannot run with (E017): one_step_off and fully_async run beside
+    one training process, build hf engines, and get new weights after every update. The
+    fully_async settings are ignored in the other modes (W016)."""
     mode = cfg.trainer.async_mode
-    if mode == "sync":
-        return []
+    if mode != "fully_async":
+        defaults = TrainerConfig.model_fields
+        out = [
+            warning(
+                "RCX-W016",
+                f"trainer.{key}",
+                f"{getattr(cfg.trainer, key)!r} is ignored: only trainer.async_mode=fully_async "
+                f"reads it (this run is {mode})",
+            )
+            for key in FULLY_ASYNC_KEYS
+            if getattr(cfg.trainer, key) != defaults[key].default
+        ]
+        if mode == "sync":
+            return out
+    else:
+        out = []
     rollout = cfg.actor_rollout_ref.rollout
     refused = [
         (
             cfg.world_size > 1,
             "trainer.n_gpus_per_node",
-            f"{cfg.world_size} training processes (n_gpus_per_node x nnodes); one_step_off runs "
+            f"{cfg.world_size} training processes (n_gpus_per_node x nnodes); {mode} runs "
             "with one: set trainer.n_gpus_per_node=1 trainer.nnodes=1 or async_mode=sync",
         ),
         (
@@ -413,11 +431,11 @@ def _async_findings(cfg: RcxConfig) -> list[Finding]:
         (
             rollout.weight_sync_interval > 1,
             "actor_rollout_ref.rollout.weight_sync_interval",
-            f"weight_sync_interval={rollout.weight_sync_interval}; the worker gets new weights "
-            "after every update (staleness 1 by construction): set it to 1",
+            f"weight_sync_interval={rollout.weight_sync_interval}; the workers get new weights "
+            "after every update (the staleness is the async mode's): set it to 1",
         ),
     ]
-    return [
+    return out + [
         error("RCX-E017", path, f"trainer.async_mode={mode} does not support {what}")
         for hit, path, what in refused
         if hit

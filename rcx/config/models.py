@@ -571,12 +571,39 @@ class TrainerConfig(Section):
         False,
         description="Dump rollout and training log-probs per step (for rcx whatif/calibrate).",
     )
-    async_mode: Literal["sync", "one_step_off"] = Field(
+    async_mode: Literal["sync", "one_step_off", "fully_async"] = Field(
         "sync",
         description=(
             "sync: generate, then train; one_step_off (verl's name): a rollout process generates "
-            "batch k+1 while the trainer updates on batch k (staleness 1; one training process, "
-            "hf engine, weight_sync_interval 1)."
+            "batch k+1 while the trainer updates on batch k (staleness 1); fully_async (verl's "
+            "name): a pool of rollout processes generates prompt groups continuously, up to "
+            "max_off_policy_threshold weight versions ahead. Both async modes: one training "
+            "process, hf engine, weight_sync_interval 1."
+        ),
+    )
+    max_off_policy_threshold: int = Field(
+        4,
+        ge=1,
+        description=(
+            "fully_async only (verl's name): the staleness cap, in weight versions (updates "
+            "between the weights that generated a group and the step that trains on it); at "
+            "most (cap + 1) x train_batch_size prompt groups are requested and not yet consumed."
+        ),
+    )
+    max_off_policy_strategy: Literal["drop", "wait"] = Field(
+        "drop",
+        description=(
+            "fully_async only (verl's name): drop, a group older than the cap when the trainer "
+            "reaches it is not trained on; wait, a worker does not start a group before the "
+            "weights that keep it within the cap are published (nothing is dropped)."
+        ),
+    )
+    rollout_workers: int = Field(
+        1,
+        ge=1,
+        description=(
+            "fully_async only (rcx's name): rollout processes in the pool, each with its own "
+            "engine copy and one torch thread."
         ),
     )
     max_nonfinite_steps: int = Field(

@@ -19,7 +19,10 @@ With ``trainer.dump_log_probs: true`` the trainer writes ``<run dir>/log_probs/s
                                         recomputes outcome-only advantages from scores with it)
     staleness          (B,)   int32     (optional) updates between the weights that generated each
                                         response and the step that trained on it (1 in
-                                        one_step_off after step 1; 0 in sync mode with k = 1)
+                                        one_step_off after step 1; 0 in sync mode with k = 1;
+                                        0 .. max_off_policy_threshold in fully_async)
+    weight_version     (B,)   int32     (optional) the version (updates) of the weights that
+                                        generated each response
 
 Log-probs are kept in float32: a log-ratio of 1e-3 would not survive float16 rounding.
 """
@@ -52,11 +55,12 @@ def write_dump(
     rollout_correction: Mapping[str, Any],
     advantage: Mapping[str, Any] | None = None,
     staleness: torch.Tensor | None = None,
+    weight_version: torch.Tensor | None = None,
 ) -> Path:
     """Write one step's dump as ``folder/step_<step:06d>.pt`` (atomically); returns its path.
 
-    ``advantage`` (the run's advantage settings) and ``staleness`` (B,) are stored only when
-    given."""
+    ``advantage`` (the run's advantage settings), ``staleness`` and ``weight_version`` (B,)
+    are stored only when given."""
     path = Path(folder) / f"step_{step:06d}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -74,6 +78,8 @@ def write_dump(
         payload["advantage"] = dict(advantage)
     if staleness is not None:
         payload["staleness"] = staleness.detach().to(torch.int32).cpu()
+    if weight_version is not None:
+        payload["weight_version"] = weight_version.detach().to(torch.int32).cpu()
     tmp = path.with_suffix(".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)

@@ -30,6 +30,9 @@ draw from those weights.
 Resume: a checkpoint after step r keeps the trainer's rollout copy, which then holds version
 r-1 (the weights batch r+1 is being generated with); a resumed run publishes that copy first,
 so batch r+1, and every batch after it, is the one an uninterrupted run generates.
+
+The process lifecycle, the weight board and the failure reporting (:class:`RolloutProcesses`)
+are shared with the fully-async pool (:mod:`rcx.train.fully_async`).
 """
 
 from __future__ import annotations
@@ -38,11 +41,12 @@ import multiprocessing as mp
 import os
 import queue
 import signal
+import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -172,6 +176,99 @@ def sigint_ignored() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+# --------------------------------------------------------------------------------- pool ---
+
+
+class RolloutProcesses:
+    """``count`` spawned rollout processes (``name``) around one :class:`WeightBoard`, one
+    request queue they all read and one reply queue they all write: the lifecycle and failure
+    reporting both async modes share.
+
+    Each process runs ``target(engine, board, requests, replies, *args(i))`` with its own copy of
+    ``engine`` (a clone whose storages pickle into shared memory; kept referenced here, and
+    never written here, until the processes stop). A process stops on a None request; an
+    error reply ``("error", key, traceback)`` or a death without one raises
+    :class:`RolloutWorkerError` in :meth:`receive`.
+    """
+
+    def __init__(
+        self,
+        engine: Any,
+        target: Callable[..., None],
+        count: int = 1,
+        args: Callable[[int], tuple[Any, ...]] = lambda i: (),
+        name: str = "rcx-rollout",
+    ) -> None:
+        ctx = mp.get_context("spawn")
+        self.board = WeightBoard.like(engine.model.state_dict(), ctx)
+        self.requests, self.replies = ctx.Queue(), ctx.Queue()
+        self._engines = [_clone_engine(engine) for _ in range(count)]
+        self.processes = [
+            ctx.Process(
+                target=target,
+                args=(own, self.board, self.requests, self.replies, *args(i)),
+                name=name,
+                daemon=True,
+            )
+            for i, own in enumerate(self._engines)
+        ]
+        with sigint_ignored():
+            for process in self.processes:
+                process.start()
+
+    def close(self) -> None:
+        """Stop the processes (each finishes its work, or is terminated after
+        :data:`STOP_GRACE_S`) and release the queues. Safe to call more than once."""
+        processes, self.processes = self.processes, []
+        if not processes:
+            return
+        for process in processes:
+            if process.is_alive():
+                with suppress(OSError, ValueError):
+                    self.requests.put(None)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for process in processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+                process.join(STOP_GRACE_S)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        for q in (self.requests, self.replies):
+            q.cancel_join_thread()
+            q.close()
+        self._engines = []
+
+    def receive(self, what: Callable[[Any], str], wait: bool = True) -> tuple[str, Any, Any] | None:
+        """The next reply ``(kind, key, payload)`` (None when ``wait`` is false and none is
+        waiting); raises :class:`RolloutWorkerError` on an error reply (``what(key)`` says what
+        the worker was generating) or when a process died without one."""
+        while True:
+            try:
+                reply = self.replies.get(timeout=POLL_S) if wait else self.replies.get_nowait()
+            except queue.Empty:
+                dead = next((p for p in self.processes if not p.is_alive()), None)
+                if dead is None:
+                    if not wait:
+                        return None
+                    continue
+                try:  # its last words may still be in the pipe
+                    reply = self.replies.get(timeout=POLL_S)
+                except queue.Empty:
+                    raise RolloutWorkerError(
+                        f"the rollout worker (pid {dead.pid}) died with exit code "
+                        f"{dead.exitcode} and reported no error"
+                    ) from None
+            kind, key, payload = reply
+            if kind == "error":
+                raise RolloutWorkerError(
+                    f"the rollout worker failed while generating {what(key)}:\n{payload}"
+                )
+            return kind, key, payload
+
+
 # -------------------------------------------------------------------------------- driver ---
 
 #: ``(step) -> (prompts, seeds)``: the prompts of a step and one sampling seed per prompt.
@@ -201,46 +298,39 @@ class OneStepOffRollout:
         self.sampling_mask = sampling_mask
         self.requested: int | None = None  # the batch the worker was last asked for
         self.started: dict[int, int] = {}  # step -> the version the worker loaded for it
-        self.process: Any = None
+        self.pool: RolloutProcesses | None = None
+
+    @property
+    def process(self) -> Any:
+        """The worker process (None before the first :meth:`rollout` and after :meth:`close`)."""
+        return self.pool.processes[0] if self.pool is not None and self.pool.processes else None
 
     # ------------------------------------------------------------------ lifecycle
 
     def _start(self) -> None:
-        ctx = mp.get_context("spawn")
-        self.board = WeightBoard.like(self.engine.model.state_dict(), ctx)
-        self.requests, self.replies = ctx.Queue(), ctx.Queue()
-        # The worker's own copy: a clone whose storages pickle into shared memory; kept
-        # referenced here (and never written here) until the worker stops.
-        self._worker_engine = _clone_engine(self.engine)
-        self.process = ctx.Process(
-            target=worker_main,
-            args=(self._worker_engine, self.board, self.requests, self.replies),
-            name="rcx-rollout",
-            daemon=True,
-        )
-        with sigint_ignored():
-            self.process.start()
+        self.pool = RolloutProcesses(self.engine, worker_main)
+        self.board, self.requests = self.pool.board, self.pool.requests
 
     def close(self) -> None:
         """Stop the worker (it finishes its batch, or is terminated after
         :data:`STOP_GRACE_S`) and release the queues. Safe to call more than once."""
-        process, self.process = self.process, None
-        if process is None:
-            return
-        if process.is_alive():
-            with suppress(OSError, ValueError):
-                self.requests.put(None)
-            process.join(STOP_GRACE_S)
-        if process.is_alive():
-            process.terminate()
-            process.join(STOP_GRACE_S)
-        if process.is_alive():
-            process.kill()
-            process.join()
-        for q in (self.requests, self.replies):
-            q.cancel_join_thread()
-            q.close()
-        self._worker_engine = None
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            pool.close()
+
+    # ------------------------------------------------------------------ the trainer's view
+
+    def prompt_indices(self, nominal: list[int]) -> list[int]:
+        """The dataset indices of the prompts the last batch answers: the step's own."""
+        return nominal
+
+    def step_metrics(self) -> dict[str, float]:
+        """Metrics of the last batch beyond staleness: none (nothing is ever dropped)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """Nothing beyond the rollout copy, which the checkpoint keeps."""
+        return None
 
     # ------------------------------------------------------------------ the schedule
 
@@ -248,7 +338,7 @@ class OneStepOffRollout:
         """Batch ``step`` (generated from version ``step - 2``, ``step - 1`` on the first step
         of a session unless the engine holds the restored copy of version ``step - 2``); then
         ask for batch ``step + 1``, which the worker generates during this step's update."""
-        if self.process is None:
+        if self.pool is None:
             self._start()
         if self.requested != step:
             self._first_request(step)
@@ -306,23 +396,13 @@ class OneStepOffRollout:
     def _receive(self) -> tuple[str, int, Any]:
         """The next reply; raises :class:`RolloutWorkerError` on an error reply or when the
         worker died without one."""
-        while True:
-            try:
-                kind, step, payload = self.replies.get(timeout=POLL_S)
-            except queue.Empty:
-                if not self.process.is_alive():
-                    raise RolloutWorkerError(
-                        f"the rollout worker (pid {self.process.pid}) died with exit code "
-                        f"{self.process.exitcode} and reported no error"
-                    ) from None
-                continue
-            if kind == "error":
-                raise RolloutWorkerError(
-                    f"the rollout worker failed while generating batch {step}:\n{payload}"
-                )
-            if kind == "started":
-                self.started[step] = payload
-            return kind, step, payload
+        assert self.pool is not None
+        reply = self.pool.receive(lambda step: f"batch {step}")
+        assert reply is not None
+        kind, step, payload = reply
+        if kind == "started":
+            self.started[step] = payload
+        return kind, step, payload
 
 
 def _clone_engine(engine: Any) -> Any:
@@ -349,11 +429,30 @@ def step_prompt_source(
     return prompts_of
 
 
-def make_async_rollout(cfg: Any, host: Any) -> OneStepOffRollout | None:
-    """The one-step-off rollout for ``cfg`` (None in sync mode), bound to ``host``'s training
-    model, rollout copy, sampling and data (a :class:`rcx.train.trainer.Trainer`)."""
+class AsyncRollout(Protocol):
+    """What a step asks of an asynchronous rollout driver (one_step_off, fully_async)."""
+
+    def rollout(self, step: int) -> RolloutBatch: ...
+
+    def prompt_indices(self, nominal: list[int]) -> list[int]: ...
+
+    def step_metrics(self) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict[str, Any] | None: ...
+
+    def close(self) -> None: ...
+
+
+def make_async_rollout(cfg: Any, host: Any) -> AsyncRollout | None:
+    """The asynchronous rollout for ``cfg`` (None in sync mode), bound to ``host``'s training
+    model, rollout copy, sampling and data (a :class:`rcx.train.trainer.Trainer`); a resumed
+    fully_async run continues from ``host.async_state`` (what the checkpoint kept)."""
     if cfg.trainer.async_mode == "sync":
         return None
+    if cfg.trainer.async_mode == "fully_async":
+        from rcx.train.fully_async import make_fully_async_rollout
+
+        return make_fully_async_rollout(cfg, host)
     from rcx.train.setup import derive_seed
 
     driver = OneStepOffRollout(

@@ -55,16 +55,13 @@ class StepBatch:
     @classmethod
     def from_rollout(cls, batch: RolloutBatch) -> StepBatch:
         """The generation stage's tensors (masks and log-probs as float)."""
-        size = batch.response_ids.shape[0]
         return cls(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
             response_mask=batch.response_mask.float(),
             rollout_log_probs=batch.rollout_log_probs.float(),
             prompt_index=batch.prompt_index,
-            weight_version=torch.full(
-                (size,), batch.weight_version, dtype=torch.long, device=batch.response_ids.device
-            ),
+            weight_version=batch.sample_versions,
             sampling_mask=batch.sampling_mask,
         )
 

@@ -79,6 +79,7 @@ MUTABLE_KEYS: frozenset[str] = frozenset(
         "actor_rollout_ref.rollout.tensor_model_parallel_size",
         "trainer.dump_log_probs",
         "trainer.max_nonfinite_steps",
+        "trainer.rollout_workers",  # fully_async's pool size: the stream state does not depend on it
         "custom_reward_function.timeout_s",
         "data.val_batch_size",
         "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu",

@@ -57,9 +57,10 @@ def save_run_state(host: StateHost) -> Path | None:
     world = host.world
     # With k = 1 every step refreshes the rollout copy first: its weights need no saving. In
     # one_step_off the copy holds the weights of the batch in flight (one update old): kept.
+    # (fully_async publishes the trainer's weights first on resume: the copy is not needed.)
     keep_rollout = (
         host.cfg.actor_rollout_ref.rollout.weight_sync_interval > 1
-        or host.cfg.trainer.async_mode != "sync"
+        or host.cfg.trainer.async_mode == "one_step_off"
     )
     state = parts_state(host.actor, host.critic, host.engine, keep_rollout, world.distributed)
     state["rng"] = capture_rng_state()
@@ -67,6 +68,9 @@ def save_run_state(host: StateHost) -> Path | None:
         "history": {k: list(v) for k, v in host.history.items()},
         "val_start": dict(host.val_start),
     }
+    driver = getattr(host, "async_rollout", None)
+    if driver is not None and (async_state := driver.state_dict()) is not None:
+        state["extra"]["async_rollout"] = async_state  # fully_async: the stream position
     shards = None
     if world.distributed:
         shards = host.ckpt_dir / f".shards-{STEP_DIR_PREFIX}{host.step}"
@@ -108,6 +112,8 @@ def restore_run_state(host: StateHost, path: Path, warn: Callable[[str], None]) 
     for key, points in extra.get("history", {}).items():
         host.history[key] = [(int(s), float(v)) for s, v in points]
     host.val_start.update(extra.get("val_start", {}))
+    # fully_async: where the prompt stream stood (read by rcx.train.fully_async).
+    host.async_state = extra.get("async_rollout")  # type: ignore[attr-defined]
     return ckpt.step, path
 
 

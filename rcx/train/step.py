@@ -18,7 +18,7 @@ from rcx.rollout import SamplingParams
 from rcx.store.dumps import write_dump
 from rcx.store.tracking import Tracker
 from rcx.train.actor import Actor
-from rcx.train.async_rollout import OneStepOffRollout, check_prompts_match, staleness_metrics
+from rcx.train.async_rollout import AsyncRollout, check_prompts_match, staleness_metrics
 from rcx.train.batch import StepBatch
 from rcx.train.critic import Critic
 from rcx.train.distributed import (
@@ -59,7 +59,7 @@ class StepHost(Protocol):
     weights_dirty: bool
     world: World  # several processes: this rank's place (batch quantities are global)
     nonfinite_streak: int  # consecutive steps skipped for non-finite gradients
-    async_rollout: OneStepOffRollout | None  # the one-step-off rollout worker; None: sync
+    async_rollout: AsyncRollout | None  # one_step_off / fully_async rollout workers; None: sync
 
     def score(
         self, batch: Any, examples: Sequence[Any]
@@ -86,10 +86,16 @@ def train_step(trainer: StepHost, step: int) -> dict[str, float]:
     #    the batch or rank that generates them.
     #    One-step-off (trainer.async_mode): the rollout worker generated this batch from the
     #    weights of one update earlier, during the previous step (rcx.train.async_rollout).
+    #    Fully-async: the pool's groups, possibly from other steps' batches (rcx.train.fully_async);
+    #    the step's prompts are then those of the groups taken.
     with timer("gen"):
         if trainer.async_rollout is not None:
             rollout = trainer.async_rollout.rollout(step)
+            indices = trainer.async_rollout.prompt_indices(indices)
+            examples = [trainer.train_data.examples[i] for i in indices]
+            prompts = [trainer.train_data.prompt_ids[i] for i in indices]
             check_prompts_match(prompts, rollout)
+            metrics.update(trainer.async_rollout.step_metrics())
         else:
             sync_rollout_weights(trainer, step - 1)
             seeds = [
@@ -301,7 +307,8 @@ def dump_log_probs(
         scores=scores,
         rollout_correction=rc.model_dump(mode="json"),
         advantage=advantage_settings(trainer.cfg.algorithm),
-        staleness=torch.full_like(prompt_index, step - 1 - rollout.weight_version),
+        staleness=step - 1 - rollout.sample_versions,
+        weight_version=rollout.sample_versions,
     )
     trainer.tracker.log_artifact(path, "log_probs")
     return path

@@ -74,7 +74,7 @@ from rcx.store.checkpoint import (
 )
 from rcx.store.provenance import environment_params, environment_record
 from rcx.store.tracking import NullTracker, RunStatus, abandon, flatten_config, plot_history
-from rcx.train.async_rollout import OneStepOffRollout, make_async_rollout
+from rcx.train.async_rollout import AsyncRollout, make_async_rollout
 from rcx.train.distributed import (
     any_rank,
     barrier,
@@ -208,7 +208,7 @@ class Trainer:
         self.weights_dirty = False
         self.ctrl_c = CtrlC(self.console.print)
         self.nonfinite_streak = 0  # consecutive steps skipped for non-finite gradients
-        self.async_rollout: OneStepOffRollout | None = None  # one_step_off: the rollout worker
+        self.async_rollout: AsyncRollout | None = None  # one_step_off / fully_async workers
 
         # Lock the folder and pick the resume target first (cheap: meta.json, config.yaml), so
         # that a refused resume or an unreachable server is reported before anything heavy loads.

@@ -101,6 +101,7 @@ SLOW: dict[str, Expect] = {
     "train examples/config.yaml\n": Expect(("FINISHED after 2 steps", "decoupled mode")),
     "trainer.dump_log_probs=true": Expect(("FINISHED after 2 steps",)),
     "trainer.async_mode=one_step_off": Expect(("FINISHED after 2 steps",)),
+    "trainer.async_mode=fully_async": Expect(("FINISHED after 2 steps",)),
     'trainer.logger=["console","mlflow","wandb","tensorboard"]': Expect(
         ("FINISHED after 2 steps", "tensorboard --logdir")
     ),

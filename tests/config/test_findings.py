@@ -94,6 +94,11 @@ CASES = {
         ],
         "actor_rollout_ref.actor.sampling_mask_replay",
     ),
+    "RCX-W016": (
+        ["trainer.max_off_policy_strategy=wait"],
+        ["trainer.async_mode=fully_async", "trainer.max_off_policy_strategy=wait"],
+        "trainer.max_off_policy_strategy",
+    ),
     "RCX-E001": (["trainer.project=x"], ["trainer.project_name=x"], "trainer.project"),
     "RCX-E002": (rs("token_k5", "2"), rs("token_k2", "2"), f"{RC}.rollout_rs"),
     "RCX-E003": (
@@ -280,3 +285,34 @@ def test_one_step_off_refuses_the_vllm_engine_and_a_sync_interval(override, path
     report = validate_sources(overrides=["trainer.async_mode=one_step_off", override])
     assert [f.path for f in report.findings if f.code == "RCX-E017"] == [path]
     assert "RCX-E017" not in codes([override])
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "trainer.n_gpus_per_node=2",
+        "actor_rollout_ref.rollout.name=vllm",
+        "actor_rollout_ref.rollout.weight_sync_interval=2",
+    ],
+)
+def test_fully_async_refuses_what_one_step_off_refuses(override):
+    path = override.split("=")[0]
+    for mode in ("one_step_off", "fully_async"):
+        report = validate_sources(overrides=[f"trainer.async_mode={mode}", override])
+        (finding,) = [f for f in report.findings if f.code == "RCX-E017"]
+        assert finding.path == path and f"async_mode={mode}" in finding.message
+
+
+def test_fully_async_settings_are_ignored_elsewhere():
+    keys = [
+        "trainer.max_off_policy_threshold=2",
+        "trainer.max_off_policy_strategy=wait",
+        "trainer.rollout_workers=2",
+    ]
+    for mode in ("sync", "one_step_off"):
+        report = validate_sources(overrides=[f"trainer.async_mode={mode}", *keys])
+        found = sorted(f.path for f in report.findings if f.code == "RCX-W016")
+        assert found == sorted(k.split("=")[0] for k in keys), mode
+        assert all(mode in f.message for f in report.findings if f.code == "RCX-W016")
+    assert "RCX-W016" not in codes(["trainer.async_mode=fully_async", *keys])
+    assert "RCX-W016" not in codes(["trainer.async_mode=one_step_off"])  # defaults: silent
