@@ -247,7 +247,9 @@ def test_a_second_ctrl_c_while_saving_waits_for_the_checkpoint(
 ) -> None:
     import signal
 
-    original_step, original_save = trainer_mod.Trainer.train_step, trainer_mod.save_checkpoint
+    from rcx.train import state as state_mod
+
+    original_step, original_save = trainer_mod.Trainer.train_step, state_mod.save_checkpoint
 
     def first_press_in_step_2(self, step):
         if step == 2:
@@ -259,7 +261,7 @@ def test_a_second_ctrl_c_while_saving_waits_for_the_checkpoint(
         return original_save(*args, **kwargs)
 
     monkeypatch.setattr(trainer_mod.Trainer, "train_step", first_press_in_step_2)
-    monkeypatch.setattr(trainer_mod, "save_checkpoint", second_press_while_saving)
+    monkeypatch.setattr(state_mod, "save_checkpoint", second_press_while_saving)
     killed = train(tiny_config("grpo-rs-only", "trainer.total_training_steps=3"))
     assert killed.status == "KILLED" and killed.step == 2
     assert killed.checkpoint is not None and killed.checkpoint.name == "global_step_2"
