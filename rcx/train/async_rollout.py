@@ -147,7 +147,28 @@ def worker_main(engine: Any, board: WeightBoard, requests: Any, replies: Any) ->
             rollout = engine.generate(prompts, sampling, seed=seeds, **extra)
             replies.put(("done", step, rollout))
     except BaseException:  # noqa: BLE001 - reported to the trainer, which fails the run
-        replies.put(("error", step, traceback.format_exc()))
+        report_and_linger(replies, requests, parent, step)
+
+
+#: How long (s) a failed worker stays alive after reporting, at most (see report_and_linger).
+LINGER_S = 30.0
+
+
+def report_and_linger(replies: Any, requests: Any, parent: int, key: Any) -> None:
+    """Send the current exception as ``("error", key, traceback)``, then stay alive until the
+    trainer stops this process (a None request), the trainer is gone, or :data:`LINGER_S`.
+
+    Why stay: tensors already sent travel as file descriptors this process shares on demand;
+    were it to exit now, the trainer could not receive a batch still queued ahead of the error
+    (``FileNotFoundError`` while unpickling) and would never see the error itself."""
+    replies.put(("error", key, traceback.format_exc()))
+    deadline = time.monotonic() + LINGER_S
+    while time.monotonic() < deadline and os.getppid() == parent:
+        try:
+            if requests.get(timeout=0.5) is None:
+                return
+        except queue.Empty:
+            continue
 
 
 def next_request(requests: Any, parent: int) -> Any:
@@ -248,6 +269,12 @@ class RolloutProcesses:
         while True:
             try:
                 reply = self.replies.get(timeout=POLL_S) if wait else self.replies.get_nowait()
+            except (OSError, EOFError) as exc:  # its tensors' sender is gone: it died
+                codes = ", ".join(f"pid {p.pid}: {p.exitcode}" for p in self.processes)
+                raise RolloutWorkerError(
+                    f"a reply of the rollout worker could not be received ({exc}); a worker "
+                    f"died before the trainer read its batch (exit codes: {codes})"
+                ) from None
             except queue.Empty:
                 dead = next((p for p in self.processes if not p.is_alive()), None)
                 if dead is None:

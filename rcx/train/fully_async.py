@@ -56,7 +56,6 @@ import os
 import queue
 import signal
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -70,6 +69,7 @@ from rcx.train.async_rollout import (
     RolloutProcesses,
     WeightBoard,
     next_request,
+    report_and_linger,
 )
 
 #: Test hook ``"P:V"``: the worker whose chunk holds stream position P loads its weights, then
@@ -291,7 +291,7 @@ def serve_groups(
             if stop:
                 return
     except BaseException:  # noqa: BLE001 - reported to the trainer, which fails the run
-        replies.put(("error", position, traceback.format_exc()))
+        report_and_linger(replies, requests, parent, position)
 
 
 def _wait_for_version(board: WeightBoard, version: int, parent: int) -> bool:

@@ -200,3 +200,44 @@ def test_a_worker_whose_trainer_is_gone_stops_waiting_for_requests() -> None:
     requests.put("work")
     assert next_request(requests, parent=os.getppid()) == "work"
     assert next_request(requests, parent=-1) is None  # no request, and the parent is not ours
+
+
+def _fail_and_linger(requests, replies) -> None:  # runs in a spawned process
+    from rcx.train import async_rollout
+
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        async_rollout.report_and_linger(replies, requests, os.getppid(), 7)
+
+
+def test_a_failed_worker_stays_alive_until_stopped_so_its_queued_batches_arrive() -> None:
+    import time
+
+    from rcx.train.async_rollout import report_and_linger  # noqa: F401 - the target's import
+
+    ctx = mp.get_context("spawn")
+    requests, replies = ctx.Queue(), ctx.Queue()
+    worker = ctx.Process(target=_fail_and_linger, args=(requests, replies), daemon=True)
+    worker.start()
+    kind, key, text = replies.get(timeout=60)
+    assert (kind, key) == ("error", 7) and "RuntimeError: boom" in text
+    time.sleep(1.0)
+    assert worker.is_alive()  # lingering: what it sent before can still be received
+    requests.put(None)
+    worker.join(10)
+    assert not worker.is_alive() and worker.exitcode == 0
+
+
+def test_a_reply_whose_sender_died_is_a_worker_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rcx.train.async_rollout import RolloutProcesses
+
+    pool = RolloutProcesses.__new__(RolloutProcesses)  # no processes: only receive() is tested
+
+    class Gone:
+        def get(self, timeout=None):
+            raise FileNotFoundError(2, "No such file or directory")
+
+    pool.replies, pool.processes = Gone(), []
+    with pytest.raises(RolloutWorkerError, match="could not be received.*a worker died"):
+        pool.receive(str)
