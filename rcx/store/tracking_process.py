@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 #: How long the exit hook waits for the child to end before it kills it.
-EXIT_WAIT_S = 2.0
+EXIT_WAIT_S = 0.5
 
 
 class MetricValue(NamedTuple):
@@ -82,6 +82,7 @@ class TrackingProcess:
             env=env,
             start_new_session=True,  # Ctrl-C and job control go to the trainer alone
         )
+        self.owner = os.getpid()  # a forked copy of this object must not use the pipe
         self._lock = threading.Lock()
         self._unanswered = 0  # requests sent without waiting (prestart), answered first
         self._closed = False
@@ -91,7 +92,7 @@ class TrackingProcess:
         return self._proc.pid
 
     def alive(self) -> bool:
-        return not self._closed and self._proc.poll() is None
+        return not self._closed and os.getpid() == self.owner and self._proc.poll() is None
 
     def send_nowait(self, method: str, *args: Any, **kwargs: Any) -> None:
         """Send a request whose answer is read (and dropped) before the next call's."""
@@ -157,11 +158,12 @@ _shared_lock = threading.Lock()
 
 
 def shared_process() -> TrackingProcess:
-    """This process's tracking process, started if there is none (or it died)."""
+    """This process's tracking process, started if there is none (or it died, or belongs to
+    the process this one was forked from)."""
     global _shared
     with _shared_lock:
         if _shared is None or not _shared.alive():
-            if _shared is None:
+            if _shared is None or _shared.owner != os.getpid():
                 atexit.register(_close_shared)
             _shared = TrackingProcess()
         return _shared
@@ -169,7 +171,7 @@ def shared_process() -> TrackingProcess:
 
 def _close_shared() -> None:
     with _shared_lock:
-        if _shared is not None:
+        if _shared is not None and _shared.owner == os.getpid():
             _shared.close()
 
 
@@ -447,7 +449,7 @@ def serve() -> None:
         try:
             method, args, kwargs = pickle.load(requests)
         except (EOFError, OSError):
-            return
+            _exit_now()
         try:
             reply: tuple[Any, ...] = ("ok", getattr(backend, method)(*args, **kwargs))
         except Exception as exc:  # noqa: BLE001 - every failure goes back to the caller
@@ -456,4 +458,13 @@ def serve() -> None:
             pickle.dump(reply, answers, protocol=pickle.HIGHEST_PROTOCOL)
             answers.flush()
         except (OSError, ValueError):
-            return
+            _exit_now()
+
+
+def _exit_now() -> None:
+    """End the child at once: every call was answered (each write is committed before its
+    answer), and MLflow's interpreter teardown took ~1 s that the training process waited for."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(0)
