@@ -35,7 +35,9 @@ Decisions:
   ``rcx.resume.changed_params`` instead of failing.
 * **Metrics** go out as one ``log_batch`` per step (chunked at MLflow's 1000-entity limit);
   they, the artifacts and texts, and the final status are written in order by a background
-  thread (:mod:`rcx.store.outbox`), so a step waits for no database or server. A store that
+  thread (:mod:`rcx.store.outbox`), so a step waits for no database or server. MLflow itself
+  runs in a process of its own (:mod:`rcx.store.tracking_process`): this process never imports
+  it, and ``rcx train`` starts that process before torch loads, so the two load side by side. A store that
   stops answering (server killed, network lost) is retried in the background, its writes held
   in bounded memory, and training goes on at full speed (one warning says so). A write the
   store refuses warns once and training continues: the run's own history (kept by the trainer,
@@ -361,7 +363,8 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 
 @dataclass
 class MlflowTracker:
-    """One MLflow run, driven through ``MlflowClient`` (no global ``mlflow.start_run`` state).
+    """One MLflow run, driven through an ``MlflowClient`` in the tracking process (a
+    :class:`~rcx.store.tracking_process.RemoteClient`; no global ``mlflow.start_run`` state).
 
     Build it with :meth:`start`; ``resumed`` tells whether an existing run was reopened.
     """
