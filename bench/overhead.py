@@ -20,7 +20,9 @@ the ``rcx`` CLI), and reports, as medians over the repeats:
   (target <= 2 %);
 * ``end_s``: from the end of the last step's logging to the process exit (checkpoint, plot,
   closing the run, summary, interpreter shutdown), and its ratio to a step;
-* ``peak_rss_mb``: the process's peak resident memory, and its ratio to the import baseline's;
+* ``peak_rss_mb``: the peak resident memory of the training process plus that of the MLflow
+  tracking process it starts (:mod:`rcx.store.tracking_process`), and its ratio to the import
+  baseline's (``main_rss_mb`` and ``child_rss_mb`` separately);
 * ``total_s``: the whole process.
 
 The warm start is made once, untimed, before the repeats. Timings depend on the machine and its
@@ -29,14 +31,21 @@ load: compare ratios measured in one run.
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import json
 import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
 
 STEP_EVENT = "step"
 LOG_EVENT = "log"
+SELF_RSS = "rss_self_mb"  # the training process's own peak
+CHILD_RSS = "rss_tracking_mb"  # the MLflow tracking process's peak (VmHWM before it is closed)
 
 
 def child(events_path: str, argv: list[str]) -> None:
@@ -46,11 +55,28 @@ def child(events_path: str, argv: list[str]) -> None:
     events: list[tuple[str, int, float, float]] = []
 
     def dump() -> None:
+        import resource
+
+        self_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        events.append((SELF_RSS, 0, 0.0, self_mb))
+        events.append((CHILD_RSS, 0, 0.0, sum(tracking_peaks_mb)))
         with open(events_path, "w") as fh:
             json.dump(events, fh)
 
     atexit.register(dump)  # registered first, so it runs after every handler the run adds
-    from rcx.train import trainer
+    tracking_peaks_mb: list[float] = []
+    try:
+        from rcx.store import tracking_process  # no MLflow: its process imports it
+    except ImportError:  # an rcx that tracks in-process (a before/after comparison)
+        tracking_process = None
+    if tracking_process is not None:
+        close = tracking_process.TrackingProcess.close
+
+        def measured_close(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+            tracking_peaks_mb.append(peak_rss_mb(self.pid))
+            return close(self, *args, **kwargs)
+
+        tracking_process.TrackingProcess.close = measured_close
 
     def timed(name: str, method):  # noqa: ANN001, ANN202 - a thin wrapper around a method
         def wrapper(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
@@ -63,12 +89,50 @@ def child(events_path: str, argv: list[str]) -> None:
 
         return wrapper
 
-    trainer.Trainer.train_step = timed(STEP_EVENT, trainer.Trainer.train_step)
-    trainer.Trainer._log = timed(LOG_EVENT, trainer.Trainer._log)
+    def instrument(trainer: ModuleType) -> None:
+        trainer.Trainer.train_step = timed(STEP_EVENT, trainer.Trainer.train_step)
+        trainer.Trainer._log = timed(LOG_EVENT, trainer.Trainer._log)
+
+    # Instrumented when the CLI imports it: importing it here would load torch and transformers
+    # before the CLI starts, which is not the order a user's run has.
+    sys.meta_path.insert(0, PatchOnImport("rcx.train.trainer", instrument))
     from rcx.cli import main
 
     sys.argv = ["rcx", *argv]
     main()
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The peak resident memory of the live process ``pid`` (``VmHWM``), 0 if unknown."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+class PatchOnImport(importlib.abc.MetaPathFinder):
+    """Calls ``patch(module)`` once the module ``name`` has been executed by its first import."""
+
+    def __init__(self, name: str, patch: Callable[[ModuleType], None]) -> None:
+        self.name, self.patch = name, patch
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+        if name != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        execute = spec.loader.exec_module
+
+        def exec_then_patch(module: ModuleType) -> None:
+            execute(module)
+            self.patch(module)
+
+        spec.loader.exec_module = exec_then_patch
+        return spec
 
 
 def spawn(argv: list[str], cwd: str) -> tuple[float, float, float]:
@@ -110,6 +174,7 @@ def run_once(steps: int, overrides: list[str]) -> dict[str, float]:
     logs = {s: (a, b) for name, s, a, b in events if name == LOG_EVENT and s >= 1}
     if set(step_times) != set(range(1, steps + 1)):
         raise SystemExit(f"expected steps 1..{steps}, the run recorded {sorted(step_times)}")
+    rss_of = {name: b for name, _, _, b in events if name in (SELF_RSS, CHILD_RSS)}
     step_s = statistics.median(b - a for s, (a, b) in step_times.items() if s > 1)
     log_s = statistics.median(b - a for a, b in logs.values())
     return {
@@ -118,7 +183,12 @@ def run_once(steps: int, overrides: list[str]) -> dict[str, float]:
         "log_ms": 1000 * log_s,
         "log_share": log_s / step_s,
         "end_s": end - logs[steps][1],
-        "peak_rss_mb": rss,
+        # Both processes at their peaks at once (an upper bound): the training process and the
+        # MLflow tracking process it starts. ``rss`` (wait4) is only the larger of the two, and
+        # counts a forked child's pages before its exec (git, from the provenance record).
+        "peak_rss_mb": rss_of.get(SELF_RSS, rss) + rss_of.get(CHILD_RSS, 0.0),
+        "main_rss_mb": rss_of.get(SELF_RSS, rss),
+        "child_rss_mb": rss_of.get(CHILD_RSS, 0.0),
         "total_s": end - start,
     }
 
@@ -171,6 +241,8 @@ def report(med: dict[str, float], repeats: int, steps: int) -> list[str]:
         f"  end of run          {med['end_s']:6.2f} s   = {med['end_in_steps']:.1f} steps",
         f"  peak RSS            {med['peak_rss_mb']:6.0f} MB  import torch, transformers "
         f"{med['import_rss_mb']:.0f} MB   ratio {med['rss_ratio']:.2f}",
+        f"    of which          {med['main_rss_mb']:6.0f} MB  training process, "
+        f"{med['child_rss_mb']:.0f} MB  the MLflow tracking process",
         f"  whole process       {med['total_s']:6.2f} s",
     ]
 

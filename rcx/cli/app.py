@@ -132,6 +132,14 @@ def quiet_rank() -> bool:
     return os.environ.get("RANK", "0") != "0" or os.environ.get("RCX_LAUNCHED") == "1"
 
 
+def tracking_rank(world_size: int) -> bool:
+    """This process will track the run: rank 0 of a launched world, or a process that trains
+    alone (not the launcher of ``world_size`` processes)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return os.environ.get("RANK", "0") == "0"
+    return world_size <= 1
+
+
 def validated_config(preset: str | None, config: Path | None, args: list[str] | None) -> Any:
     """Validate first and print the findings; exit 1 before anything loads if invalid."""
     report = gather(preset, config, args)
@@ -154,6 +162,11 @@ def train(
     Exit 0 when finished, 1 on failure, 130 when interrupted (Ctrl-C saves a checkpoint first).
     """
     report = validated_config(preset, config, args)
+    t = report.config.trainer
+    if "mlflow" in t.logger and tracking_rank(report.config.world_size):
+        from rcx.store.tracking import prestart_tracking
+
+        prestart_tracking(t.tracking_uri, t.project_name)  # MLflow loads beside torch
     from rcx.train.distributed import launched_world
 
     if report.config.world_size > 1 and not launched_world().distributed:

@@ -65,15 +65,27 @@ class Rejection:
 def is_transient(exc: BaseException) -> bool:
     """True when a later attempt may succeed: the store was not reached, timed out, or answered
     HTTP 5xx / 408 / 429. MLflow reports a failed connection as an ``MlflowException`` with
-    status 500 (``INTERNAL_ERROR``); its artifact uploads raise ``requests`` exceptions."""
-    import requests
-    from mlflow.exceptions import MlflowException
+    status 500 (``INTERNAL_ERROR``); its artifact uploads raise ``requests`` exceptions. A
+    failure that carries its own verdict (``transient``: a call made in the MLflow tracking
+    process, :mod:`rcx.store.tracking_process`) keeps it. Imports MLflow and ``requests`` only
+    when ``exc`` comes from them (the training process has neither loaded)."""
+    verdict = getattr(exc, "transient", None)
+    if isinstance(verdict, bool):
+        return verdict
+    origin = type(exc).__module__.partition(".")[0]
+    if origin == "mlflow":
+        from mlflow.exceptions import MlflowException
 
-    if isinstance(exc, MlflowException):
-        return _transient_status(exc.get_http_status_code())
-    if isinstance(exc, requests.HTTPError) and exc.response is not None:
-        return _transient_status(exc.response.status_code)
-    return isinstance(exc, requests.ConnectionError | requests.Timeout | ConnectionError)
+        if isinstance(exc, MlflowException):
+            return _transient_status(exc.get_http_status_code())
+    if origin == "requests":
+        import requests
+
+        if isinstance(exc, requests.HTTPError) and exc.response is not None:
+            return _transient_status(exc.response.status_code)
+        if isinstance(exc, requests.ConnectionError | requests.Timeout):
+            return True
+    return isinstance(exc, ConnectionError)
 
 
 def _transient_status(status: int) -> bool:

@@ -35,7 +35,9 @@ Decisions:
   ``rcx.resume.changed_params`` instead of failing.
 * **Metrics** go out as one ``log_batch`` per step (chunked at MLflow's 1000-entity limit);
   they, the artifacts and texts, and the final status are written in order by a background
-  thread (:mod:`rcx.store.outbox`), so a step waits for no database or server. A store that
+  thread (:mod:`rcx.store.outbox`), so a step waits for no database or server. MLflow itself
+  runs in a process of its own (:mod:`rcx.store.tracking_process`): this process never imports
+  it, and ``rcx train`` starts that process before torch loads, so the two load side by side. A store that
   stops answering (server killed, network lost) is retried in the background, its writes held
   in bounded memory, and training goes on at full speed (one warning says so). A write the
   store refuses warns once and training continues: the run's own history (kept by the trainer,
@@ -51,7 +53,6 @@ Decisions:
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shlex
 import shutil
@@ -362,7 +363,8 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 
 @dataclass
 class MlflowTracker:
-    """One MLflow run, driven through ``MlflowClient`` (no global ``mlflow.start_run`` state).
+    """One MLflow run, driven through an ``MlflowClient`` in the tracking process (a
+    :class:`~rcx.store.tracking_process.RemoteClient`; no global ``mlflow.start_run`` state).
 
     Build it with :meth:`start`; ``resumed`` tells whether an existing run was reopened.
     """
@@ -400,33 +402,16 @@ class MlflowTracker:
         Raises :class:`TrackingError` if the store cannot be reached or the run cannot be made.
         """
         uri = resolve_tracking_uri(tracking_uri)
-        check_reachable(uri)
-        if (db := sqlite_path(uri)) is not None and not db.exists():
-            seed_sqlite_store(db)
-        # A new SQLite store announces its schema migrations at INFO; rcx prints the store itself.
-        for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(RUN_HTTP_RETRIES))
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(RUN_HTTP_TIMEOUT_S))
-        from mlflow.exceptions import MlflowException
-        from mlflow.tracking import MlflowClient
+        from rcx.store.tracking_process import RemoteClient, shared_process
 
-        try:
-            client = MlflowClient(tracking_uri=uri)
-            if resume_run_id and (run := _get_run_or_none(client, resume_run_id)) is not None:
-                client.update_run(resume_run_id, status="RUNNING")
-                tracker = cls(uri, resume_run_id, run.info.experiment_id, True, client, local_copy)
-                tracker.previous_status = run.info.status
-                tracker.previous_end_time = run.info.end_time
-                return tracker
-            experiment_id = _get_or_create_experiment(client, experiment, uri)
-            run_tags = dict(tags or {})
-            if parent_run_id:
-                run_tags["mlflow.parentRunId"] = parent_run_id
-            run = client.create_run(experiment_id, run_name=run_name, tags=run_tags)
-        except MlflowException as exc:
-            raise TrackingError(f"MLflow store {uri}: {exc.message}") from exc
-        return cls(uri, run.info.run_id, experiment_id, False, client, local_copy)
+        client = RemoteClient(shared_process(), uri)
+        info = client.open_run(experiment, run_name, resume_run_id, parent_run_id, tags)
+        tracker = cls(
+            uri, info["run_id"], info["experiment_id"], info["resumed"], client, local_copy
+        )
+        tracker.previous_status = info["previous_status"]
+        tracker.previous_end_time = info["previous_end_time"]
+        return tracker
 
     def describe(self) -> str:
         db = sqlite_path(self.uri)
@@ -443,10 +428,8 @@ class MlflowTracker:
         return f"MLflow {verb} {self.run_id} in {where}\n  view: {view}"
 
     def log_params(self, params: Mapping[str, str]) -> list[str]:
-        from mlflow.entities import Param, RunTag
-
-        existing = self._client.get_run(self.run_id).data.params if self.resumed else {}
-        new = [Param(k, v) for k, v in params.items() if k not in existing]
+        existing = self._client.get_params(self.run_id) if self.resumed else {}
+        new = [(k, v) for k, v in params.items() if k not in existing]
         changed = [
             f"{k}: {existing[k]} -> {v}"
             for k, v in params.items()
@@ -457,19 +440,21 @@ class MlflowTracker:
         truncated = [k for k, v in params.items() if v.endswith(TRUNCATION_MARKER)]
         tags = []
         if changed:
-            tags.append(RunTag("rcx.resume.changed_params", "\n".join(changed)[:8000]))
+            tags.append(("rcx.resume.changed_params", "\n".join(changed)[:8000]))
         if truncated:
-            tags.append(RunTag("rcx.truncated_params", ",".join(truncated)[:8000]))
+            tags.append(("rcx.truncated_params", ",".join(truncated)[:8000]))
         if tags:
             self._client.log_batch(self.run_id, tags=tags)
         return [f"param changed on resume (kept the first value in MLflow): {c}" for c in changed]
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Queue the step's metrics for the background writer; returns without waiting."""
-        from mlflow.entities import Metric
+        from rcx.store.tracking_process import MetricValue
 
         now_ms = int(time.time() * 1000)
-        entries = [Metric(k, float(v), now_ms, step) for k, v in metrics.items() if _is_number(v)]
+        entries = [
+            MetricValue(k, float(v), now_ms, step) for k, v in metrics.items() if _is_number(v)
+        ]
         for chunk in _chunks(entries, MAX_METRICS_PER_BATCH):
             send = partial(self._client.log_batch, self.run_id, metrics=list(chunk))
             self._outbox.put(Operation(f"metrics of step {step}", send, step, len(chunk)))
@@ -591,7 +576,7 @@ class MlflowTracker:
         steps = [-1]
         try:
             for key in keys:
-                steps += [m.step for m in self._client.get_metric_history(self.run_id, key)]
+                steps += self._client.metric_steps(self.run_id, key)
         except Exception as exc:  # noqa: BLE001 - then replayed steps may be logged twice
             self._warn_once(f"could not read the logged steps of run {self.run_id}: {exc}")
         return max(steps)
@@ -615,9 +600,7 @@ class MlflowTracker:
         run_id = run_id or self._find_child(run_name)
         if run_id is None:
             child_tags = {"mlflow.parentRunId": self.run_id, **(tags or {})}
-            run_id = client.create_run(
-                self.experiment_id, run_name=run_name, tags=child_tags
-            ).info.run_id
+            run_id = client.create_run(self.experiment_id, run_name, child_tags)
         if error:
             client.set_tag(run_id, "rcx.error", error[:4900])
             client.log_text(run_id, error, "error.txt")
@@ -626,18 +609,11 @@ class MlflowTracker:
 
     def delete_run_tag(self, run_id: str, key: str) -> None:
         """Drop the tag ``key`` of the run ``run_id`` (a child, typically) if it has one."""
-        if key in self._client.get_run(run_id).data.tags:
+        if key in self._client.get_tags(run_id):
             self._client.delete_tag(run_id, key)
 
     def _find_child(self, run_name: str) -> str | None:
-        runs = self._client.search_runs(
-            [self.experiment_id],
-            filter_string=(
-                f"tags.mlflow.parentRunId = '{self.run_id}' and attributes.run_name = '{run_name}'"
-            ),
-            max_results=1,
-        )
-        return runs[0].info.run_id if runs else None
+        return self._client.find_child(self.experiment_id, self.run_id, run_name)
 
     def _warn_once(self, message: str) -> None:
         if not self._warned:
@@ -669,15 +645,6 @@ def _is_number(value: Any) -> bool:
     return True
 
 
-def _get_run_or_none(client: Any, run_id: str) -> Any:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_run(run_id)
-    except MlflowException:
-        return None
-
-
 def _get_or_create_experiment(client: Any, name: str, uri: str) -> str:
     """Experiment id for ``name``; new SQLite experiments keep artifacts beside the database."""
     experiment = client.get_experiment_by_name(name)
@@ -691,6 +658,14 @@ def _get_or_create_experiment(client: Any, name: str, uri: str) -> str:
 
 
 # --------------------------------------------------------------------------- entry points
+
+
+def prestart_tracking(tracking_uri: str | None, project_name: str) -> None:
+    """Start the MLflow process of :class:`MlflowTracker` now and have it open the store, so
+    that it loads while this process imports torch (:mod:`rcx.store.tracking_process`)."""
+    from rcx.store.tracking_process import prestart
+
+    prestart(resolve_tracking_uri(tracking_uri), project_name)
 
 
 def open_tracker(

@@ -87,6 +87,35 @@ def test_load_builtin_prompts(tokenizer):
     assert tokenizer.decode(data.prompt_ids[0]) == data.examples[0].prompt
 
 
+@pytest.mark.parametrize("max_prompt_length", [16, 6, 5])
+def test_builtin_prompts_tokenised_on_demand_are_those_of_the_eager_path(
+    tokenizer, max_prompt_length, monkeypatch
+):
+    """16: every prompt provably fits, so none is tokenised up front; 6 and 5: the bound (6
+    characters + 1) does not prove it and the eager path decides (5 skips "ab+cd=")."""
+    import pickle
+
+    from rcx.data import tasks
+
+    task = BuiltinTask(num_train=300, num_val=40)
+    lazy = load_prompts(
+        "builtin:arith", "train", tokenizer, max_prompt_length=max_prompt_length, builtin=task
+    )
+    deferred = len(lazy.prompt_ids._texts)
+    assert deferred == (len(lazy) if max_prompt_length == 16 else 0)
+    monkeypatch.setattr(tasks, "fits_untokenised", lambda *args: False)
+    eager = load_prompts(
+        "builtin:arith", "train", tokenizer, max_prompt_length=max_prompt_length, builtin=task
+    )
+    assert lazy.examples == eager.examples and lazy.skipped == eager.skipped
+    assert bool(eager.skipped) == (max_prompt_length == 5)
+    order = batch_indices(len(lazy), 3, 7, seed=1)  # any order, twice: the cache answers the same
+    for i in order + order:
+        assert lazy.prompt_ids[i] == eager.prompt_ids[i]
+    copy = pickle.loads(pickle.dumps(lazy.prompt_ids))  # a spawned worker gets a working copy
+    assert [copy[i] for i in range(len(lazy))] == [eager.prompt_ids[i] for i in range(len(lazy))]
+
+
 def write_parquet(path, rows):
     pd.DataFrame(rows).to_parquet(path)
     return str(path)
