@@ -56,6 +56,7 @@ import os
 import queue
 import signal
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -245,14 +246,27 @@ def serve_groups(
     fail_at: int = 0,
     hold: tuple[int, int] | None = None,
 ) -> None:
-    """The worker loop: take the groups waiting (``(position, prompt, seed)``), load the newest
-    weights (after each group's gate), generate, reply ``("group", position, batch)`` per group.
+    """The worker loop: take the groups waiting (``(position, prompt, seed)``, each its own
+    request or several in a list request), load the newest
+    weights (after each group's gate), generate, reply ``("chunk", positions, batch)`` per chunk.
     Any exception is sent as ``("error", position, traceback)``; returns on a None request or
     when the trainer process ``parent`` is gone."""
     pending, position = None, -1
+    waiting: deque[Any] = deque()  # groups of a list request not started yet
+
+    def next_group(block: bool) -> Any:
+        """The next group request (a list request is unpacked), or None to stop; raises
+        queue.Empty when not ``block`` and none is waiting."""
+        if not waiting:
+            got = next_request(requests, parent) if block else requests.get_nowait()
+            if got is None:
+                return None
+            waiting.extend(got if isinstance(got, list) else [got])
+        return waiting.popleft()
+
     try:
         while True:
-            first = pending if pending is not None else next_request(requests, parent)
+            first = pending if pending is not None else next_group(block=True)
             pending, stop = None, False
             if first is None:
                 return
@@ -263,7 +277,7 @@ def serve_groups(
             chunk = [first]
             while len(chunk) < plan.chunk:
                 try:
-                    item = requests.get_nowait()
+                    item = next_group(block=False)
                 except queue.Empty:
                     break
                 if item is None:
@@ -285,9 +299,9 @@ def serve_groups(
                 seed=[seed for _, _, seed in chunk],
                 **extra,
             )
-            n = plan.sampling.n
-            for j, p in enumerate(positions):
-                replies.put(("group", p, rollout.groups(j, 1, n)))
+            # One reply per chunk: each tensor crosses as a file descriptor with its own
+            # handshake, so a reply per group cost the trainer ~0.1 s a step to receive.
+            replies.put(("chunk", positions, rollout))
             if stop:
                 return
     except BaseException:  # noqa: BLE001 - reported to the trainer, which fails the run
@@ -399,16 +413,23 @@ class FullyAsyncRollout:
         return concat_rollouts(taken.payloads, self.engine.pad_token_id)
 
     def _request(self) -> None:
+        """Send the positions to request now, in lists of up to one chunk: a worker gets its
+        chunk in one message (sent one by one, the groups trickled in and the worker, draining
+        what had arrived, generated them a few at a time)."""
         assert self.pool is not None
-        for position in self.scheduler.requests():
-            _, prompt, seed = self.stream(position)
-            self.pool.requests.put((position, prompt, seed))
+        items = [(p, *self.stream(p)[1:]) for p in self.scheduler.requests()]
+        for start in range(0, len(items), self.plan.chunk):
+            self.pool.requests.put(items[start : start + self.plan.chunk])
 
     def _arrive(self, reply: tuple[str, Any, Any] | None) -> None:
+        """A worker's chunk ``("chunk", positions, batch)``, split into its groups."""
         assert reply is not None
-        kind, position, group = reply
-        if kind == "group":
-            self.scheduler.arrive(position, int(group.weight_version), group)
+        kind, positions, batch = reply
+        if kind == "chunk":
+            n = self.plan.sampling.n
+            for j, position in enumerate(positions):
+                group = batch.groups(j, 1, n)
+                self.scheduler.arrive(position, int(group.weight_version), group)
 
     def _what(self, position: int) -> str:
         b = self.scheduler.batch_size

@@ -172,11 +172,12 @@ def _replies_until(replies: queue.Queue, count: int, timeout: float = 10.0) -> d
     deadline = time.monotonic() + timeout
     while len(got) < count and time.monotonic() < deadline:
         try:
-            kind, p, group = replies.get(timeout=0.05)
+            kind, positions, batch = replies.get(timeout=0.05)
         except queue.Empty:
             continue
-        assert kind == "group", group
-        got[p] = int(group.weight_version)
+        assert kind == "chunk", batch
+        for p in positions:  # one version per chunk
+            got[p] = int(batch.weight_version)
     return got
 
 
