@@ -42,12 +42,15 @@ def _record(mode: str, arm: str, seed: int, acc: float, train_s: float, t50: flo
         "train_s": train_s,
         "steps": 100,
         "time_to_50": t50,
-        "time_to_60": None,
         "staleness_mean": 0.0 if mode == "sync" else 1.0,
         "staleness_max": 0.0 if mode == "sync" else 1.0,
         "dropped": 0,
         "kl_mean": 1e-3,
-        "curves": {"val_acc": [(90, acc), (100, acc)]},
+        # reaches 50 % at step 10 (at t50 s of training) when t50 is given, never 60 %
+        "curves": {
+            "val_acc": [(10, 0.55 if t50 is not None else 0.4), (90, 0.45), (100, 0.45)],
+            "clock": [(10, t50 or 1.0), (90, train_s * 0.9), (100, train_s)],
+        },
     }
 
 
@@ -67,6 +70,10 @@ def test_rows_give_speed_up_against_sync_and_who_reached_the_target(study) -> No
     assert math.isnan(async_["time_to_60"]) and async_["time_to_60_reached"] == 0
     table = "\n".join(study.results_table(list(rows.values())))
     assert "8.0 (1 of 2 reached)" in table and "2.00×" in table
+    # With a sync row of the same arm, the speed-up is against it (bypass's own step is faster).
+    records.append(_record("sync", "bypass_ppo_clip", 1, 0.7, 30.0, 9.0))
+    rows = {(r["mode"], r["arm"]): r for r in study.aggregate(records)}
+    assert rows["one_step_off", "bypass_ppo_clip"]["speedup_vs_sync"] == pytest.approx(30 / 25)
 
 
 @pytest.mark.slow
@@ -81,10 +88,11 @@ def test_smoke_run_writes_the_table(study, tmp_path: Path) -> None:
         rows = list(csv.DictReader(handle))
     assert [(r["mode"], r["arm"]) for r in rows] == [
         ("sync", "uncorrected"),
+        ("sync", "bypass_ppo_clip"),
         ("one_step_off", "uncorrected"),
         ("one_step_off", "bypass_ppo_clip"),
         ("one_step_off", "icepop_token"),
     ]
-    assert float(rows[1]["staleness_max"]) == 1.0 and float(rows[0]["staleness_max"]) == 0.0
+    assert float(rows[2]["staleness_max"]) == 1.0 and float(rows[0]["staleness_max"]) == 0.0
     md = (tmp_path / "async_study.md").read_text()
-    assert "Status: **complete** — 4 of 4 runs (smoke mode)" in md
+    assert "Status: **complete** — 5 of 5 runs (smoke mode)" in md
