@@ -135,12 +135,16 @@ class PatchOnImport(importlib.abc.MetaPathFinder):
         return spec
 
 
-def spawn(argv: list[str], cwd: str) -> tuple[float, float, float]:
+def spawn(
+    argv: list[str], cwd: str, env: dict[str, str] | None = None
+) -> tuple[float, float, float]:
     """Run ``argv`` to completion in ``cwd``: (start wall time, end wall time, peak RSS in MB)."""
     import subprocess
 
     start = time.time()
-    proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        argv, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
+    )
     _, status, usage = os.wait4(proc.pid, 0)
     end = time.time()
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -193,13 +197,24 @@ def run_once(steps: int, overrides: list[str]) -> dict[str, float]:
     }
 
 
-def baseline_once() -> dict[str, float]:
+#: TRL's import, what a TRL GRPO run pays before it builds anything (with ``--trl-site``).
+TRL_IMPORT = "from trl import GRPOConfig, GRPOTrainer"
+
+
+def baseline_once(trl_site: str | None = None) -> dict[str, float]:
     """``python -c "import torch, transformers"`` (wall time, peak RSS), and the same with the
-    model classes (``transformers.modeling_utils``: wall time)."""
+    model classes (``transformers.modeling_utils``: wall time); with ``trl_site`` (a folder
+    holding TRL and its own dependencies, e.g. ``pip install --target``; on ``PYTHONPATH`` for
+    this baseline only, so it cannot change what the rcx runs import) also TRL's import."""
     start, end, rss = spawn([sys.executable, "-c", "import torch, transformers"], os.getcwd())
     code = "import torch, transformers.modeling_utils"
     floor_start, floor_end, _ = spawn([sys.executable, "-c", code], os.getcwd())
-    return {"import_s": end - start, "import_rss_mb": rss, "models_s": floor_end - floor_start}
+    out = {"import_s": end - start, "import_rss_mb": rss, "models_s": floor_end - floor_start}
+    if trl_site:
+        env = {**os.environ, "PYTHONPATH": trl_site}
+        trl_start, trl_end, _ = spawn([sys.executable, "-c", TRL_IMPORT], os.getcwd(), env)
+        out["trl_import_s"] = trl_end - trl_start
+    return out
 
 
 def ensure_warm_start(overrides: list[str]) -> None:
@@ -219,6 +234,8 @@ def summarise(runs: list[dict[str, float]], bases: list[dict[str, float]]) -> di
     med.update({k: statistics.median(b[k] for b in bases) for k in bases[0]})
     med["startup_ratio"] = med["startup_s"] / med["import_s"]
     med["startup_vs_models"] = med["startup_s"] / med["models_s"]
+    if "trl_import_s" in med:
+        med["startup_vs_trl_import"] = med["startup_s"] / med["trl_import_s"]
     med["end_in_steps"] = med["end_s"] / med["step_s"]
     med["rss_ratio"] = med["peak_rss_mb"] / med["import_rss_mb"]
     return med
@@ -227,6 +244,12 @@ def summarise(runs: list[dict[str, float]], bases: list[dict[str, float]]) -> di
 def report(med: dict[str, float], repeats: int, steps: int) -> list[str]:
     """The lines printed: each figure, its baseline and the ratio."""
     ok = {True: "ok", False: "OVER TARGET"}
+    trl = []
+    if "trl_import_s" in med:
+        trl = [
+            f"                      {'':6s}     {TRL_IMPORT} {med['trl_import_s']:.2f} s   ratio "
+            f"{med['startup_vs_trl_import']:.2f}"
+        ]
     return [
         f"rcx overhead: median of {repeats} repeats, {steps}-step runs, "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')}, {os.cpu_count()} CPUs",
@@ -235,6 +258,7 @@ def report(med: dict[str, float], repeats: int, steps: int) -> list[str]:
         f"({ok[med['startup_ratio'] <= 1.3]}: <= 1.3)",
         f"                      {'':6s}     import torch, transformers.modeling_utils "
         f"{med['models_s']:.2f} s   ratio {med['startup_vs_models']:.2f}",
+        *trl,
         f"  step                {med['step_s']:6.3f} s",
         f"  logging per step    {med['log_ms']:6.2f} ms  share of a step "
         f"{100 * med['log_share']:.2f} % ({ok[med['log_share'] <= 0.02]}: <= 2 %)",
@@ -254,6 +278,11 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--json", help="also write the medians (and every repeat) here")
+    parser.add_argument(
+        "--trl-site",
+        help="a folder holding TRL (pip install --target DIR trl): adds TRL's import as a "
+        "third start-up baseline, imported with DIR on PYTHONPATH (that baseline only)",
+    )
     parser.add_argument("overrides", nargs="*", help="KEY=VALUE overrides of the run")
     args = parser.parse_args(argv)
     if args.steps < 2:
@@ -262,7 +291,7 @@ def main(argv: list[str]) -> None:
     ensure_warm_start(args.overrides)
     runs, bases = [], []
     for _ in range(args.repeats):
-        bases.append(baseline_once())
+        bases.append(baseline_once(args.trl_site))
         runs.append(run_once(args.steps, args.overrides))
     med = summarise(runs, bases)
     print("\n".join(report(med, args.repeats, args.steps)))
