@@ -3,6 +3,7 @@
     python bench/overhead.py                      # 3 repeats of a 10-step run, fresh MLflow store
     python bench/overhead.py --repeats 5 --steps 20 --json out.json
     python bench/overhead.py KEY=VALUE ...        # extra overrides for the run
+    python bench/overhead.py --trl-site /tmp/trl  # TRL's import as a baseline too (see --help)
 
 Each repeat spawns, in alternation, the baseline ``python -c "import torch, transformers"`` and
 ``rcx train --preset grpo-multi-rs`` (``val_before_train=false``, only the final validation,
@@ -14,7 +15,8 @@ the ``rcx`` CLI), and reports, as medians over the repeats:
 * ``startup_s``: from spawning the process to the start of step 1, and its ratio to the import
   baseline (target <= 1.3; TRL's GRPOTrainer measured ~1.2 on this machine), and to a second
   baseline, ``import torch, transformers.modeling_utils``: ``import transformers`` is lazy, and
-  any process that builds a transformers model (TRL's too) pays for its model classes;
+  any process that builds a transformers model (TRL's too) pays for its model classes; with
+  ``--trl-site DIR`` also to ``from trl import GRPOConfig, GRPOTrainer`` (TRL installed in DIR);
 * ``step_s``: a training step (steps 2.., ``Trainer.train_step``);
 * ``log_ms`` / ``log_share``: a step's metric logging (``Trainer._log``) and its share of the step
   (target <= 2 %);
