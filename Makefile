@@ -42,9 +42,11 @@ test-all: setup
 # addition), warm start included, tracked in ./mlflow.db. The rollout runs in bfloat16 and its
 # weights are refreshed every 2 steps (so every other batch is one update stale): a real mismatch
 # for the correction to act on. Extra overrides: make run ARGS='k=v ...'; MISMATCH= turns it off.
+# Its own run name (checkpoint folder), so that the README's `rcx train --preset grpo-multi-rs`
+# starts a run of its own instead of trying to resume this one with another rollout.
 MISMATCH ?= actor_rollout_ref.rollout.dtype=bfloat16 actor_rollout_ref.rollout.weight_sync_interval=2
 run: setup
-	$(BIN)/rcx train --preset grpo-multi-rs $(MISMATCH) $(ARGS)
+	$(BIN)/rcx train --preset grpo-multi-rs trainer.experiment_name=grpo-multi-rs-make-run $(MISMATCH) $(ARGS)
 
 # The warm start of the embedded default must reach its target from an empty cache (CI runs this).
 check-warm-start: setup

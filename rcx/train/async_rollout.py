@@ -72,15 +72,22 @@ def staleness_metrics(weight_version: torch.Tensor, trainer_version: int) -> dic
     """Per-step staleness of the samples a step trains on, under verl's names
     (``training/off_policy/trajectory_staleness/{mean,max,min}``) and rcx's ``rollout/staleness``
     (the mean): staleness = ``trainer_version`` (updates so far) - the version of the weights
-    that generated each sample. ``weight_version`` is (B,) long."""
+    that generated each sample. ``weight_version`` is (B,) long.
+
+    The histogram: ``rollout/staleness_share/<k>``, the share of the samples k updates old, for
+    every k from 0 to the step's maximum (rcx's names; verl logs no histogram)."""
     staleness = (trainer_version - weight_version).double()
     mean = float(staleness.mean())
-    return {
+    out = {
         "rollout/staleness": mean,
         "training/off_policy/trajectory_staleness/mean": mean,
         "training/off_policy/trajectory_staleness/max": float(staleness.max()),
         "training/off_policy/trajectory_staleness/min": float(staleness.min()),
     }
+    counts = torch.bincount(staleness.long().clamp(min=0), minlength=1)
+    for k, count in enumerate(counts.tolist()):
+        out[f"rollout/staleness_share/{k}"] = count / staleness.numel()
+    return out
 
 
 # ------------------------------------------------------------------------------- weights ---

@@ -97,7 +97,9 @@ FAST: dict[str, Expect] = {
 SLOW: dict[str, Expect] = {
     "train --preset grpo-multi-rs\n": Expect(("FINISHED after 2 steps",)),
     "train --preset gae-seq-is-rs": Expect(("FINISHED after 2 steps",)),
-    "trainer.n_gpus_per_node=2": Expect(("starting 2 processes", "FINISHED after 2 steps")),
+    # The ranks print to the terminal, not to this in-process runner: exit 0 is the check here
+    # (tests/train/test_distributed.py checks what the ranks train).
+    "trainer.n_gpus_per_node=2": Expect(("starting 2 processes",)),
     "train examples/config.yaml\n": Expect(("FINISHED after 2 steps", "decoupled mode")),
     "trainer.dump_log_probs=true": Expect(("FINISHED after 2 steps",)),
     "trainer.async_mode=one_step_off": Expect(("FINISHED after 2 steps",)),

@@ -74,6 +74,9 @@ def test_staleness_metrics_use_verl_names() -> None:
         "training/off_policy/trajectory_staleness/mean": 0.8,
         "training/off_policy/trajectory_staleness/max": 2.0,
         "training/off_policy/trajectory_staleness/min": 0.0,
+        "rollout/staleness_share/0": 0.4,
+        "rollout/staleness_share/1": 0.4,
+        "rollout/staleness_share/2": 0.2,
     }
 
 
