@@ -51,12 +51,7 @@ SCRATCH = ms.SCRATCH.parent / "rcx-async-study"  # --quick / --smoke outputs
 TARGETS = (0.5, 0.6, 0.7)  # greedy validation accuracy
 
 
-@dataclass(frozen=True)
-class Mode:
-    name: str
-    label: str
-    overrides: tuple[str, ...]
-
+Mode = ms.Source  # a name, a label, its overrides
 
 MODES: dict[str, Mode] = {
     m.name: m
