@@ -68,14 +68,30 @@ class RolloutWorkerError(RcxError, RuntimeError):
 # ------------------------------------------------------------------------------ staleness ---
 
 
-def staleness_metrics(weight_version: torch.Tensor, trainer_version: int) -> dict[str, float]:
+def staleness_bound(cfg: Any) -> int:
+    """The most updates a trained sample can be old under ``cfg``: ``weight_sync_interval - 1``
+    in sync mode, 1 in one_step_off, the cap in fully_async (what a trained sample stays
+    within, whatever is dropped)."""
+    mode = cfg.trainer.async_mode
+    if mode == "fully_async":
+        return int(cfg.trainer.max_off_policy_threshold)
+    if mode == "one_step_off":
+        return 1
+    return int(cfg.actor_rollout_ref.rollout.weight_sync_interval) - 1
+
+
+def staleness_metrics(
+    weight_version: torch.Tensor, trainer_version: int, bound: int = 0
+) -> dict[str, float]:
     """Per-step staleness of the samples a step trains on, under verl's names
     (``training/off_policy/trajectory_staleness/{mean,max,min}``) and rcx's ``rollout/staleness``
     (the mean): staleness = ``trainer_version`` (updates so far) - the version of the weights
     that generated each sample. ``weight_version`` is (B,) long.
 
     The histogram: ``rollout/staleness_share/<k>``, the share of the samples k updates old, for
-    every k from 0 to the step's maximum (rcx's names; verl logs no histogram)."""
+    every k from 0 to ``bound`` (:func:`staleness_bound`: the same keys every step, so that every
+    curve has a point at every step), or to the step's maximum if that is higher (rcx's names;
+    verl logs no histogram)."""
     staleness = (trainer_version - weight_version).double()
     mean = float(staleness.mean())
     out = {
@@ -84,7 +100,7 @@ def staleness_metrics(weight_version: torch.Tensor, trainer_version: int) -> dic
         "training/off_policy/trajectory_staleness/max": float(staleness.max()),
         "training/off_policy/trajectory_staleness/min": float(staleness.min()),
     }
-    counts = torch.bincount(staleness.long().clamp(min=0), minlength=1)
+    counts = torch.bincount(staleness.long().clamp(min=0), minlength=bound + 1)
     for k, count in enumerate(counts.tolist()):
         out[f"rollout/staleness_share/{k}"] = count / staleness.numel()
     return out

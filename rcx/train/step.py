@@ -18,7 +18,12 @@ from rcx.rollout import SamplingParams
 from rcx.store.dumps import write_dump
 from rcx.store.tracking import Tracker
 from rcx.train.actor import Actor
-from rcx.train.async_rollout import AsyncRollout, check_prompts_match, staleness_metrics
+from rcx.train.async_rollout import (
+    AsyncRollout,
+    check_prompts_match,
+    staleness_bound,
+    staleness_metrics,
+)
 from rcx.train.batch import StepBatch
 from rcx.train.critic import Critic
 from rcx.train.distributed import (
@@ -112,7 +117,7 @@ def train_step(trainer: StepHost, step: int) -> dict[str, float]:
     # Prompt ids unique across ranks (rank r's local prompt k is prompt r + W k of the step).
     global_prompt = gather_rows(batch.prompt_index * world.size + world.rank, world)  # (B_all,)
     # Staleness = updates so far - the version that generated each sample (verl's names too).
-    metrics.update(staleness_metrics(batch.weight_version, step - 1))
+    metrics.update(staleness_metrics(batch.weight_version, step - 1, staleness_bound(cfg)))
 
     # 3. Rewards: the outcome score sits on each response's last valid token.
     with timer("reward"):

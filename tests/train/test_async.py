@@ -67,6 +67,13 @@ def driver():
     assert _no_worker_left()
 
 
+def test_the_staleness_histogram_has_the_same_keys_every_step() -> None:
+    fresh = staleness_metrics(torch.tensor([4, 4]), trainer_version=4, bound=2)
+    assert [fresh[f"rollout/staleness_share/{k}"] for k in range(3)] == [1.0, 0.0, 0.0]
+    beyond = staleness_metrics(torch.tensor([0]), trainer_version=4, bound=2)  # never expected
+    assert beyond["rollout/staleness_share/4"] == 1.0 and beyond["rollout/staleness_share/2"] == 0.0
+
+
 def test_staleness_metrics_use_verl_names() -> None:
     metrics = staleness_metrics(torch.tensor([3, 3, 2, 4, 4]), trainer_version=4)  # 1 1 2 0 0
     assert metrics == {
@@ -244,3 +251,16 @@ def test_a_reply_whose_sender_died_is_a_worker_error(monkeypatch: pytest.MonkeyP
     pool.replies, pool.processes = Gone(), []
     with pytest.raises(RolloutWorkerError, match="could not be received.*a worker died"):
         pool.receive(str)
+
+
+def test_the_staleness_bound_of_each_mode() -> None:
+    from rcx.config import load_config
+    from rcx.train.async_rollout import staleness_bound
+
+    def bound(*overrides: str) -> int:
+        return staleness_bound(load_config(preset="grpo-rs-only", overrides=list(overrides)))
+
+    assert bound() == 0
+    assert bound("actor_rollout_ref.rollout.weight_sync_interval=4") == 3
+    assert bound("trainer.async_mode=one_step_off") == 1
+    assert bound("trainer.async_mode=fully_async", "trainer.max_off_policy_threshold=3") == 3
