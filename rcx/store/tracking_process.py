@@ -300,13 +300,13 @@ class Backend:
 
         from rcx.store.tracking import check_reachable, seed_sqlite_store, sqlite_path
 
+        # A new SQLite store announces its schema migrations at INFO; rcx prints the store itself.
+        for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+            logging.getLogger(name).setLevel(logging.WARNING)
         self._use_environment(env)
         check_reachable(uri)
         if (db := sqlite_path(uri)) is not None and not db.exists():
             seed_sqlite_store(db)
-        # A new SQLite store announces its schema migrations at INFO; rcx prints the store itself.
-        for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
-            logging.getLogger(name).setLevel(logging.WARNING)
         return self.client(uri)
 
     def prepare(self, uri: str, env: Mapping[str, str], experiment: str) -> None:

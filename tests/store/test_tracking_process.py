@@ -34,11 +34,13 @@ def test_a_tracked_run_never_imports_mlflow_in_the_training_process(tmp_path: Pa
         """
     )
     root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": root}
+    # An empty cache: the store is created from scratch (not copied from a cached template).
+    env = {**os.environ, "PYTHONPATH": root, "RCX_CACHE_DIR": str(tmp_path / "cache")}
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
     )
     assert done.returncode == 0, done.stderr
+    assert "database tables" not in done.stderr  # a new store's INFO lines stay quiet
     run_id, modules = done.stdout.split()[0], done.stdout.split("\n")[1]
     assert modules == "[]"
     run = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id)
