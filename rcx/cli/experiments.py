@@ -320,6 +320,12 @@ def whatif_command(
     per_step: Annotated[
         bool, typer.Option("--per-step", help="Also print every step of every config.")
     ] = False,
+    by_staleness: Annotated[
+        bool,
+        typer.Option(
+            "--by-staleness", help="Also replay every config on each staleness level alone."
+        ),
+    ] = False,
     output: FormatOpt = OutputFormat.text,
     adv_estimator: Annotated[
         str | None,
@@ -346,6 +352,7 @@ def whatif_command(
         WhatifError,
         build_settings,
         replay,
+        replay_by_staleness,
         results_json,
     )
     from rcx.store.dumps import DumpError, load_dumps
@@ -369,10 +376,14 @@ def whatif_command(
         raise fail(f"{len(invalid)} invalid config(s); nothing was replayed")
     try:
         results = replay(stack, configs, adv_estimator)
+        levels = replay_by_staleness(stack, configs, adv_estimator) if by_staleness else {}
     except WhatifError as e:
         raise fail(str(e)) from None
     if output is OutputFormat.json:
-        print(json.dumps({"steps": stack.steps, "configs": results_json(results)}, indent=1))
+        out: dict[str, Any] = {"steps": stack.steps, "configs": results_json(results)}
+        if levels:
+            out["by_staleness"] = {str(k): results_json(r) for k, r in levels.items()}
+        print(json.dumps(out, indent=1))
         return
     console.print(
         f"{len(stack.sources)} dump file(s), steps {stack.steps[0]}..{stack.steps[-1]}, "
@@ -381,6 +392,8 @@ def whatif_command(
     )
     for part in whatif_tables(results):
         console.print(part)
+    if levels:
+        console.print(whatif_staleness_table(levels))
     if per_step:
         for r in results:
             console.print(whatif_steps_table(r))
@@ -401,6 +414,23 @@ WHATIF_HEADERS = {
     "opsm_seq_masked_fraction": "OPSM seq masked",
     "opsm_masked_fraction": "OPSM masked",
 }
+
+
+def whatif_staleness_table(levels: dict[int, list[Any]]) -> Table:
+    """Each config (#) on each staleness level's samples alone, the overall columns."""
+    from rcx.experiments.whatif import format_stat, stat_columns
+
+    results = [r for rs in levels.values() for r in rs]
+    cols = [c for c in stat_columns(results) if "/" not in c]
+    table = Table(title="what-if by staleness (each level's samples alone)")
+    for header in ("stale", "#"):
+        table.add_column(header, justify="right")
+    for c in cols:
+        table.add_column(esc(WHATIF_HEADERS.get(c, c)), justify="right")
+    for level, rs in levels.items():
+        for i, r in enumerate(rs):
+            table.add_row(str(level), f"#{i}", *(format_stat(r.overall.get(c)) for c in cols))
+    return table
 
 
 def whatif_tables(results: list[Any]) -> list[Any]:

@@ -530,6 +530,24 @@ def replay(
     return [replayer.replay(s) for s in configs]
 
 
+def replay_by_staleness(
+    stack: DumpStack, configs: Sequence[CorrectionSettings], adv_estimator: str | None = None
+) -> dict[int, list[WhatifResult]]:
+    """:func:`replay` on the samples of each staleness level alone (``{level: results}``):
+    what each config does to fresh and to stale samples. Raises :class:`WhatifError` when the
+    dumps do not record staleness. (Advantages for OPSM are recomputed on the level's rows: the
+    same for grpo/rloo groups, which share a version; reinforce_plus_plus whitens over them.)"""
+    if stack.staleness is None:
+        raise WhatifError(
+            "these dumps do not record each sample's staleness (written by an older rcx); "
+            "replay them without --by-staleness, or dump a new run"
+        )
+    return {
+        level: replay(stack.subset(stack.staleness == level), configs, adv_estimator)
+        for level in stack.staleness_levels()
+    }
+
+
 # ---------------------------------------------------------------------------------- display ---
 
 

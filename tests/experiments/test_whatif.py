@@ -649,3 +649,37 @@ def test_crafted_dumps_are_one_line_errors_naming_file_and_field(
     assert result.exception is None or isinstance(result.exception, SystemExit)
     text = " ".join(result.output.split())
     assert str(path) in text and message in text, result.output
+
+
+# ------------------------------------------------------------------------ by staleness ---
+
+
+def test_by_staleness_replays_each_level_on_its_own_samples(tmp_path: Path) -> None:
+    from rcx.experiments.whatif import replay_by_staleness
+
+    write_synthetic_dumps(tmp_path, steps=4, batch=16, length=6, log_ratio_std=0.1, sync_interval=2)
+    stack = load_dumps([tmp_path])
+    configs = [CorrectionSettings(rollout_is="token", rollout_is_threshold=2.0)]
+    levels = replay_by_staleness(stack, configs)
+    assert sorted(levels) == [0, 1]
+    assert [r.steps for r in (levels[0][0], levels[1][0])] == [[1, 3], [2, 4]]
+    # Each level's numbers are those of replaying its steps alone, and the stale level (twice
+    # the log-ratio std in these dumps) has the lower ESS.
+    alone = replay(stack.subset(stack.staleness == 1), configs)[0]
+    assert levels[1][0].overall == alone.overall
+    assert levels[1][0].overall["ess"] < levels[0][0].overall["ess"]
+
+
+def test_cli_by_staleness_table_and_json(tmp_path: Path) -> None:
+    write_synthetic_dumps(tmp_path, steps=2, batch=8, length=4, sync_interval=2)
+    text = CliRunner().invoke(app, ["whatif", str(tmp_path), "--by-staleness"])
+    assert text.exit_code == 0, text.output
+    assert "what-if by staleness" in text.output
+    as_json = CliRunner().invoke(
+        app, ["whatif", str(tmp_path), "--by-staleness", "--format", "json"]
+    )
+    assert sorted(json.loads(as_json.output)["by_staleness"]) == ["0", "1"]
+    old = tmp_path / "old"
+    write_synthetic_dumps(old, steps=1, batch=4, length=3)  # no staleness recorded
+    refused = CliRunner().invoke(app, ["whatif", str(old), "--by-staleness"])
+    assert refused.exit_code == 1 and "do not record each sample's staleness" in refused.output
