@@ -39,7 +39,6 @@ import math  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -79,33 +78,11 @@ ASYNC_ARMS = ("uncorrected", "bypass_ppo_clip", "icepop_token")
 SYNC_ARMS = ("uncorrected", "bypass_ppo_clip")
 
 
-@dataclass(frozen=True)
-class Condition:
-    mode: str
-    arm: str
-    seed: int
-    extra: tuple[str, ...] = ()
-
-    @property
-    def key(self) -> str:
-        return f"{self.mode}/{self.arm}/{self.seed}"
-
-    def overrides(self, ckpt_dir: str) -> list[str]:
-        return [
-            *ms.BASE,
-            *ms.DECOUPLED_NONE,
-            *MODES[self.mode].overrides,
-            *ms.ARMS[self.arm].overrides,
-            f"trainer.seed={self.seed}",
-            f"trainer.default_local_dir={ckpt_dir}",
-            *self.extra,
-        ]
-
-
-def conditions(seeds: Sequence[int], modes: Sequence[str], extra: Sequence[str]) -> list[Condition]:
-    """Seed-major: every condition of seed 1 before seed 2 (partial results cover all rows)."""
+def conditions(seeds: Sequence[int], modes: Sequence[str], extra: Sequence[str]) -> list[ms.Job]:
+    """The runs, as the mismatch study's jobs with a mode as their source; seed-major: every
+    condition of seed 1 before seed 2 (partial results cover all rows)."""
     return [
-        Condition(mode, arm, seed, tuple(extra))
+        ms.Job(mode, arm, seed, tuple(extra))
         for seed in seeds
         for mode in modes
         for arm in (SYNC_ARMS if mode == "sync" else ASYNC_ARMS)
@@ -135,50 +112,27 @@ def time_to_target(
     return None
 
 
-def run_condition(condition: Condition) -> dict[str, Any]:
-    """Train one condition in this process and summarise it (the mismatch study's record plus
-    the training clock, times to the targets and the staleness the run saw)."""
-    import shutil
-    import tempfile
-
-    from rich.console import Console
-
-    from rcx.config import load_config
-    from rcx.train.trainer import train
-
-    ckpt_dir = tempfile.mkdtemp(prefix="rcx-async-study-")
-    try:
-        cfg = load_config(overrides=condition.overrides(ckpt_dir))
-        started_at, wall, cpu = time.time(), time.perf_counter(), time.process_time()
-        result = train(cfg, console=Console(quiet=True))
-        job = ms.Job(condition.mode, condition.arm, condition.seed)
-        record = ms.summarise(job, result, time.perf_counter() - wall, time.process_time() - cpu)
-    finally:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-    clock = training_clock(result.history)
-    val_curve = record["curves"]["val_acc"]
+def add_async_fields(result: Any, record: dict[str, Any]) -> None:
+    """The async study's fields of a run's record: its mode, the training clock (also in the
+    curves, where :func:`run_time_to` reads it) and the staleness it saw."""
+    history = result.history
+    clock = training_clock(history)
+    staleness = "training/off_policy/trajectory_staleness"
     record.update(
-        key=condition.key,
-        mode=condition.mode,
-        started_at=started_at,
-        finished_at=time.time(),
+        mode=record["source"],
         train_s=max(clock.values()) if clock else float("nan"),
         steps=len(clock),
-        staleness_mean=ms.mean_of(result.history, "training/off_policy/trajectory_staleness/mean"),
-        staleness_max=max(
-            (
-                v
-                for _, v in ms.series(
-                    result.history, "training/off_policy/trajectory_staleness/max"
-                )
-            ),
-            default=float("nan"),
-        ),
-        dropped=sum(v for _, v in ms.series(result.history, "training/off_policy/dropped_samples")),
-        **{f"time_to_{round(100 * t)}": time_to_target(val_curve, clock, t) for t in TARGETS},
+        staleness_mean=ms.mean_of(history, f"{staleness}/mean"),
+        staleness_max=max((v for _, v in ms.series(history, f"{staleness}/max")), default=math.nan),
+        dropped=sum(v for _, v in ms.series(history, "training/off_policy/dropped_samples")),
     )
     record["curves"]["clock"] = sorted(clock.items())
-    return record
+
+
+def run_condition(job: ms.Job) -> dict[str, Any]:
+    """Train one condition in this process: the mismatch study's record plus
+    :func:`add_async_fields`."""
+    return ms.run_job(job, MODES, add_async_fields)
 
 
 # --------------------------------------------------------------------------- aggregation
@@ -389,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"[{len(records)}/{len(plan)}] {condition.key}: final val acc "
             f"{record['final_val_acc']:.3f}, training {record['train_s']:.1f} s, "
-            f"time to 50 % {record['time_to_50']}",
+            f"time to 50 % {run_time_to(record, 0.5)}",
             flush=True,
         )
         write_outputs(records, args.out, meta)

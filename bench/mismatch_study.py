@@ -62,7 +62,7 @@ import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from multiprocessing import get_context  # noqa: E402
@@ -214,8 +214,10 @@ class Job:
     def key(self) -> str:
         return f"{self.source}/{self.arm}/{self.seed}"
 
-    def overrides(self, ckpt_dir: str) -> list[str]:
-        source = () if self.source == "none" else SOURCES[self.source].overrides
+    def overrides(self, ckpt_dir: str, sources: dict[str, Source] = SOURCES) -> list[str]:
+        """The run's overrides; ``sources`` names the mismatch sources (another study's,
+        e.g. ``bench/async_study.py``'s modes)."""
+        source = () if self.source == "none" else sources[self.source].overrides
         return [
             *BASE,
             *DECOUPLED_NONE,
@@ -286,8 +288,13 @@ def summarise(job: Job, result: Any, wall_s: float, cpu_s: float) -> dict[str, A
     }
 
 
-def run_job(job: Job) -> dict[str, Any]:
-    """Train one (source, arm, seed) in this process and summarise it."""
+def run_job(
+    job: Job,
+    sources: dict[str, Source] = SOURCES,
+    more: Callable[[Any, dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Train one (source, arm, seed) in this process and summarise it; ``more(result,
+    record)``, when given, adds another study's fields to the record."""
     from rich.console import Console
 
     from rcx.config import load_config
@@ -295,10 +302,12 @@ def run_job(job: Job) -> dict[str, Any]:
 
     ckpt_dir = tempfile.mkdtemp(prefix="rcx-study-")
     try:
-        cfg = load_config(overrides=job.overrides(ckpt_dir))
+        cfg = load_config(overrides=job.overrides(ckpt_dir, sources))
         started_at, wall, cpu = time.time(), time.perf_counter(), time.process_time()
         result = train(cfg, console=Console(quiet=True))
         record = summarise(job, result, time.perf_counter() - wall, time.process_time() - cpu)
+        if more is not None:
+            more(result, record)
         return {**record, "started_at": started_at, "finished_at": time.time()}
     finally:
         shutil.rmtree(ckpt_dir, ignore_errors=True)

@@ -55,6 +55,24 @@ def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture
+def runs_named(mlflow_uri: str) -> Callable[[str], list]:
+    """``runs_named(name)``: the MLflow runs called ``name`` in the tests' experiment
+    (``trainer.project_name=rcx-tests`` of :func:`tiny_config`), [] when it has none yet."""
+    from mlflow.tracking import MlflowClient
+
+    def find(name: str) -> list:
+        client = MlflowClient(tracking_uri=mlflow_uri)
+        experiment = client.get_experiment_by_name("rcx-tests")
+        if experiment is None:
+            return []
+        return client.search_runs(
+            [experiment.experiment_id], filter_string=f"attributes.run_name = '{name}'"
+        )
+
+    return find
+
+
+@pytest.fixture
 def run_name(request: pytest.FixtureRequest) -> str:
     """A run name unique within the session, readable in ``mlflow ui``."""
     return f"{request.node.name[:60]}-{next(_run_counter)}"

@@ -55,46 +55,8 @@ from rcx.train.setup import find_resume_checkpoint, warmup_lambda
 RUN_FILE = "run.json"
 #: Set-aside folders of ``resume_mode: disable`` start with this.
 REPLACED_PREFIX = "replaced-"
-#: Keys whose value may differ from the checkpoint's on resume.
-MUTABLE_KEYS: frozenset[str] = frozenset(
-    {
-        "trainer.project_name",
-        "trainer.experiment_name",
-        "trainer.logger",
-        "trainer.tracking_uri",
-        "trainer.total_epochs",
-        "trainer.total_training_steps",
-        "trainer.test_freq",
-        "trainer.save_freq",
-        "trainer.val_before_train",
-        "trainer.default_local_dir",
-        "trainer.max_actor_ckpt_to_keep",
-        "trainer.resume_mode",
-        "trainer.resume_from_path",
-        "trainer.device",
-        "trainer.num_threads",
-        "trainer.n_gpus_per_node",  # a sharded checkpoint reshards (rcx.train.state)
-        "trainer.nnodes",
-        "actor_rollout_ref.model.enable_gradient_checkpointing",
-        "actor_rollout_ref.rollout.tensor_model_parallel_size",
-        "trainer.dump_log_probs",
-        "trainer.max_nonfinite_steps",
-        "trainer.rollout_workers",  # fully_async's pool size: the stream state does not depend on it
-        "custom_reward_function.timeout_s",
-        "data.val_batch_size",
-        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu",
-        "actor_rollout_ref.rollout.gpu_memory_utilization",
-        "critic.ppo_micro_batch_size_per_gpu",
-    }
-)
-#: Whole sections that may change on resume (the optimiser schedules, validation sampling).
-MUTABLE_PREFIXES: tuple[str, ...] = (
-    "actor_rollout_ref.actor.optim.",
-    "actor_rollout_ref.actor.fsdp_config.",
-    "critic.optim.",
-    "actor_rollout_ref.rollout.val_kwargs.",
-)
-#: Mutable keys that ask for no new work: a finished run may be "resumed" with them changed.
+#: Keys that may differ from the checkpoint's on resume and ask for no new work: a finished run
+#: may be "resumed" with them changed.
 NO_WORK_KEYS: frozenset[str] = frozenset(
     {
         "trainer.project_name",
@@ -109,10 +71,34 @@ NO_WORK_KEYS: frozenset[str] = frozenset(
         "trainer.resume_from_path",
         "trainer.device",
         "trainer.num_threads",
-        "trainer.n_gpus_per_node",
+        "trainer.n_gpus_per_node",  # a sharded checkpoint reshards (rcx.train.state)
         "trainer.nnodes",
         "actor_rollout_ref.rollout.gpu_memory_utilization",
     }
+)
+#: Keys whose value may differ from the checkpoint's on resume: those above, and these.
+MUTABLE_KEYS: frozenset[str] = NO_WORK_KEYS | frozenset(
+    {
+        "trainer.test_freq",
+        "trainer.save_freq",
+        "trainer.val_before_train",
+        "actor_rollout_ref.model.enable_gradient_checkpointing",
+        "actor_rollout_ref.rollout.tensor_model_parallel_size",
+        "trainer.dump_log_probs",
+        "trainer.max_nonfinite_steps",
+        "trainer.rollout_workers",  # fully_async's pool size: the stream state does not depend on it
+        "custom_reward_function.timeout_s",
+        "data.val_batch_size",
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu",
+        "critic.ppo_micro_batch_size_per_gpu",
+    }
+)
+#: Whole sections that may change on resume (the optimiser schedules, validation sampling).
+MUTABLE_PREFIXES: tuple[str, ...] = (
+    "actor_rollout_ref.actor.optim.",
+    "actor_rollout_ref.actor.fsdp_config.",
+    "critic.optim.",
+    "actor_rollout_ref.rollout.val_kwargs.",
 )
 #: Metrics logged at every training step (and, at step 0, by the first validation).
 STEP_MARKER_KEYS: tuple[str, ...] = ("timing/step", "val/reward_mean")

@@ -41,7 +41,6 @@ def _record(mode: str, arm: str, seed: int, acc: float, train_s: float, t50: flo
         "final_val_acc": acc,
         "train_s": train_s,
         "steps": 100,
-        "time_to_50": t50,
         "staleness_mean": 0.0 if mode == "sync" else 1.0,
         "staleness_max": 0.0 if mode == "sync" else 1.0,
         "dropped": 0,

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
 
 from rcx.models.loading import build_tiny_model
 from rcx.rollout import SamplingParams
@@ -141,7 +140,7 @@ def test_a_three_step_one_step_off_run_has_staleness_exactly_one_after_step_1(
 
 
 def test_a_worker_that_fails_fails_the_run_with_its_error(
-    tiny_config, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch
+    tiny_config, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch, runs_named
 ) -> None:
     monkeypatch.setenv(FAIL_AT_ENV, "2")  # the spawned worker inherits it
     cfg = tiny_config(
@@ -155,12 +154,7 @@ def test_a_worker_that_fails_fails_the_run_with_its_error(
     assert _no_worker_left()
     folder = Path(cfg.trainer.default_local_dir)
     assert latest_checkpoint(folder).name.endswith("_1")  # the last checkpoint is intact
-    client = MlflowClient(tracking_uri=mlflow_uri)
-    experiment = client.get_experiment_by_name("rcx-tests")
-    (run,) = client.search_runs(
-        [experiment.experiment_id],
-        filter_string=f"attributes.run_name = '{cfg.trainer.experiment_name}'",
-    )
+    (run,) = runs_named(cfg.trainer.experiment_name)
     assert run.info.status == "FAILED"
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
 
 from rcx.errors import RcxError
 from rcx.train.faults import NonFiniteGradientsError, check_update
@@ -36,7 +35,7 @@ def test_an_optimiser_step_resets_the_count_and_the_limit_stops_the_run() -> Non
 
 @pytest.mark.slow
 def test_nonfinite_gradients_every_step_end_the_run_failed(
-    tiny_config, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch
+    tiny_config, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch, runs_named
 ) -> None:
     monkeypatch.setattr(
         torch.nn.utils, "clip_grad_norm_", lambda *args, **kwargs: torch.tensor(float("inf"))
@@ -49,9 +48,5 @@ def test_nonfinite_gradients_every_step_end_the_run_failed(
         pytest.raises(NonFiniteGradientsError, match="step 2: .*2 consecutive steps"),
     ):
         train(cfg)
-    client = MlflowClient(tracking_uri=mlflow_uri)
-    experiment = client.get_experiment_by_name("rcx-tests").experiment_id
-    (run,) = client.search_runs(
-        [experiment], filter_string=f"attributes.run_name = '{cfg.trainer.experiment_name}'"
-    )
+    (run,) = runs_named(cfg.trainer.experiment_name)
     assert run.info.status == "FAILED"

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
 
 from rcx.models.loading import build_tiny_model
 from rcx.rollout import RolloutBatch, SamplingParams, concat_rollouts
@@ -384,7 +383,7 @@ def test_a_straggler_older_than_the_cap_is_dropped(
 
 
 def test_a_worker_that_fails_fails_the_run_with_its_error(
-    tiny_config, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch
+    tiny_config, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch, runs_named
 ) -> None:
     monkeypatch.setenv(FAIL_AT_ENV, "2")  # the spawned workers inherit it
     cfg = tiny_config(
@@ -396,12 +395,7 @@ def test_a_worker_that_fails_fails_the_run_with_its_error(
     with pytest.raises(RolloutWorkerError, match="injected rollout worker failure at step 2"):
         train(cfg)
     assert _no_worker_left()
-    client = MlflowClient(tracking_uri=mlflow_uri)
-    experiment = client.get_experiment_by_name("rcx-tests")
-    (run,) = client.search_runs(
-        [experiment.experiment_id],
-        filter_string=f"attributes.run_name = '{cfg.trainer.experiment_name}'",
-    )
+    (run,) = runs_named(cfg.trainer.experiment_name)
     assert run.info.status == "FAILED"
 
 

@@ -36,20 +36,11 @@ def _status(client: MlflowClient, run_id: str) -> str:
     return client.get_run(run_id).info.status
 
 
-def _runs_named(client: MlflowClient, name: str) -> list:
-    experiment = client.get_experiment_by_name("rcx-tests")
-    if experiment is None:
-        return []
-    return client.search_runs(
-        [experiment.experiment_id], filter_string=f"attributes.run_name = '{name}'"
-    )
-
-
 # ----------------------------------------------------------------------------- fast: no training
 
 
 def test_a_second_trainer_on_a_locked_folder_is_refused_before_any_run_opens(
-    tiny_config, mlflow_uri: str
+    tiny_config, mlflow_uri: str, runs_named
 ) -> None:
     cfg = tiny_config("grpo-rs-only")
     held = FolderLock(Path(cfg.trainer.default_local_dir))
@@ -61,7 +52,7 @@ def test_a_second_trainer_on_a_locked_folder_is_refused_before_any_run_opens(
         held.release()
     assert f"PID {os.getpid()}" in str(info.value)
     assert cfg.trainer.default_local_dir in str(info.value)
-    assert _runs_named(MlflowClient(tracking_uri=mlflow_uri), cfg.trainer.experiment_name) == []
+    assert runs_named(cfg.trainer.experiment_name) == []
 
 
 def _fake_checkpoint(tmp_path: Path, cfg) -> Path:
@@ -154,7 +145,7 @@ def test_a_changed_lr_is_applied_and_listed_on_resume(tiny_config) -> None:
 
 @pytest.mark.slow
 def test_finished_run_asked_for_new_work_fails_and_keeps_its_status(
-    tiny_config, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch
+    tiny_config, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch, runs_named
 ) -> None:
     client = MlflowClient(tracking_uri=mlflow_uri)
     done = train(tiny_config("grpo-rs-only", "trainer.total_training_steps=1"))
@@ -177,7 +168,7 @@ def test_finished_run_asked_for_new_work_fails_and_keeps_its_status(
     run = client.get_run(done.run_id)
     assert run.info.status == "FINISHED"
     assert run.info.end_time == ended
-    assert len(_runs_named(client, tiny_config("grpo-rs-only").trainer.experiment_name)) == 1
+    assert len(runs_named(tiny_config("grpo-rs-only").trainer.experiment_name)) == 1
 
 
 @pytest.mark.slow
@@ -203,7 +194,7 @@ def test_a_corrupt_latest_checkpoint_falls_back_and_replayed_steps_are_logged_on
 
 @pytest.mark.slow
 def test_a_run_that_dies_before_its_first_checkpoint_resumes_the_same_mlflow_run(
-    tiny_config, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch
+    tiny_config, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch, runs_named
 ) -> None:
     original = trainer_mod.Trainer.train_step
 
@@ -224,7 +215,7 @@ def test_a_run_that_dies_before_its_first_checkpoint_resumes_the_same_mlflow_run
     assert resumed.run_id == read_run_file(folder) and resumed.status == "FINISHED"
     assert _steps(client, resumed.run_id) == [1, 2]
     assert _steps(client, resumed.run_id, "val/reward_mean") == [0, 2]
-    assert len(_runs_named(client, cfg.trainer.experiment_name)) == 1
+    assert len(runs_named(cfg.trainer.experiment_name)) == 1
 
 
 @pytest.mark.slow

@@ -300,7 +300,7 @@ def test_hard_interrupt_in_validation_after_an_update_keeps_the_last_checkpoint(
 
 
 def test_crash_marks_the_run_failed_and_keeps_earlier_checkpoints(
-    tiny_config, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch
+    tiny_config, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch, runs_named
 ) -> None:
     original = trainer_mod.Trainer.train_step
 
@@ -315,10 +315,7 @@ def test_crash_marks_the_run_failed_and_keeps_earlier_checkpoints(
         train(cfg)
     assert latest_checkpoint(Path(cfg.trainer.default_local_dir)).name == "global_step_1"
     client = MlflowClient(tracking_uri=mlflow_uri)
-    runs = client.search_runs(
-        [client.get_experiment_by_name("rcx-tests").experiment_id],
-        filter_string=f"attributes.run_name = '{cfg.trainer.experiment_name}'",
-    )
+    runs = runs_named(cfg.trainer.experiment_name)
     assert [r.info.status for r in runs] == ["FAILED"]
     assert set(_history(client, runs[0].info.run_id, "reward/mean")) == {1}
 
